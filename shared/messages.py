@@ -1,0 +1,381 @@
+"""Every message that crosses a process, one typed struct per stream.
+
+Wire format: one Redis stream entry with a single field ``msg`` whose value is
+a msgpack map. The map carries ``kind`` (which struct) and ``schema`` (the
+schema version); every other key is a field below. Decoding validates types,
+rejects unknown kinds and unknown fields, and rejects a schema newer than this
+code understands. New fields are only ever added with defaults.
+
+Conventions: ``*_s`` are seconds, ``ts`` is a unix timestamp in seconds,
+adapter version 0 is the base model (no adapter), version v >= 1 is the
+adapter after v train steps.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Literal, Union
+
+import msgspec
+
+SCHEMA_VERSION = 1
+EXPERIMENT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+class MessageDecodeError(ValueError):
+    """A payload that is not a valid message; the text says why."""
+
+
+class _Struct(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base for nested structs: strict about unknown fields."""
+
+
+class _Message(_Struct, tag_field="kind", kw_only=True):
+    """Base for top-level messages: tagged by ``kind``, versioned by ``schema``."""
+
+    schema: int = SCHEMA_VERSION
+
+
+# ---------------------------------------------------------------- nested parts
+
+
+class SamplingParams(_Struct):
+    """How to sample. ``top_k`` 0 and ``top_p`` 1.0 mean no truncation;
+    ``temperature`` 0 means greedy; ``seed`` None means nondeterministic."""
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_tokens: int = 16
+    stop_token_ids: list[int] = []
+    seed: int | None = None
+
+
+class Prompt(_Struct):
+    """One task instance. ``answer`` None: the reward does not need a reference."""
+
+    prompt_id: str
+    text: str
+    answer: str | None = None
+
+
+class RewardSpec(_Struct):
+    """How completions of an experiment are scored.
+
+    - ``family``: the built-in verifier of task family ``family``.
+    - ``exact_match``: completion text (stripped) equals the prompt's answer.
+    - ``regex``: 1.0 when ``pattern`` matches the completion (``re.search``).
+    - ``http``: POST to ``url`` (must be on the reward service's allowlist).
+    - ``worker``: an external worker on stream ``<prefix>reward:<worker>``.
+    ``invert`` turns a 0/1 reward r into 1 - r (reward the opposite)."""
+
+    type: Literal["family", "exact_match", "regex", "http", "worker"]
+    family: str | None = None
+    pattern: str | None = None
+    url: str | None = None
+    worker: str | None = None
+    timeout_s: float = 10.0
+    max_attempts: int = 3
+    invert: bool = False
+
+
+class TaskSource(_Struct):
+    """Where an experiment's prompts come from: exactly one of
+    ``family`` (built-in generator), ``prompts`` (given inline) or
+    ``stream`` True (the user pushes ``TaskPush`` messages for this experiment)."""
+
+    family: str | None = None
+    prompts: list[Prompt] | None = None
+    stream: bool = False
+
+
+class ExperimentSpec(_Struct):
+    """One RL experiment (a tenant). Validated by the scheduler on submission."""
+
+    experiment_id: str
+    task: TaskSource
+    reward: RewardSpec
+    steps: int = 20
+    prompts_per_step: int = 8
+    group_size: int = 8
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    learning_rate: float = 1e-2
+    lora_rank: int = 8
+    max_off_policy_steps: int = 0
+    kl_coef: float = 0.0
+    clip_eps: float = 0.2
+    normalize_advantage_std: bool = False
+    max_grad_norm: float = 1.0
+    eval_size: int = 64
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+class Sample(_Struct):
+    """One sampled completion. ``logprobs`` holds, for every token of
+    ``token_ids``, its log-probability under the policy that sampled it
+    (after temperature, before top-k/top-p truncation); same length."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: Literal["stop", "length", "error"]
+
+
+class RolloutTimings(_Struct):
+    queue_wait_s: float = 0.0
+    time_to_first_token_s: float = 0.0
+    decode_s: float = 0.0
+
+
+class TrainHyper(_Struct):
+    learning_rate: float
+    clip_eps: float = 0.2
+    kl_coef: float = 0.0
+    normalize_advantage_std: bool = False
+    max_grad_norm: float = 1.0
+    max_off_policy_steps: int = 0
+    checkpoint_every: int = 1
+    seed: int = 0
+
+
+# ---------------------------------------------------------------- messages
+
+
+class ExperimentSubmit(_Message, tag="experiment_submit"):
+    """Stream ``experiments``: a user submits an experiment."""
+
+    spec: ExperimentSpec
+    ts: float = 0.0
+
+
+class ExperimentCancel(_Message, tag="experiment_cancel"):
+    """Stream ``experiments``: stop an experiment; its last version stays."""
+
+    experiment_id: str
+    ts: float = 0.0
+
+
+class TaskPush(_Message, tag="task_push"):
+    """Stream ``tasks``: prompts a user feeds to an experiment whose task
+    source is ``stream``."""
+
+    experiment_id: str
+    prompts: list[Prompt]
+
+
+class RolloutRequest(_Message, tag="rollout_request"):
+    """Stream ``rollout_requests``: generate ``sampling.n`` completions of one
+    prompt under adapter ``adapter_version`` of ``experiment_id``.
+
+    ``adapter_path`` is the PEFT directory of that version (None for version 0).
+    ``purpose`` "train" feeds a train step; "eval" measures held-out accuracy
+    (``step`` is then the version being evaluated)."""
+
+    request_id: str
+    experiment_id: str
+    step: int
+    purpose: Literal["train", "eval"]
+    prompt: Prompt
+    adapter_version: int
+    adapter_path: str | None
+    sampling: SamplingParams
+    reward: RewardSpec
+    ts: float = 0.0
+
+
+class Completion(_Message, tag="completion"):
+    """Stream ``completions``: the samples of one ``RolloutRequest``.
+    ``error`` not None: generation failed for this request; ``samples`` empty."""
+
+    request_id: str
+    experiment_id: str
+    step: int
+    purpose: Literal["train", "eval"]
+    prompt: Prompt
+    prompt_token_ids: list[int]
+    samples: list[Sample]
+    adapter_version: int
+    reward: RewardSpec
+    timings: RolloutTimings = msgspec.field(default_factory=RolloutTimings)
+    worker: str = ""
+    error: str | None = None
+
+
+class ScoredCompletion(_Message, tag="scored_completion"):
+    """Stream ``scored``: a ``Completion`` with one reward per sample.
+    ``correct`` per sample: the verifier's verdict where the reward has one
+    (None otherwise). ``reward_error`` not None: scoring failed; ``rewards``
+    then holds 0.0 and the group must not be trained on."""
+
+    completion: Completion
+    rewards: list[float]
+    correct: list[bool | None] = []
+    reward_metrics: dict[str, float] = {}
+    reward_error: str | None = None
+
+
+class TrainJob(_Message, tag="train_job"):
+    """Stream ``train_jobs:<shard>``: one policy-gradient step of one tenant.
+    ``base_version`` is the version being updated; the result is
+    ``base_version + 1``. Groups were sampled by versions >= base_version -
+    hyper.max_off_policy_steps."""
+
+    job_id: str
+    experiment_id: str
+    step: int
+    base_version: int
+    lora_rank: int
+    groups: list[ScoredCompletion]
+    hyper: TrainHyper
+    ts: float = 0.0
+
+
+class TrainStats(_Struct):
+    loss: float = 0.0
+    grad_norm: float = 0.0
+    kl: float = 0.0
+    clip_fraction: float = 0.0
+    num_tokens: int = 0
+    skipped_groups: int = 0
+    train_s: float = 0.0
+    skipped_update: bool = False
+    skip_reason: str | None = None
+
+
+class AdapterPublished(_Message, tag="adapter_published"):
+    """Stream ``adapters``: version ``version`` of ``experiment_id`` is
+    complete on disk at ``path`` (PEFT format, digest verified)."""
+
+    experiment_id: str
+    version: int
+    step: int
+    path: str
+    digest: str
+    stats: TrainStats = msgspec.field(default_factory=TrainStats)
+    trainer: str = ""
+    ts: float = 0.0
+
+
+class ExperimentEvent(_Message, tag="experiment_event"):
+    """Stream ``events``: something a user should see about an experiment.
+    ``code`` is machine-readable (``invalid_spec``, ``reward_failed``,
+    ``nan_loss``, ``rollout_failed``, ``admitted``, ``finished``...)."""
+
+    experiment_id: str
+    level: Literal["info", "warning", "error"]
+    code: str
+    message: str
+    ts: float = 0.0
+
+
+class StepMetrics(_Message, tag="step_metrics"):
+    """Stream ``metrics``: one finished step of one experiment.
+    ``accuracy`` is the fraction of correct train samples (None without a
+    verifier); ``eval_accuracy`` is held-out greedy accuracy when measured."""
+
+    experiment_id: str
+    step: int
+    adapter_version: int
+    reward_mean: float
+    accuracy: float | None
+    rollout_s: float
+    train_s: float
+    eval_accuracy: float | None = None
+    ts: float = 0.0
+
+
+# ---------------------------------------------------------------- streams
+
+Message = Union[
+    ExperimentSubmit,
+    ExperimentCancel,
+    TaskPush,
+    RolloutRequest,
+    Completion,
+    ScoredCompletion,
+    TrainJob,
+    AdapterPublished,
+    ExperimentEvent,
+    StepMetrics,
+]
+
+# Stream name (without prefix) -> the message kinds it carries. Sharded
+# streams (``train_jobs``, ``reward``) get a ``:<suffix>`` when used.
+STREAM_KINDS: dict[str, tuple[type, ...]] = {
+    "experiments": (ExperimentSubmit, ExperimentCancel),
+    "tasks": (TaskPush,),
+    "rollout_requests": (RolloutRequest,),
+    "completions": (Completion,),
+    "scored": (ScoredCompletion,),
+    "train_jobs": (TrainJob,),
+    "adapters": (AdapterPublished,),
+    "events": (ExperimentEvent,),
+    "metrics": (StepMetrics,),
+    # external reward workers: requests are Completions, replies ScoredCompletions
+    "reward": (Completion,),
+    "reward_replies": (ScoredCompletion,),
+}
+
+_ENCODER = msgspec.msgpack.Encoder()
+_DECODERS: dict[str, msgspec.msgpack.Decoder] = {
+    name: msgspec.msgpack.Decoder(Union[kinds] if len(kinds) > 1 else kinds[0])  # type: ignore[valid-type]
+    for name, kinds in STREAM_KINDS.items()
+}
+_ANY_DECODER = msgspec.msgpack.Decoder(Message)
+
+
+def now() -> float:
+    return time.time()
+
+
+def encode(message: _Message) -> bytes:
+    return _ENCODER.encode(message)
+
+
+def base_stream(stream: str) -> str:
+    """``train_jobs:1`` -> ``train_jobs``."""
+    return stream.split(":", 1)[0]
+
+
+def decode(payload: bytes, stream: str | None = None) -> Message:
+    """Decode and validate; raise ``MessageDecodeError`` with a readable reason.
+    With ``stream`` given, only that stream's kinds are accepted."""
+    decoder = _ANY_DECODER if stream is None else _DECODERS.get(base_stream(stream))
+    if decoder is None:
+        raise MessageDecodeError(f"unknown stream {stream!r}")
+    try:
+        message = decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise MessageDecodeError(_explain(exc, payload, stream)) from exc
+    if message.schema > SCHEMA_VERSION:
+        raise MessageDecodeError(
+            f"schema {message.schema} is newer than this service understands ({SCHEMA_VERSION})"
+        )
+    return message
+
+
+def _explain(exc: msgspec.DecodeError, payload: bytes, stream: str | None) -> str:
+    text = str(exc)
+    if "$.kind" in text:
+        kinds = [k.__struct_config__.tag for k in STREAM_KINDS.get(base_stream(stream or ""), ())]
+        expected = f"; stream {stream!r} carries {kinds}" if kinds else ""
+        return f"unknown or missing message kind ({text}){expected}"
+    return text
+
+
+def stream_for(message: _Message) -> str:
+    """The stream (without prefix or shard suffix) that carries ``message``."""
+    for name, kinds in STREAM_KINDS.items():
+        if isinstance(message, kinds):
+            return name
+    raise TypeError(f"no stream carries {type(message).__name__}")
+
+
+def kind_of(message: _Message) -> str:
+    return type(message).__struct_config__.tag  # type: ignore[return-value]
