@@ -63,6 +63,8 @@ class SchedulerConfig(BaseConfig, LoraConfig):
     max_concurrent: int = 8
     num_trainer_shards: int = 1
     train_queue_depth: int = 2  # outstanding train jobs per shard
+    stall_timeout_s: float = 300.0  # re-publish a step's missing work after this long
+    max_tokens_limit: int = 4096  # largest max_tokens an experiment may ask for
     model_dir: str = DEFAULT_MODEL_DIR  # for the tokenizer-free checks only
 
 
@@ -78,6 +80,8 @@ class RolloutConfig(BaseConfig, LoraConfig):
     gpu_memory_utilization: float = 0.85  # vllm only
     max_model_len: int = 4096  # vllm only
     torch_threads: int = 0  # 0: torch default
+    typical_group_size: int = 8  # request concurrency = max_rows // typical_group_size (backpressure)
+    adapter_keep_versions: int = 2  # newest versions kept per tenant; >= max_off_policy_steps + 1
 
 
 @dataclass

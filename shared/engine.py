@@ -14,11 +14,12 @@ from __future__ import annotations
 import abc
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from shared.messages import SamplingParams
+
+if TYPE_CHECKING:  # torch is heavy: `clora check` must not import it
+    import torch
 
 FinishReason = Literal["stop", "length"]
 
@@ -109,7 +110,7 @@ class Engine(abc.ABC):
         self,
         key: AdapterKey,
         path: Path | None = None,
-        tensors: dict[str, torch.Tensor] | None = None,
+        tensors: "dict[str, torch.Tensor] | None" = None,
     ) -> None:
         """Make ``key`` usable, from a PEFT directory or PEFT-named tensors.
         Idempotent for a key already registered; never blocks decode."""

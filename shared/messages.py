@@ -330,6 +330,15 @@ _DECODERS: dict[str, msgspec.msgpack.Decoder] = {
 _ANY_DECODER = msgspec.msgpack.Decoder(Message)
 
 
+class _Envelope(msgspec.Struct):
+    """Just enough of a message to check its schema before the strict decode."""
+
+    schema: int = SCHEMA_VERSION
+
+
+_ENVELOPE_DECODER = msgspec.msgpack.Decoder(_Envelope)
+
+
 def now() -> float:
     return time.time()
 
@@ -350,17 +359,20 @@ def decode(payload: bytes, stream: str | None = None) -> Message:
     if decoder is None:
         raise MessageDecodeError(f"unknown stream {stream!r}")
     try:
-        message = decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise MessageDecodeError(_explain(exc, payload, stream)) from exc
-    if message.schema > SCHEMA_VERSION:
+        schema = _ENVELOPE_DECODER.decode(payload).schema
+    except msgspec.DecodeError:
+        schema = SCHEMA_VERSION  # not even a map: the strict decode below says why
+    if schema > SCHEMA_VERSION:
         raise MessageDecodeError(
-            f"schema {message.schema} is newer than this service understands ({SCHEMA_VERSION})"
+            f"schema {schema} is newer than this service understands ({SCHEMA_VERSION})"
         )
-    return message
+    try:
+        return decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        raise MessageDecodeError(_explain(exc, stream)) from exc
 
 
-def _explain(exc: msgspec.DecodeError, payload: bytes, stream: str | None) -> str:
+def _explain(exc: msgspec.DecodeError, stream: str | None) -> str:
     text = str(exc)
     if "$.kind" in text:
         kinds = [k.__struct_config__.tag for k in STREAM_KINDS.get(base_stream(stream or ""), ())]

@@ -1,0 +1,92 @@
+"""``clora check SERVICE``: exit 0 when SERVICE has a live heartbeat, 1 otherwise.
+
+Meant for container healthchecks. By default it looks for this host's
+instance (consumer names ``<service>-<hostname>-<pid>``, or exactly
+``CLORA_CONSUMER_NAME`` when set), so a container checks its own process.
+``--any``: any instance anywhere; ``--consumer NAME``: exactly that one.
+Reads ``REDIS_URL`` and ``CLORA_STREAM_PREFIX`` like the services do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+
+import redis
+
+from shared.config import BaseConfig, ConfigError, load_config
+from shared.runtime import decode_heartbeat, heartbeat_key, redact_url
+
+REDIS_TIMEOUT_S = 3.0
+GLOB_SPECIAL = "\\*?[]"
+
+
+def main(argv: list[str]) -> int:
+    args, config_flags = _parser().parse_known_args(argv)
+    try:
+        config = load_config(BaseConfig, config_flags)
+    except ConfigError as exc:
+        print(f"clora check: {exc}", file=sys.stderr)
+        return 2
+    if not config.redis_url:
+        print(f"{args.service}: not alive: REDIS_URL is not set", file=sys.stderr)
+        return 1
+    pattern, described = _key_pattern(args, config)
+    try:
+        live = _live_heartbeats(config.redis_url, pattern)
+    except redis.RedisError as exc:
+        print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}", file=sys.stderr)
+        return 1
+    if not live:
+        print(f"{args.service}: not alive: no heartbeat for {described} under prefix {config.stream_prefix!r}",
+              file=sys.stderr)
+        return 1
+    print("; ".join(_describe(value) for value in live))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="clora check", allow_abbrev=False,
+        description="Exit 0 when SERVICE has a live heartbeat (for healthchecks); other flags are config flags.",
+    )
+    parser.add_argument("service", help="scheduler | rollout | reward | trainer")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--consumer", help="exact consumer name to check")
+    which.add_argument("--any", action="store_true", help="any live instance of SERVICE, on any host")
+    return parser
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + ch if ch in GLOB_SPECIAL else ch for ch in text)
+
+
+def _key_pattern(args: argparse.Namespace, config: BaseConfig) -> tuple[str, str]:
+    """The heartbeat key (glob) pattern to look for, and how to say it."""
+    prefix = _glob_escape(config.stream_prefix)
+    service = _glob_escape(args.service)
+    exact = args.consumer or (None if args.any else config.consumer_name)
+    if exact:
+        return heartbeat_key(prefix, service, _glob_escape(exact)), f"consumer {exact!r}"
+    if args.any:
+        return heartbeat_key(prefix, service, "*"), f"any {args.service!r} instance"
+    host_prefix = f"{args.service}-{socket.gethostname()}-"
+    return heartbeat_key(prefix, service, _glob_escape(host_prefix) + "*"), f"consumers {host_prefix}*"
+
+
+def _live_heartbeats(redis_url: str, pattern: str) -> list[dict]:
+    client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+    try:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        values = client.mget(keys) if keys else []
+    finally:
+        client.close()
+    # A key can expire between SCAN and MGET: then it is not live.
+    return [decode_heartbeat(value) for value in values if value is not None]
+
+
+def _describe(heartbeat: dict) -> str:
+    up_s = time.time() - float(heartbeat.get("started_at", time.time()))
+    return f"{heartbeat.get('consumer', '?')} alive (pid {heartbeat.get('pid', '?')}, up {up_s:.0f} s)"

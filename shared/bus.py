@@ -1,0 +1,591 @@
+"""Typed messages on Redis streams with at-least-once delivery.
+
+``StreamBus.publish`` appends one entry (field ``msg`` = msgpack, see
+``shared.messages``) to a capped stream (``XADD MAXLEN ~``).
+``StreamConsumer`` reads a stream through a consumer group:
+
+- the group is created idempotently (from the start of the stream, so nothing
+  published before the first consumer started is lost) and again on NOGROUP;
+- on start it re-reads its own pending entries, then new ones;
+- it acks an entry only after the handler returned (the effect is done);
+- a handler that raises is retried after a short backoff while other entries
+  keep flowing; a delivery is counted by Redis (the pending entry list), so
+  the count survives crashes; past ``max_deliveries`` the entry goes to the
+  dead-letter stream with the reason, then is acked;
+- a payload that does not decode, or ``PermanentError``, is dead-lettered at
+  once;
+- entries left idle longer than ``reclaim_idle_s`` by a dead consumer are
+  taken over (``XAUTOCLAIM``); a live consumer renews the lease of the entries
+  it is handling, so a slow handler is not handed to a second consumer;
+- ``concurrency`` bounds the handlers in flight, and only as many entries as
+  there are free slots are read (backpressure);
+- on stop it reads nothing more, lets in-flight handlers finish within a
+  bound, acks those (the ack is shielded from cancellation) and cancels the
+  rest, which stay pending for redelivery.
+
+The Redis client must return bytes (``decode_responses=False``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from shared import messages
+
+log = structlog.get_logger(__name__)
+
+PAYLOAD_FIELD = "msg"
+DEAD_LETTER_STREAM = "dead_letters"
+# Streams whose name needs a ``:<shard>`` / ``:<worker>`` suffix.
+SUFFIXED_STREAMS = frozenset({"train_jobs", "reward"})
+
+READ_BLOCK_MS = 500  # longest wait for new entries before re-checking stop/retries
+RETRY_BACKOFF_S = 0.2  # first retry of a failed handler; doubles per delivery
+MAX_RETRY_BACKOFF_S = 5.0
+REDIS_RETRY_BUDGET_S = 60.0  # how long a consumer rides out an unreachable Redis
+MAX_REDIS_RETRY_DELAY_S = 2.0
+CANCEL_GRACE_S = 2.0  # how long cancelled handlers get to unwind
+SETTLE_TIMEOUT_S = 5.0  # bound on the final acks after a drain
+MAX_REASON_CHARS = 2000
+
+RETRYABLE_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+class PermanentError(Exception):
+    """Raised by a handler: this entry can never succeed; dead-letter it now."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """Where a message came from. ``deliveries`` counts this delivery (1 = first)."""
+
+    stream: str  # without prefix, e.g. "train_jobs:0"
+    entry_id: str
+    deliveries: int
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """One entry of ``<prefix>dead_letters``. ``payload`` is the original ``msg``
+    bytes (empty when the entry had none)."""
+
+    dead_letter_id: str
+    stream: str
+    entry_id: str
+    group: str
+    consumer: str
+    deliveries: int
+    reason: str
+    payload: bytes
+
+
+Handler = Callable[[messages.Message, Entry], Awaitable[None]]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _is_nogroup(exc: ResponseError) -> bool:
+    return str(exc).startswith("NOGROUP")
+
+
+class StreamBus:
+    """Publishes messages and builds consumers for one key prefix."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str = "clora:", maxlen: int = 100_000) -> None:
+        if redis.get_encoder().decode_responses:
+            raise ValueError("StreamBus needs a Redis client with decode_responses=False (payloads are bytes)")
+        self.redis = redis
+        self.prefix = prefix
+        self.maxlen = maxlen
+
+    def key(self, stream: str) -> str:
+        return self.prefix + stream
+
+    async def publish(self, message: messages.Message, stream: str | None = None) -> str:
+        """Append ``message`` to ``stream`` (default: the stream of its kind); returns the entry id."""
+        stream = stream or messages.stream_for(message)
+        _check_stream_carries(stream, message)
+        entry_id = await self.redis.xadd(
+            self.key(stream), {PAYLOAD_FIELD: messages.encode(message)}, maxlen=self.maxlen, approximate=True
+        )
+        return _text(entry_id)
+
+    def consumer(
+        self,
+        stream: str,
+        group: str,
+        handler: Handler,
+        *,
+        consumer_name: str,
+        max_deliveries: int = 5,
+        reclaim_idle_s: float = 30.0,
+        batch_size: int = 16,
+        concurrency: int = 1,
+        retry_backoff_s: float = RETRY_BACKOFF_S,
+        drain_timeout_s: float = 20.0,
+    ) -> StreamConsumer:
+        return StreamConsumer(
+            self, stream, group, handler, consumer_name=consumer_name, max_deliveries=max_deliveries,
+            reclaim_idle_s=reclaim_idle_s, batch_size=batch_size, concurrency=concurrency,
+            retry_backoff_s=retry_backoff_s, drain_timeout_s=drain_timeout_s,
+        )
+
+    async def ensure_group(self, stream: str, group: str) -> None:
+        """Create ``group`` on ``stream`` (and the stream) unless it exists.
+        A new group starts at the beginning of the stream."""
+        try:
+            await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def dead_letter(
+        self, stream: str, entry_id: str, group: str, consumer: str, deliveries: int, reason: str, payload: bytes
+    ) -> None:
+        """Write the entry to ``<prefix>dead_letters`` and ack it, atomically."""
+        fields = {
+            "stream": stream, "entry_id": entry_id, "group": group, "consumer": consumer,
+            "deliveries": str(deliveries), "reason": reason[:MAX_REASON_CHARS], "payload": payload,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.key(DEAD_LETTER_STREAM), fields, maxlen=self.maxlen, approximate=True)
+            pipe.xack(self.key(stream), group, entry_id)
+            await pipe.execute()
+
+    async def dead_letters(self, stream: str | None = None) -> list[DeadLetter]:
+        """Every dead letter (oldest first), only those of ``stream`` when given."""
+        entries = await self.redis.xrange(self.key(DEAD_LETTER_STREAM))
+        letters = [_dead_letter_from(entry_id, fields) for entry_id, fields in entries]
+        return [d for d in letters if stream is None or d.stream == stream]
+
+
+def _check_stream_carries(stream: str, message: messages.Message) -> None:
+    base = messages.base_stream(stream)
+    kinds = messages.STREAM_KINDS.get(base)
+    if kinds is None:
+        raise ValueError(f"unknown stream {stream!r}")
+    if not isinstance(message, kinds):
+        raise TypeError(f"stream {stream!r} does not carry {type(message).__name__}")
+    if base in SUFFIXED_STREAMS and base == stream:
+        raise ValueError(f"stream {base!r} needs a suffix, e.g. {base}:0")
+
+
+def _dead_letter_from(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
+    def field(name: str) -> str:
+        return _text(fields.get(name.encode(), b""))
+
+    return DeadLetter(
+        dead_letter_id=_text(entry_id), stream=field("stream"), entry_id=field("entry_id"), group=field("group"),
+        consumer=field("consumer"), deliveries=int(field("deliveries") or 0), reason=field("reason"),
+        payload=fields.get(b"payload", b""),
+    )
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """An entry handed to this consumer, before decoding. Empty ``fields``: the
+    entry was trimmed from the stream while pending."""
+
+    entry_id: str
+    fields: dict[bytes, bytes]
+    deliveries: int
+
+
+class StreamConsumer:
+    """Consumes one stream through one consumer group; see the module doc."""
+
+    def __init__(
+        self,
+        bus: StreamBus,
+        stream: str,
+        group: str,
+        handler: Handler,
+        *,
+        consumer_name: str,
+        max_deliveries: int,
+        reclaim_idle_s: float,
+        batch_size: int,
+        concurrency: int,
+        retry_backoff_s: float,
+        drain_timeout_s: float,
+    ) -> None:
+        if concurrency < 1 or batch_size < 1 or max_deliveries < 1:
+            raise ValueError("concurrency, batch_size and max_deliveries must be >= 1")
+        if reclaim_idle_s <= 0:
+            raise ValueError("reclaim_idle_s must be > 0")
+        if not consumer_name:
+            raise ValueError("consumer_name is required")
+        # fixed at construction
+        self.bus = bus
+        self.stream = stream
+        self.group = group
+        self.handler = handler
+        self.consumer_name = consumer_name
+        self.max_deliveries = max_deliveries
+        self.reclaim_idle_s = reclaim_idle_s
+        self.batch_size = batch_size
+        self.concurrency = concurrency
+        self.retry_backoff_s = retry_backoff_s
+        self.drain_timeout_s = drain_timeout_s
+        self.key = bus.key(stream)
+        self._redis = bus.redis
+        self._log = log.bind(stream=stream, group=group, consumer=consumer_name)
+        # reset by run()
+        self._inflight: dict[str, asyncio.Task] = {}
+        self._settling: set[asyncio.Task] = set()
+        self._retry_due: dict[str, float] = {}  # entry id -> monotonic time of the next attempt
+        self._backlog_cursor: str | None = "0"  # own pending entries still to re-read; None: done
+        self._autoclaim_cursor = "0-0"
+        self._next_autoclaim_at = 0.0
+        self._fatal: BaseException | None = None
+        # counters for status()
+        self.handled = 0
+        self.failed = 0
+        self.dead_lettered = 0
+
+    # ------------------------------------------------------------ public
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._inflight)
+
+    def status(self) -> dict[str, int | str]:
+        return {
+            "stream": self.stream, "group": self.group, "in_flight": self.in_flight,
+            "retrying": len(self._retry_due), "handled": self.handled, "failed": self.failed,
+            "dead_lettered": self.dead_lettered,
+        }
+
+    async def run(self, stop: asyncio.Event, drain_timeout_s: float | None = None) -> None:
+        """Consume until ``stop`` is set, then drain in-flight handlers for at most
+        ``drain_timeout_s`` (default: the consumer's own) and return.
+        Raises when Redis stays unreachable or acking fails unexpectedly."""
+        self._reset()
+        await self._redis_call(lambda: self.bus.ensure_group(self.stream, self.group))
+        self._log.info("consumer_started", concurrency=self.concurrency, max_deliveries=self.max_deliveries)
+        stop_waiter = asyncio.create_task(stop.wait(), name=f"stop-waiter:{self.key}:{self.consumer_name}")
+        lease_renewal = asyncio.create_task(self._renew_leases(), name=f"lease-renewal:{self.key}:{self.consumer_name}")
+        try:
+            await self._consume(stop, stop_waiter, lease_renewal)
+        except BaseException:
+            await self._abandon_inflight()
+            raise
+        finally:
+            stop_waiter.cancel()
+            lease_renewal.cancel()
+        await self._drain(self.drain_timeout_s if drain_timeout_s is None else drain_timeout_s)
+        await self._forget_consumer_if_idle()
+
+    # ------------------------------------------------------------ main loop
+
+    def _reset(self) -> None:
+        self._inflight.clear()
+        self._retry_due.clear()
+        self._backlog_cursor = "0"
+        self._autoclaim_cursor = "0-0"
+        self._next_autoclaim_at = 0.0
+        self._fatal = None
+
+    async def _consume(self, stop: asyncio.Event, stop_waiter: asyncio.Task, lease_renewal: asyncio.Task) -> None:
+        while not stop.is_set():
+            self._raise_if_broken(lease_renewal)
+            free_slots = self.concurrency - len(self._inflight)
+            if free_slots <= 0:
+                await asyncio.wait(
+                    [*self._inflight.values(), stop_waiter, lease_renewal], return_when=asyncio.FIRST_COMPLETED
+                )
+                continue
+            # Entries read while stop was being set are handled too: they are
+            # in our pending list already, and the drain gives them their bound.
+            for delivery in await self._next_deliveries(min(free_slots, self.batch_size)):
+                await self._dispatch(delivery)
+
+    def _raise_if_broken(self, lease_renewal: asyncio.Task) -> None:
+        if self._fatal is not None:
+            raise RuntimeError(f"consumer {self.consumer_name} on {self.key} failed: {self._fatal!r}") from self._fatal
+        if lease_renewal.done() and not lease_renewal.cancelled():
+            raise RuntimeError(f"lease renewal of {self.key} stopped") from lease_renewal.exception()
+
+    async def _next_deliveries(self, count: int) -> list[_Delivery]:
+        """Sources in priority order: due retries, entries abandoned by dead
+        consumers, our own pending entries (after a restart), new entries."""
+        now = time.monotonic()
+        due_ids = [entry_id for entry_id, due in self._retry_due.items() if due <= now][:count]
+        if due_ids:
+            return await self._claim_retries(due_ids)
+        if now >= self._next_autoclaim_at:
+            reclaimed = await self._autoclaim(count)
+            if reclaimed:
+                return reclaimed
+        if self._backlog_cursor is not None:
+            return await self._read_backlog(count)
+        return await self._read_new(count, self._read_block_ms(now))
+
+    def _read_block_ms(self, now: float) -> int | None:
+        """Block for new entries, but not past the next retry or reclaim scan."""
+        wake_at = min([now + READ_BLOCK_MS / 1000, self._next_autoclaim_at, *self._retry_due.values()])
+        block_ms = int((wake_at - now) * 1000)
+        return block_ms if block_ms >= 1 else None  # None: do not block (0 would block forever)
+
+    # ------------------------------------------------------------ reading
+
+    async def _read_new(self, count: int, block_ms: int | None) -> list[_Delivery]:
+        response = await self._redis_call(
+            lambda: self._redis.xreadgroup(self.group, self.consumer_name, {self.key: ">"}, count=count, block=block_ms)
+        )
+        return [_Delivery(_text(entry_id), fields or {}, 1) for entry_id, fields in _stream_entries(response)]
+
+    async def _read_backlog(self, count: int) -> list[_Delivery]:
+        """Our own pending entries (id "0" onwards): left by a previous run of
+        this consumer name. Each read counts as a delivery in Redis."""
+        cursor = self._backlog_cursor
+        response = await self._redis_call(
+            lambda: self._redis.xreadgroup(self.group, self.consumer_name, {self.key: cursor}, count=count)
+        )
+        entries = _stream_entries(response)
+        if not entries:
+            self._backlog_cursor = None
+            return []
+        self._backlog_cursor = _text(entries[-1][0])
+        fresh = [(_text(i), f) for i, f in entries if _text(i) not in self._inflight and _text(i) not in self._retry_due]
+        if fresh:
+            self._log.info("pending_entries_reread", count=len(fresh))
+        return await self._with_delivery_counts(fresh)
+
+    async def _autoclaim(self, count: int) -> list[_Delivery]:
+        min_idle_ms = int(self.reclaim_idle_s * 1000)
+        cursor = self._autoclaim_cursor
+        response = await self._redis_call(
+            lambda: self._redis.xautoclaim(
+                self.key, self.group, self.consumer_name, min_idle_ms, start_id=cursor, count=count
+            )
+        )
+        next_cursor, claimed = _text(response[0]), response[1]
+        deleted = response[2] if len(response) > 2 else []
+        self._autoclaim_cursor = next_cursor
+        if next_cursor == "0-0":  # scan complete: wait before the next one
+            self._next_autoclaim_at = time.monotonic() + self.reclaim_idle_s / 2
+        if deleted:
+            self._log.warning("reclaimed_entries_were_trimmed", entry_ids=[_text(i) for i in deleted])
+        fresh = []
+        for entry_id, fields in claimed:
+            entry_id = _text(entry_id)
+            if entry_id in self._inflight:
+                continue  # our own slow handler; it still owns the entry
+            self._retry_due.pop(entry_id, None)
+            fresh.append((entry_id, fields))
+        if fresh:
+            self._log.info("idle_entries_reclaimed", entry_ids=[i for i, _ in fresh])
+        return await self._with_delivery_counts(fresh)
+
+    async def _claim_retries(self, entry_ids: list[str]) -> list[_Delivery]:
+        """Take failed entries again (XCLAIM counts the delivery). An entry that
+        someone else claimed meanwhile (recently delivered) or acked is skipped."""
+        for entry_id in entry_ids:
+            del self._retry_due[entry_id]
+        min_idle_ms = int(self.retry_backoff_s * 1000 / 2)
+        claimed = await self._redis_call(
+            lambda: self._redis.xclaim(self.key, self.group, self.consumer_name, min_idle_ms, entry_ids)
+        )
+        return await self._with_delivery_counts([(_text(i), f) for i, f in claimed])
+
+    async def _with_delivery_counts(self, entries: list[tuple[str, dict | None]]) -> list[_Delivery]:
+        deliveries = []
+        for entry_id, fields in entries:
+            pending = await self._redis_call(
+                lambda: self._redis.xpending_range(self.key, self.group, entry_id, entry_id, 1)
+            )
+            if not pending:
+                continue  # acked by someone meanwhile
+            deliveries.append(_Delivery(entry_id, fields or {}, int(pending[0]["times_delivered"])))
+        return deliveries
+
+    async def _redis_call(self, call: Callable[[], Awaitable]):
+        """Run one Redis command: recreate the group on NOGROUP, ride out a
+        short Redis outage, raise after ``REDIS_RETRY_BUDGET_S``."""
+        deadline = None
+        delay_s = 0.1
+        recreate_group = False
+        while True:
+            try:
+                if recreate_group:
+                    await self.bus.ensure_group(self.stream, self.group)
+                    recreate_group = False
+                return await call()
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                self._log.warning("consumer_group_missing_recreating")
+                recreate_group = True
+            except RETRYABLE_REDIS_ERRORS as exc:
+                now = time.monotonic()
+                deadline = deadline or now + REDIS_RETRY_BUDGET_S
+                if now >= deadline:
+                    raise
+                self._log.warning("redis_unavailable_retrying", error=repr(exc), retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, MAX_REDIS_RETRY_DELAY_S)
+
+    # ------------------------------------------------------------ handling
+
+    async def _dispatch(self, delivery: _Delivery) -> None:
+        """Decode and start the handler, or dead-letter what cannot be handled."""
+        entry = Entry(self.stream, delivery.entry_id, delivery.deliveries)
+        with structlog.contextvars.bound_contextvars(stream=self.stream, entry_id=entry.entry_id):
+            if not delivery.fields:
+                self._log.warning("pending_entry_was_trimmed")
+                await self._redis_call(lambda: self._redis.xack(self.key, self.group, entry.entry_id))
+                return
+            payload = delivery.fields.get(PAYLOAD_FIELD.encode())
+            if payload is None:
+                fields = sorted(_text(k) for k in delivery.fields)
+                await self._dead_letter(entry, f"entry has no {PAYLOAD_FIELD!r} field (fields: {fields})", b"")
+                return
+            try:
+                message = messages.decode(payload, self.stream)
+            except messages.MessageDecodeError as exc:
+                await self._dead_letter(entry, f"cannot decode message: {exc}", payload)
+                return
+            if entry.deliveries > self.max_deliveries:
+                reason = (f"delivered {entry.deliveries} times without an ack "
+                          f"(its consumers died or were stopped while handling it)")
+                await self._dead_letter(entry, reason, payload)
+                return
+            task = asyncio.create_task(self._handle(entry, message, payload), name=f"handle:{self.key}:{entry.entry_id}")
+        self._inflight[entry.entry_id] = task
+        task.add_done_callback(functools.partial(self._handler_done, entry.entry_id))
+
+    def _handler_done(self, entry_id: str, task: asyncio.Task) -> None:
+        self._inflight.pop(entry_id, None)
+        if not task.cancelled() and task.exception() is not None and self._fatal is None:
+            self._fatal = task.exception()  # _handle catches handler errors: this is a bus failure
+
+    async def _handle(self, entry: Entry, message: messages.Message, payload: bytes) -> None:
+        kind = messages.kind_of(message)
+        with structlog.contextvars.bound_contextvars(stream=entry.stream, entry_id=entry.entry_id, kind=kind):
+            started = time.monotonic()
+            error: str | None = None
+            permanent = False
+            try:
+                await self.handler(message, entry)
+            except asyncio.CancelledError:
+                raise
+            except PermanentError as exc:
+                error, permanent = f"permanent error: {exc}", True
+                self._log.warning("handler_permanent_error", error=str(exc))
+            except Exception as exc:
+                error = f"{type(exc).__name__}: {exc}"
+                self._log.warning("handler_failed", deliveries=entry.deliveries, exc_info=True)
+            settle = asyncio.create_task(
+                self._settle(entry, payload, error, permanent, time.monotonic() - started),
+                name=f"settle:{self.key}:{entry.entry_id}",
+            )
+            self._settling.add(settle)
+            settle.add_done_callback(self._settling.discard)
+            # A stop that cancels this handler now must not lose the ack.
+            await asyncio.shield(settle)
+
+    async def _settle(self, entry: Entry, payload: bytes, error: str | None, permanent: bool, took_s: float) -> None:
+        if error is None:
+            await self._redis_call(lambda: self._redis.xack(self.key, self.group, entry.entry_id))
+            self.handled += 1
+            self._log.debug("message_handled", took_s=round(took_s, 4))
+            return
+        self.failed += 1
+        if permanent:
+            await self._dead_letter(entry, error, payload)
+        elif entry.deliveries >= self.max_deliveries:
+            await self._dead_letter(entry, f"failed {entry.deliveries} deliveries; last error: {error}", payload)
+        else:
+            backoff_s = min(self.retry_backoff_s * 2 ** (entry.deliveries - 1), MAX_RETRY_BACKOFF_S)
+            self._retry_due[entry.entry_id] = time.monotonic() + backoff_s
+
+    async def _dead_letter(self, entry: Entry, reason: str, payload: bytes) -> None:
+        await self._redis_call(
+            lambda: self.bus.dead_letter(
+                entry.stream, entry.entry_id, self.group, self.consumer_name, entry.deliveries, reason, payload
+            )
+        )
+        self.dead_lettered += 1
+        self._log.error("message_dead_lettered", entry_id=entry.entry_id, deliveries=entry.deliveries, reason=reason)
+
+    async def _renew_leases(self) -> None:
+        """Reset the idle time of entries being handled (XCLAIM JUSTID does not
+        count a delivery), so only a dead consumer's entries look abandoned."""
+        interval_s = self.reclaim_idle_s / 3
+        while True:
+            await asyncio.sleep(interval_s)
+            entry_ids = list(self._inflight)
+            if not entry_ids:
+                continue
+            try:
+                await self._redis.xclaim(self.key, self.group, self.consumer_name, 0, entry_ids, justid=True)
+            except RETRYABLE_REDIS_ERRORS as exc:
+                self._log.warning("lease_renewal_failed", error=repr(exc))
+            except ResponseError as exc:
+                if not _is_nogroup(exc):
+                    raise
+                # the main loop recreates the group on its next read
+
+    # ------------------------------------------------------------ stopping
+
+    async def _drain(self, timeout_s: float) -> None:
+        """Let in-flight handlers finish within ``timeout_s``; cancel the rest
+        (they stay pending and are redelivered later)."""
+        inflight = list(self._inflight.values())
+        finished, unfinished = (set(), set())
+        if inflight:
+            self._log.info("draining", in_flight=len(inflight), timeout_s=timeout_s)
+            finished, unfinished = await asyncio.wait(inflight, timeout=timeout_s)
+        for task in unfinished:
+            task.cancel()
+        if unfinished:
+            await asyncio.wait(unfinished, timeout=CANCEL_GRACE_S)
+        if self._settling:
+            await asyncio.wait(list(self._settling), timeout=SETTLE_TIMEOUT_S)
+        self._log.info(
+            "consumer_stopped", finished=len(finished), cancelled=len(unfinished), retry_pending=len(self._retry_due)
+        )
+        if self._fatal is not None:
+            raise RuntimeError(f"consumer {self.consumer_name} on {self.key} failed: {self._fatal!r}") from self._fatal
+
+    async def _abandon_inflight(self) -> None:
+        """On failure or cancellation: cancel handlers; their entries stay pending."""
+        tasks = list(self._inflight.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=CANCEL_GRACE_S)
+
+    async def _forget_consumer_if_idle(self) -> None:
+        """Remove this consumer from the group when it owns no pending entry, so
+        consumer names with a pid do not pile up across restarts."""
+        try:
+            pending = await self._redis.xpending_range(
+                self.key, self.group, "-", "+", 1, consumername=self.consumer_name
+            )
+            if not pending:
+                await self._redis.xgroup_delconsumer(self.key, self.group, self.consumer_name)
+        except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+            self._log.warning("consumer_cleanup_skipped", error=repr(exc))
+
+
+def _stream_entries(response) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
+    """The entries of a one-stream XREADGROUP reply (RESP2 list or RESP3 dict)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return next(iter(response.values()))[0] if response else []
+    return response[0][1]

@@ -1,0 +1,305 @@
+"""The service runtime: one actor class per service, run until a signal.
+
+``run_service(MyService(config))`` installs uvloop (when available), turns
+SIGTERM/SIGINT into ``service.stop()``, then ``setup()``, ``run()``,
+``close()``. ``run()`` keeps a heartbeat key alive and runs the service's
+consumers and background coroutines as named tasks. On stop the consumers
+stop reading and drain their in-flight handlers within
+``config.drain_timeout_s``; background coroutines should return when
+``service.stopping`` is set (they are cancelled after the same bound). A task
+that dies while the service runs stops the others and makes ``run()`` raise:
+the process exits non-zero instead of stalling. A clean drain exits 0.
+
+Heartbeat: key ``<prefix>heartbeat:<service>:<consumer_name>`` holds a
+msgpack map (``service``, ``consumer``, ``pid``, ``host``, ``started_at``,
+``ts``, ``status``), refreshed every ``heartbeat_ttl_s / 3`` with a TTL of
+``heartbeat_ttl_s``; deleted on a clean stop. ``clora check`` reads it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+import socket
+import time
+from collections.abc import Coroutine
+from typing import TYPE_CHECKING, Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import msgspec
+import redis.asyncio as aioredis
+import structlog
+
+from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer
+
+if TYPE_CHECKING:  # shared.config pulls in the engine interface; keep the runtime light
+    from shared.config import BaseConfig
+
+log = structlog.get_logger(__name__)
+
+CONNECT_TIMEOUT_S = 30.0  # how long setup waits for Redis (compose starts it alongside)
+DRAIN_MARGIN_S = 5.0  # on top of drain_timeout_s: final acks and task unwinding
+HEARTBEAT_KEY_PART = "heartbeat"
+
+
+class ServiceTaskDied(RuntimeError):
+    """A consumer, the heartbeat or a background task ended while the service ran."""
+
+
+def default_consumer_name(service: str) -> str:
+    return f"{service}-{socket.gethostname()}-{os.getpid()}"
+
+
+def heartbeat_key(prefix: str, service: str, consumer_name: str) -> str:
+    return f"{prefix}{HEARTBEAT_KEY_PART}:{service}:{consumer_name}"
+
+
+def decode_heartbeat(value: bytes) -> dict[str, Any]:
+    return msgspec.msgpack.decode(value)
+
+
+def redact_url(url: str) -> str:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
+    parts = urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Service:
+    """Base of the four services. Subclasses set ``name`` and override
+    ``consumers()``, ``background()``, ``status()``, and ``setup()``/``close()``
+    (calling super first / last)."""
+
+    name: ClassVar[str] = "service"
+
+    def __init__(self, config: BaseConfig) -> None:
+        # set at construction
+        self.config = config
+        self.consumer_name = config.consumer_name or default_consumer_name(self.name)
+        self.log = structlog.get_logger(f"services.{self.name}").bind(service=self.name, consumer=self.consumer_name)
+        self.stopping = asyncio.Event()
+        self.started_at = time.time()
+        # set by setup()
+        self.redis: aioredis.Redis | None = None
+        self.bus: StreamBus | None = None
+        # set by run()
+        self._consumers: list[StreamConsumer] = []
+
+    # ------------------------------------------------------------ to override
+
+    async def setup(self) -> None:
+        """Connect to Redis (waiting up to ``CONNECT_TIMEOUT_S``) and build the bus."""
+        if not self.config.redis_url:
+            raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
+        self.redis = aioredis.Redis.from_url(self.config.redis_url)
+        await _wait_for_redis(self.redis, self.config.redis_url)
+        self.bus = StreamBus(self.redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
+
+    def consumers(self) -> list[StreamConsumer]:
+        return []
+
+    def background(self) -> list[Coroutine]:
+        return []
+
+    def status(self) -> dict[str, Any]:
+        """Service-specific status for the heartbeat (msgpack-able values)."""
+        return {}
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    # ------------------------------------------------------------ helpers
+
+    def consumer(self, stream: str, group: str, handler: Handler, **options: Any) -> StreamConsumer:
+        """``bus.consumer`` with this service's consumer name and the config's
+        ``max_deliveries``, ``reclaim_idle_s`` and ``drain_timeout_s``;
+        ``options`` override them or add ``batch_size``/``concurrency``."""
+        defaults = {
+            "consumer_name": self.consumer_name,
+            "max_deliveries": self.config.max_deliveries,
+            "reclaim_idle_s": self.config.reclaim_idle_s,
+            "drain_timeout_s": self.config.drain_timeout_s,
+        }
+        return self.bus.consumer(stream, group, handler, **{**defaults, **options})
+
+    def stop(self) -> None:
+        """Ask the service to stop (signal handlers call only this)."""
+        if not self.stopping.is_set():
+            self.log.info("stop_requested")
+        self.stopping.set()
+
+    # ------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        """Heartbeat, consumers and background tasks until ``stop()``; then drain.
+        Raises ``ServiceTaskDied`` when any of them ended before the stop."""
+        self._consumers = self.consumers()
+        drain_s = self.config.drain_timeout_s
+        essential = {asyncio.create_task(self._heartbeat(), name=f"heartbeat:{self.name}")}
+        for consumer in self._consumers:
+            essential.add(asyncio.create_task(
+                consumer.run(self.stopping, drain_timeout_s=drain_s), name=f"consumer:{consumer.key}:{consumer.group}"
+            ))
+        background = {
+            asyncio.create_task(coro, name=f"background:{self.name}:{getattr(coro, '__qualname__', 'task')}")
+            for coro in self.background()
+        }
+        self.log.info("service_running", consumers=len(self._consumers), background=len(background))
+        try:
+            failure = await self._supervise(essential | background, essential)
+            failure = await self._wind_down(essential | background, failure) or failure
+        finally:
+            await _cancel_and_wait(essential | background)
+        await self._remove_heartbeat()
+        if failure is not None:
+            task, error = failure
+            raise ServiceTaskDied(f"task {task.get_name()} ended while the service ran: {error!r}") from error
+
+    async def _supervise(self, tasks: set[asyncio.Task], essential: set[asyncio.Task]):
+        """Wait for stop() or the first task to die; returns (task, error) or None."""
+        stop_waiter = asyncio.create_task(self.stopping.wait(), name=f"stop-waiter:{self.name}")
+        running = set(tasks)
+        try:
+            while not self.stopping.is_set():
+                done, _ = await asyncio.wait(running | {stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                for task in done - {stop_waiter}:
+                    running.discard(task)
+                    error = _task_error(task)
+                    if error is None and task not in essential:
+                        self.log.info("background_task_finished", task=task.get_name())
+                        continue
+                    error = error or RuntimeError("returned before stop")
+                    self.log.error("service_task_died", task=task.get_name(), error=repr(error))
+                    self.stopping.set()
+                    return task, error
+            return None
+        finally:
+            stop_waiter.cancel()
+
+    async def _wind_down(self, tasks: set[asyncio.Task], failure):
+        """Give consumers (which drain themselves) and background tasks the
+        drain bound, then cancel what is left. Returns a failure seen meanwhile."""
+        heartbeat = {t for t in tasks if t.get_name().startswith("heartbeat:")}
+        finishing = {t for t in tasks - heartbeat if not t.done()}
+        if finishing:
+            self.log.info("service_draining", tasks=len(finishing), timeout_s=self.config.drain_timeout_s)
+            _, late = await asyncio.wait(finishing, timeout=self.config.drain_timeout_s + DRAIN_MARGIN_S)
+            if late:
+                self.log.warning("tasks_cancelled_after_drain", tasks=sorted(t.get_name() for t in late))
+            await _cancel_and_wait(late)
+        if failure is not None:
+            return None
+        for task in tasks - heartbeat:
+            if task.cancelled():
+                continue  # cancelled by us after the drain bound: not a failure
+            error = task.exception()
+            if error is not None:
+                return task, error
+        return None
+
+    async def _heartbeat(self) -> None:
+        key = heartbeat_key(self.config.stream_prefix, self.name, self.consumer_name)
+        ttl_ms = max(int(self.config.heartbeat_ttl_s * 1000), 1)
+        while True:
+            try:
+                await self.redis.set(key, msgspec.msgpack.encode(self._heartbeat_value()), px=ttl_ms)
+            except RETRYABLE_REDIS_ERRORS as exc:
+                # Not fatal: the key lapses and healthchecks report it; consumers
+                # fail on their own if Redis stays away.
+                self.log.warning("heartbeat_failed", error=repr(exc))
+            await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
+
+    def _heartbeat_value(self) -> dict[str, Any]:
+        return {
+            "service": self.name,
+            "consumer": self.consumer_name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "started_at": self.started_at,
+            "ts": time.time(),
+            "status": {"consumers": [c.status() for c in self._consumers], **self.status()},
+        }
+
+    async def _remove_heartbeat(self) -> None:
+        key = heartbeat_key(self.config.stream_prefix, self.name, self.consumer_name)
+        try:
+            removal = asyncio.create_task(self.redis.delete(key), name=f"heartbeat-removal:{self.name}")
+            await asyncio.shield(removal)
+        except RETRYABLE_REDIS_ERRORS as exc:
+            self.log.warning("heartbeat_not_removed", error=repr(exc))
+
+
+def _task_error(task: asyncio.Task) -> BaseException | None:
+    if task.cancelled():
+        return asyncio.CancelledError(f"{task.get_name()} was cancelled")
+    return task.exception()
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task]) -> None:
+    pending = [t for t in tasks if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending)
+
+
+async def _wait_for_redis(client: aioredis.Redis, url: str) -> None:
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        try:
+            await client.ping()
+            return
+        except RETRYABLE_REDIS_ERRORS as exc:
+            if time.monotonic() >= deadline:
+                raise RuntimeError(f"Redis at {redact_url(url)} unreachable for {CONNECT_TIMEOUT_S:.0f} s") from exc
+            log.warning("redis_not_ready", url=redact_url(url), error=repr(exc))
+            await asyncio.sleep(1.0)
+
+
+# ---------------------------------------------------------------- entry point
+
+
+def run_service(service: Service) -> int:
+    """Run ``service`` until SIGTERM/SIGINT; 0 after a clean drain, 1 on failure."""
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        return runner.run(_serve(service))
+
+
+def _loop_factory():
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
+
+
+async def _serve(service: Service) -> int:
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, service.stop)
+    config = dataclasses.asdict(service.config)
+    config["redis_url"] = redact_url(config.get("redis_url", ""))
+    service.log.info("service_starting", pid=os.getpid(), event_loop=type(loop).__module__, config=config)
+    exit_code = 0
+    try:
+        await service.setup()
+        await service.run()
+    except Exception:
+        service.log.exception("service_failed")
+        exit_code = 1
+    finally:
+        try:
+            await service.close()
+        except Exception:
+            service.log.exception("service_close_failed")
+            exit_code = 1
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+    service.log.info("service_stopped", exit_code=exit_code)
+    return exit_code
