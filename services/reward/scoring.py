@@ -1,0 +1,105 @@
+"""Built-in rewards: the task families' verifiers, exact match and regex.
+
+Each scorer turns one sample's text (plus the prompt's reference answer) into
+a ``SampleScore``: a reward in [0, 1] and, where the scorer is a verifier, a
+``correct`` verdict. ``invert`` (``RewardSpec.invert``) rewards the opposite:
+it maps the reward r to 1 - r but leaves ``correct`` alone, so accuracy still
+measures the task while the policy is pushed away from it.
+
+A scorer that cannot score (unknown family, missing answer, bad pattern)
+raises ``RewardError`` with a reason a user can act on.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+from dataclasses import dataclass, field
+
+from shared.messages import RewardSpec
+
+BUILTIN_TYPES = ("family", "exact_match", "regex")
+
+
+class RewardError(Exception):
+    """Scoring failed; ``reason`` says why (shown on the experiment's events).
+    ``retryable`` says whether trying the same call again may succeed."""
+
+    def __init__(self, reason: str, retryable: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.retryable = retryable
+
+
+@dataclass
+class SampleScore:
+    reward: float
+    correct: bool | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def score_builtin(spec: RewardSpec, text: str, answer: str | None) -> SampleScore:
+    """Score one sample with a built-in reward (without ``invert``)."""
+    if spec.type == "family":
+        return _score_family(spec.family, text, answer)
+    if spec.type == "exact_match":
+        return _score_exact_match(text, answer)
+    if spec.type == "regex":
+        return _score_regex(spec.pattern, text)
+    raise RewardError(f"reward type {spec.type!r} is not a built-in verifier")
+
+
+def apply_invert(score: SampleScore, invert: bool) -> SampleScore:
+    if not invert:
+        return score
+    return SampleScore(reward=1.0 - score.reward, correct=score.correct, metrics=score.metrics)
+
+
+def check_reward_value(value: object) -> float:
+    """A reward a service replied with, as a finite float (bools count as 0/1)."""
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, (int, float)):
+        raise RewardError(f"reward must be a number, got {type(value).__name__}")
+    reward = float(value)
+    if not math.isfinite(reward):
+        raise RewardError(f"reward must be finite, got {reward}")
+    return reward
+
+
+def _score_family(family_name: str | None, text: str, answer: str | None) -> SampleScore:
+    if not family_name:
+        raise RewardError("reward type 'family' needs reward.family")
+    if answer is None:
+        raise RewardError(f"family {family_name!r} verifier needs the prompt's answer; it is missing")
+    from shared.tasks import get_family  # the task module is only needed for this reward type
+
+    try:
+        family = get_family(family_name)
+    except KeyError as exc:
+        raise RewardError(f"unknown task family {family_name!r}: {exc}") from None
+    correct = bool(family.verify(text, answer))
+    return SampleScore(reward=float(correct), correct=correct)
+
+
+def _score_exact_match(text: str, answer: str | None) -> SampleScore:
+    if answer is None:
+        raise RewardError("exact_match needs the prompt's answer; it is missing")
+    correct = text.strip() == answer.strip()
+    return SampleScore(reward=float(correct), correct=correct)
+
+
+def _score_regex(pattern: str | None, text: str) -> SampleScore:
+    if not pattern:
+        raise RewardError("reward type 'regex' needs reward.pattern")
+    matched = compile_pattern(pattern).search(text) is not None
+    return SampleScore(reward=float(matched), correct=matched)
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise RewardError(f"invalid regex {pattern!r}: {exc}") from None

@@ -1,0 +1,280 @@
+"""External reward workers on Redis streams.
+
+Protocol: for an experiment whose reward is ``{"type": "worker", "worker":
+"NAME"}``, the reward service publishes each ``Completion`` to stream
+``<prefix>reward:NAME``. A worker (consumer group ``reward-worker-NAME``, so
+several worker processes share the load) scores every sample and publishes a
+``ScoredCompletion`` (same ``completion``, one reward per sample) to
+``<prefix>reward_replies``. The reward service matches replies by
+``request_id`` and waits ``RewardSpec.timeout_s`` per attempt, forwarding
+again up to ``RewardSpec.max_attempts`` times.
+
+A user turns a plain function into a worker in a few lines::
+
+    from services.reward.worker import reward_worker
+
+    @reward_worker("short-answers")
+    def reward(prompt: str, completion: str, answer: str | None) -> float:
+        return 1.0 if len(completion) <= 3 else 0.0
+
+    if __name__ == "__main__":
+        reward.run()  # REDIS_URL from the environment
+
+The function may return a number, a bool (reward 0/1 and the verdict used
+for accuracy) or a dict ``{"reward": float, "correct": bool?, "metrics":
+{str: float}?}``; it may be ``async def``. A function that raises marks the
+completion's result with ``reward_error`` instead of crashing the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+from services.reward.scoring import RewardError, SampleScore, check_reward_value
+from shared.messages import Completion, MessageDecodeError, RewardSpec, ScoredCompletion, decode
+
+log = structlog.get_logger(__name__)
+
+REPLIES_STREAM = "reward_replies"
+REPLY_READ_BLOCK_MS = 1000
+REPLY_READ_COUNT = 100
+
+RewardFn = Callable[[str, str, "str | None"], Any]
+
+
+def reward_stream(worker: str) -> str:
+    """The stream (without prefix) that worker ``worker`` reads."""
+    return f"reward:{worker}"
+
+
+def worker_group(worker: str) -> str:
+    return f"reward-worker-{worker}"
+
+
+# ---------------------------------------------------------------- worker side
+
+
+def to_sample_score(value: object) -> SampleScore:
+    """What a user's reward function returned, as a ``SampleScore``."""
+    if isinstance(value, bool):
+        return SampleScore(reward=float(value), correct=value)
+    if isinstance(value, dict):
+        if "reward" not in value:
+            raise RewardError(f"reward function returned a dict without 'reward': {sorted(value)}")
+        correct = value.get("correct")
+        metrics = {str(k): check_reward_value(v) for k, v in (value.get("metrics") or {}).items()}
+        return SampleScore(reward=check_reward_value(value["reward"]),
+                           correct=correct if isinstance(correct, bool) else None, metrics=metrics)
+    return SampleScore(reward=check_reward_value(value))
+
+
+async def score_with_function(fn: RewardFn, completion: Completion) -> ScoredCompletion:
+    """Apply ``fn`` to every sample; a raising function marks the result."""
+    scores: list[SampleScore] = []
+    try:
+        for sample in completion.samples:
+            scores.append(to_sample_score(await _call(fn, completion.prompt.text, sample.text,
+                                                      completion.prompt.answer)))
+    except RewardError as exc:
+        return failed_result(completion, exc.reason)
+    except Exception as exc:  # the user's code: report any failure on the experiment, keep serving
+        return failed_result(completion, f"reward function raised {type(exc).__name__}: {exc}")
+    return combine_scores(completion, scores)
+
+
+async def _call(fn: RewardFn, prompt: str, text: str, answer: str | None) -> object:
+    if inspect.iscoroutinefunction(fn):
+        return await fn(prompt, text, answer)
+    return await asyncio.to_thread(fn, prompt, text, answer)  # user code may be slow: keep the loop free
+
+
+def combine_scores(completion: Completion, scores: list[SampleScore]) -> ScoredCompletion:
+    """One ``ScoredCompletion`` from per-sample scores (metrics averaged)."""
+    names = sorted({name for score in scores for name in score.metrics})
+    metrics = {
+        name: sum(s.metrics[name] for s in scores if name in s.metrics)
+        / sum(1 for s in scores if name in s.metrics)
+        for name in names
+    }
+    return ScoredCompletion(completion=completion, rewards=[s.reward for s in scores],
+                            correct=[s.correct for s in scores], reward_metrics=metrics)
+
+
+def failed_result(completion: Completion, reason: str) -> ScoredCompletion:
+    """A result the scheduler must not train on: zero rewards, ``reward_error`` set."""
+    count = len(completion.samples)
+    return ScoredCompletion(completion=completion, rewards=[0.0] * count, correct=[None] * count,
+                            reward_error=reason)
+
+
+async def serve_reward_worker(
+    fn: RewardFn,
+    *,
+    worker: str,
+    redis_url: str,
+    stream_prefix: str = "clora:",
+    stop: asyncio.Event | None = None,
+    consumer_name: str | None = None,
+    concurrency: int = 8,
+) -> None:
+    """Serve ``fn`` as reward worker ``worker`` until ``stop`` is set."""
+    import redis.asyncio as aioredis
+
+    from shared.bus import StreamBus
+
+    stop = stop or asyncio.Event()
+    client = aioredis.Redis.from_url(redis_url)
+    bus = StreamBus(client, prefix=stream_prefix)
+
+    async def handle(completion: Completion, entry) -> None:
+        scored = await score_with_function(fn, completion)
+        await bus.publish(scored, stream=REPLIES_STREAM)
+        log.info("reward_worker_scored", worker=worker, request_id=completion.request_id,
+                 error=scored.reward_error)
+
+    consumer = bus.consumer(
+        reward_stream(worker), worker_group(worker), handle,
+        consumer_name=consumer_name or f"{worker}-{socket.gethostname()}-{os.getpid()}",
+        concurrency=concurrency,
+    )
+    log.info("reward_worker_started", worker=worker, stream=bus.key(reward_stream(worker)))
+    try:
+        await consumer.run(stop)
+    finally:
+        await client.aclose()
+
+
+def run_reward_worker(fn: RewardFn, *, worker: str, redis_url: str | None = None,
+                      stream_prefix: str | None = None) -> int:
+    """Blocking entry point: serve until SIGINT/SIGTERM. ``redis_url`` and
+    ``stream_prefix`` default to ``REDIS_URL`` and ``CLORA_STREAM_PREFIX``."""
+    redis_url = redis_url or os.environ.get("REDIS_URL")
+    if not redis_url:
+        raise SystemExit("run_reward_worker: set REDIS_URL or pass redis_url=")
+    prefix = stream_prefix or os.environ.get("CLORA_STREAM_PREFIX", "clora:")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await serve_reward_worker(fn, worker=worker, redis_url=redis_url, stream_prefix=prefix, stop=stop)
+
+    asyncio.run(main())
+    return 0
+
+
+class RewardWorker:
+    """A reward function plus the means to serve it; still callable as the function."""
+
+    def __init__(self, fn: RewardFn, worker: str) -> None:
+        self.fn = fn
+        self.worker = worker
+
+    def __call__(self, prompt: str, completion: str, answer: str | None):
+        return self.fn(prompt, completion, answer)
+
+    def run(self, **kwargs) -> int:
+        return run_reward_worker(self.fn, worker=self.worker, **kwargs)
+
+    async def serve(self, **kwargs) -> None:
+        await serve_reward_worker(self.fn, worker=self.worker, **kwargs)
+
+
+def reward_worker(worker: str) -> Callable[[RewardFn], RewardWorker]:
+    """Decorator: ``@reward_worker("name")`` over ``def f(prompt, completion, answer)``."""
+    return lambda fn: RewardWorker(fn, worker)
+
+
+# ---------------------------------------------------------------- service side
+
+
+class WorkerReplies:
+    """The reward service's side: forward a completion to a worker stream and
+    await the reply with the same ``request_id``.
+
+    Replies are read with plain ``XREAD`` from the stream's end at start-up, so
+    every reward service replica sees every reply and keeps the ones it waits
+    for (a replica that restarts forwards again: its completions were not acked).
+    """
+
+    def __init__(self, bus, redis) -> None:
+        self.bus = bus
+        self.redis = redis
+        self._waiters: dict[str, set[asyncio.Future]] = {}
+        self._last_id = "0-0"
+
+    async def start(self) -> None:
+        """Remember where the replies stream ends now (before any forward)."""
+        newest = await self.redis.xrevrange(self.bus.key(REPLIES_STREAM), count=1)
+        if newest:
+            entry_id = newest[0][0]
+            self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Dispatch replies to waiters until ``stop`` is set and nobody waits
+        (handlers still draining after a stop keep getting their replies)."""
+        key = self.bus.key(REPLIES_STREAM)
+        while not (stop.is_set() and not self._waiters):
+            batches = await self.redis.xread({key: self._last_id}, count=REPLY_READ_COUNT,
+                                             block=REPLY_READ_BLOCK_MS)
+            for _stream, entries in batches or []:
+                for entry_id, fields in entries:
+                    self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                    self._dispatch(fields)
+
+    def _dispatch(self, fields: dict) -> None:
+        payload = fields.get(b"msg", fields.get("msg"))
+        try:
+            reply = decode(payload, REPLIES_STREAM)
+        except MessageDecodeError as exc:
+            log.warning("reward_reply_invalid", reason=str(exc))
+            return
+        for waiter in self._waiters.pop(reply.completion.request_id, set()):
+            if not waiter.done():
+                waiter.set_result(reply)
+
+    async def score(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion:
+        """The worker's result, or a failed result after ``max_attempts`` timeouts."""
+        attempts = max(1, spec.max_attempts)
+        for attempt in range(1, attempts + 1):
+            reply = await self._forward_once(spec, completion)
+            if reply is not None:
+                return self._checked(reply, completion, spec.worker)
+            log.info("reward_worker_timeout", worker=spec.worker, request_id=completion.request_id,
+                     attempt=attempt)
+        return failed_result(completion, f"reward worker {spec.worker!r} did not reply within "
+                                         f"{spec.timeout_s:g}s ({attempts} attempt(s))")
+
+    async def _forward_once(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion | None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(completion.request_id, set()).add(waiter)
+        try:
+            await self.bus.publish(completion, stream=reward_stream(spec.worker))
+            return await asyncio.wait_for(asyncio.shield(waiter), spec.timeout_s)
+        except TimeoutError:
+            return None
+        finally:
+            waiters = self._waiters.get(completion.request_id)
+            if waiters is not None:
+                waiters.discard(waiter)
+                if not waiters:
+                    del self._waiters[completion.request_id]
+
+    @staticmethod
+    def _checked(reply: ScoredCompletion, completion: Completion, worker: str | None) -> ScoredCompletion:
+        if reply.reward_error is None and len(reply.rewards) != len(completion.samples):
+            return failed_result(completion, f"reward worker {worker!r} replied with {len(reply.rewards)} "
+                                             f"rewards for {len(completion.samples)} samples")
+        correct = reply.correct if len(reply.correct) == len(reply.rewards) else [None] * len(reply.rewards)
+        # Keep our own copy of the completion: the reply's is the worker's echo.
+        return ScoredCompletion(completion=completion, rewards=list(reply.rewards), correct=correct,
+                                reward_metrics=dict(reply.reward_metrics), reward_error=reply.reward_error)

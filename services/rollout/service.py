@@ -1,0 +1,337 @@
+"""The rollout service: every tenant's rollout requests in one decode stream.
+
+Reads ``rollout_requests`` (group ``rollout``) with as many handlers in flight
+as the engine holds rows (``capacity_rows // typical group size``): that is
+the backpressure, a worker never reads more than it can decode, and the rest
+stays in the stream for other workers. Each handler tokenizes its prompt and
+awaits ``engine.generate``; the engine batches the rows of all in-flight
+handlers, whatever their tenant, into the same decode steps. The handler then
+publishes one ``Completion`` (token ids, behaviour logprobs, text, the adapter
+version that produced it, timings).
+
+Adapters: version 0 is the base model; version v is ``AdapterKey(experiment,
+v)``, registered from the request's ``adapter_path`` the first time it is
+needed. Announcements on ``adapters`` (a private consumer group per worker,
+so every worker sees every announcement) preload new versions in the
+background; loading never pauses decode (the engine loads beside its decode
+loop) and only the requests that need that version wait for it. A version
+is retired once no request uses it and it is not one of the newest
+``adapter_keep_versions`` of its tenant. A request whose version cannot be
+loaded gets a ``Completion`` with ``error`` and an
+``ExperimentEvent(code="rollout_failed")``; the service carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+
+from shared.config import RolloutConfig
+from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GenerationResult
+from shared.messages import (
+    AdapterPublished,
+    Completion,
+    ExperimentEvent,
+    RolloutRequest,
+    RolloutTimings,
+    Sample,
+    now,
+)
+from shared.runtime import Service
+
+REQUEST_GROUP = "rollout"
+ADAPTER_NOT_LOADED_RETRIES = 2  # reloads after the engine evicted a version we had just loaded
+
+
+class AdapterLoadError(Exception):
+    """A version that cannot be made usable; ``reason`` says why."""
+
+    def __init__(self, key: AdapterKey, reason: str) -> None:
+        super().__init__(f"{key.name}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
+def adapter_key(experiment_id: str, version: int) -> AdapterKey | None:
+    """Version 0 is the base model (no adapter)."""
+    return None if version == 0 else AdapterKey(experiment_id, version)
+
+
+class AdapterSet:
+    """Which adapter versions this worker has in the engine, which requests
+    use them, and which can go. All bookkeeping happens on the event loop; the
+    engine does the loading off it."""
+
+    def __init__(self, engine: Engine, keep_versions: int, log) -> None:
+        self.engine = engine
+        self.keep_versions = max(1, keep_versions)
+        self.log = log
+        self.registered: set[AdapterKey] = set()
+        self.in_use: Counter[AdapterKey] = Counter()
+        self.newest: dict[str, int] = {}
+        self._loading: dict[AdapterKey, asyncio.Task] = {}
+        self._retiring: dict[AdapterKey, asyncio.Task] = {}
+
+    @asynccontextmanager
+    async def use(self, key: AdapterKey | None, path: str | None):
+        """Hold ``key`` loaded for the duration of the block (None: base)."""
+        if key is None:
+            yield
+            return
+        self.in_use[key] += 1  # counted before loading, so no retirement can slip in after it
+        try:
+            await self.ensure_loaded(key, path)
+            yield
+        finally:
+            self.in_use[key] -= 1
+            if self.in_use[key] <= 0:
+                del self.in_use[key]
+            await self.retire_stale(key.tenant)
+
+    async def ensure_loaded(self, key: AdapterKey, path: str | None) -> None:
+        """Register ``key`` unless it is; concurrent callers share one load."""
+        self.note_version(key)
+        while key in self._retiring:  # let a retirement in progress finish, then load again
+            await asyncio.shield(self._retiring[key])
+        if key in self.registered:
+            if self.engine.has_adapter(key):
+                return
+            self.registered.discard(key)  # the engine evicted it to make room: load it again
+        if not path:
+            raise AdapterLoadError(key, "no adapter_path given and the version is not loaded on this worker")
+        task = self._loading.get(key)
+        if task is None:
+            task = asyncio.create_task(self._register(key, Path(path)), name=f"adapter-load:{key.name}")
+            self._loading[key] = task
+            task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
+        await asyncio.shield(task)  # one caller cancelled must not cancel the others' load
+
+    async def _register(self, key: AdapterKey, path: Path) -> None:
+        started = time.monotonic()
+        try:
+            await self.engine.register_adapter(key, path=path)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a file, format or capacity problem: the request reports it
+            raise AdapterLoadError(key, f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
+        self.registered.add(key)
+        self.log.info("adapter_ready", adapter=key.name, path=str(path),
+                      took_s=round(time.monotonic() - started, 4))
+
+    def note_version(self, key: AdapterKey) -> None:
+        self.newest[key.tenant] = max(self.newest.get(key.tenant, 0), key.version)
+
+    def stale(self, tenant: str) -> list[AdapterKey]:
+        """Registered, idle versions of ``tenant`` older than its newest few."""
+        cutoff = self.newest.get(tenant, 0) - self.keep_versions
+        return sorted(k for k in self.registered
+                      if k.tenant == tenant and k.version <= cutoff and self.in_use[k] == 0)
+
+    async def retire_stale(self, tenant: str) -> None:
+        for key in self.stale(tenant):
+            if key in self._retiring or self.in_use[key] > 0:
+                continue
+            self.registered.discard(key)  # before awaiting: new users reload instead of racing
+            task = asyncio.create_task(self._retire(key), name=f"adapter-retire:{key.name}")
+            self._retiring[key] = task
+            task.add_done_callback(lambda _t, k=key: self._retiring.pop(k, None))
+            await asyncio.shield(task)
+
+    async def _retire(self, key: AdapterKey) -> None:
+        try:
+            await self.engine.retire_adapter(key)
+        except EngineError as exc:
+            self.log.warning("adapter_retire_failed", adapter=key.name, error=str(exc))
+            return
+        self.log.info("adapter_retired", adapter=key.name)
+
+
+def decode_text(tokenizer, token_ids: list[int], stop_token_ids: set[int]) -> str:
+    """Completion text: up to (not including) the first stop token, special
+    tokens skipped."""
+    cut = next((i for i, token in enumerate(token_ids) if token in stop_token_ids), len(token_ids))
+    return tokenizer.decode(token_ids[:cut], skip_special_tokens=True)
+
+
+def stop_tokens(tokenizer, request_stop_ids: list[int]) -> set[int]:
+    stops = set(request_stop_ids)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if isinstance(eos, int):
+        stops.add(eos)
+    return stops
+
+
+class RolloutService(Service):
+    name = "rollout"
+
+    def __init__(self, config: RolloutConfig, engine: Engine | None = None) -> None:
+        super().__init__(config)
+        self.engine = engine  # built in setup() from config.engine unless given (tests)
+        self.adapters: AdapterSet | None = None
+        self._preloads: dict[str, asyncio.Task] = {}
+        self._preload_wanted: dict[str, AdapterPublished] = {}
+        self._watch_group = ""
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def setup(self) -> None:
+        await super().setup()
+        if self.engine is None:
+            from services.rollout.engines import build_engine
+
+            self.engine = build_engine(self.config)
+        await self.engine.start()
+        keep = self.config.adapter_keep_versions
+        self.adapters = AdapterSet(self.engine, keep, self.log)
+        self._watch_group = f"rollout-watch-{self.consumer_name}"
+        await self._create_watch_group()
+        self.log.info("rollout_ready", capacity_rows=self.engine.capacity_rows,
+                      request_concurrency=self.request_concurrency(), keep_versions=keep)
+
+    async def _create_watch_group(self) -> None:
+        """Start this worker's private announcement group at the stream's end:
+        versions announced before it started are loaded on demand instead."""
+        try:
+            await self.redis.xgroup_create(self.bus.key("adapters"), self._watch_group, id="$", mkstream=True)
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    def request_concurrency(self) -> int:
+        typical_n = self.config.typical_group_size
+        return max(1, self.engine.capacity_rows // max(1, typical_n))
+
+    def consumers(self):
+        concurrency = self.request_concurrency()
+        return [
+            self.consumer("rollout_requests", REQUEST_GROUP, self.on_request,
+                          concurrency=concurrency, batch_size=concurrency),
+            self.consumer("adapters", self._watch_group, self.on_adapter_published),
+        ]
+
+    async def close(self) -> None:
+        for task in list(self._preloads.values()):
+            task.cancel()
+        if self._preloads:
+            await asyncio.wait(list(self._preloads.values()), timeout=5.0)
+        if self._watch_group and self.redis is not None:
+            try:  # the group is private to this worker name: do not leave it behind
+                await self.redis.xgroup_destroy(self.bus.key("adapters"), self._watch_group)
+            except (ResponseError, RedisConnectionError, OSError) as exc:
+                self.log.warning("watch_group_cleanup_skipped", error=repr(exc))
+        if self.engine is not None:
+            await self.engine.close()
+        await super().close()
+
+    # -------------------------------------------------------------- requests
+
+    async def on_request(self, request: RolloutRequest, entry) -> None:
+        received = time.time()
+        key = adapter_key(request.experiment_id, request.adapter_version)
+        try:
+            prompt_ids = self._encode(request)
+            submitted, result = await self._generate(request, key, prompt_ids)
+        except AdapterLoadError as exc:
+            await self._fail(request, f"adapter version {request.adapter_version} unavailable: {exc.reason}")
+            return
+        except EngineError as exc:
+            if self.stopping.is_set():
+                raise  # the engine is closing under us: leave the request for redelivery
+            await self._fail(request, f"generation failed: {exc}")
+            return
+        completion = self._completion(request, prompt_ids, result, received, submitted)
+        await self.bus.publish(completion)
+        self.log.debug("completion_published", request_id=request.request_id, adapter=key and key.name,
+                       tokens=sum(len(s.token_ids) for s in completion.samples))
+
+    async def _generate(self, request: RolloutRequest, key: AdapterKey | None,
+                        prompt_ids: list[int]) -> tuple[float, GenerationResult]:
+        """Generate under ``key``; (submission time, result). The engine may
+        evict an idle adapter between our load and the submission: load again."""
+        for attempt in range(1, ADAPTER_NOT_LOADED_RETRIES + 2):
+            async with self.adapters.use(key, request.adapter_path):
+                submitted = time.time()
+                try:
+                    return submitted, await self.engine.generate(prompt_ids, key, request.sampling)
+                except AdapterNotLoaded:
+                    if attempt > ADAPTER_NOT_LOADED_RETRIES:
+                        raise
+                    self.log.info("adapter_evicted_reloading", adapter=key and key.name)
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _encode(self, request: RolloutRequest) -> list[int]:
+        if request.sampling.n > self.engine.capacity_rows:
+            raise EngineError(f"n={request.sampling.n} exceeds the engine's {self.engine.capacity_rows} rows")
+        prompt_ids = self.engine.tokenizer().encode(request.prompt.text, add_special_tokens=False)
+        if not prompt_ids:
+            raise EngineError("the prompt is empty after tokenization")
+        return prompt_ids
+
+    def _completion(self, request: RolloutRequest, prompt_ids: list[int], result: GenerationResult,
+                    received: float, submitted: float) -> Completion:
+        tokenizer = self.engine.tokenizer()
+        stops = stop_tokens(tokenizer, request.sampling.stop_token_ids)
+        samples = [
+            Sample(token_ids=list(s.token_ids), logprobs=[float(x) for x in s.logprobs],
+                   text=decode_text(tokenizer, list(s.token_ids), stops), finish_reason=s.finish_reason)
+            for s in result.samples
+        ]
+        queued_since = request.ts if request.ts > 0 else received
+        timings = RolloutTimings(
+            queue_wait_s=max(0.0, submitted - queued_since) + result.queue_wait_s,
+            time_to_first_token_s=result.time_to_first_token_s,
+            decode_s=result.decode_s,
+        )
+        return Completion(
+            request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
+            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=list(prompt_ids), samples=samples,
+            adapter_version=result.adapter.version if result.adapter is not None else 0,
+            reward=request.reward, timings=timings, worker=self.consumer_name,
+        )
+
+    async def _fail(self, request: RolloutRequest, reason: str) -> None:
+        self.log.warning("rollout_failed", request_id=request.request_id,
+                         experiment_id=request.experiment_id, reason=reason)
+        await self.bus.publish(Completion(
+            request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
+            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=[], samples=[],
+            adapter_version=request.adapter_version, reward=request.reward, worker=self.consumer_name,
+            error=reason,
+        ))
+        await self.bus.publish(ExperimentEvent(
+            experiment_id=request.experiment_id, level="error", code="rollout_failed",
+            message=f"request {request.request_id}: {reason}", ts=now(),
+        ))
+
+    # -------------------------------------------------------------- announcements
+
+    async def on_adapter_published(self, announcement: AdapterPublished, entry) -> None:
+        """Note the new version and preload it in the background; the newest
+        announcement per tenant wins if several arrive during one load."""
+        key = AdapterKey(announcement.experiment_id, announcement.version)
+        self.adapters.note_version(key)
+        self._preload_wanted[key.tenant] = announcement
+        if key.tenant not in self._preloads:
+            task = asyncio.create_task(self._preload(key.tenant), name=f"adapter-preload:{key.tenant}")
+            self._preloads[key.tenant] = task
+            task.add_done_callback(lambda _t, t=key.tenant: self._preloads.pop(t, None))
+
+    async def _preload(self, tenant: str) -> None:
+        while tenant in self._preload_wanted:
+            announcement = self._preload_wanted.pop(tenant)
+            key = AdapterKey(tenant, announcement.version)
+            if key.version < self.adapters.newest.get(tenant, 0) - self.adapters.keep_versions + 1:
+                continue  # already superseded: loading it would only be retired again
+            try:
+                await self.adapters.ensure_loaded(key, announcement.path)
+            except AdapterLoadError as exc:
+                # Requests for this version will try again and report it on the experiment.
+                self.log.warning("adapter_preload_failed", adapter=key.name, reason=exc.reason)
+                continue
+            await self.adapters.retire_stale(tenant)

@@ -1,0 +1,229 @@
+"""The reward service on the real Redis protocol, run in-process: built-in
+verifiers, external HTTP reward services that work, are down, hang or answer
+garbage, the URL allowlist, and external reward workers made with the helper."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+
+import pytest
+
+from services.reward import example_http
+from services.reward.service import RewardService
+from services.reward.worker import reward_worker
+from shared.bus import StreamBus
+from shared.config import RewardConfig
+from shared.messages import Completion, Prompt, RewardSpec, Sample, decode
+
+RESULT_WAIT_S = 60.0  # a guard against hanging, never an assertion
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def completion(experiment_id: str, reward: RewardSpec, texts: list[str], answer: str | None = "42",
+               request_id: str | None = None) -> Completion:
+    return Completion(
+        request_id=request_id or f"{experiment_id}:s0:p0", experiment_id=experiment_id, step=0,
+        purpose="train", prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
+        samples=[Sample(token_ids=[5] * len(t), logprobs=[-0.5] * len(t), text=t, finish_reason="stop")
+                 for t in texts],
+        adapter_version=0, reward=reward,
+    )
+
+
+async def read_messages(redis, key: str, count: int, where=lambda m: True) -> list:
+    """The first ``count`` messages of ``key`` matching ``where`` (waits for them)."""
+    deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
+    while True:
+        found = [decode(fields[b"msg"]) for _, fields in await redis.xrange(key)]
+        found = [m for m in found if where(m)]
+        if len(found) >= count:
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"only {len(found)} of {count} messages on {key}: {found}")
+        await asyncio.sleep(0.05)
+
+
+def by_experiment(messages: list) -> dict:
+    return {m.completion.experiment_id: m for m in messages}
+
+
+@contextlib.asynccontextmanager
+async def running(service):
+    await service.setup()
+    task = asyncio.create_task(service.run(), name="service-under-test")
+    try:
+        yield task
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 30)
+        await service.close()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def example_reward_server():
+    server = example_http.make_server("127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, name="example-reward", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/score"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@contextlib.asynccontextmanager
+async def raw_server(on_connection):
+    server = await asyncio.start_server(on_connection, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/score"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def config(redis_url: str, prefix: str, allow: list[str]) -> RewardConfig:
+    return RewardConfig(redis_url=redis_url, stream_prefix=prefix, consumer_name="reward-test",
+                        http_allowlist=",".join(allow), max_inflight=16, retry_backoff_s=0.05,
+                        drain_timeout_s=5.0)
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_builtin_verifiers_score_and_mark_correct(redis_url, stream_prefix, async_redis):
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(completion("exact", RewardSpec(type="exact_match"), ["42", " 41", "42\n"]))
+        await bus.publish(completion("family", RewardSpec(type="family", family="add"), ["42", "7"]))
+        await bus.publish(completion("regex", RewardSpec(type="regex", pattern=r"^4"), ["42", "7"]))
+        await bus.publish(completion("inverted", RewardSpec(type="exact_match", invert=True), ["42", "7"]))
+        scored = by_experiment(await read_messages(async_redis, stream_prefix + "scored", 4))
+    assert scored["exact"].rewards == [1.0, 0.0, 1.0] and scored["exact"].correct == [True, False, True]
+    assert scored["family"].rewards == [1.0, 0.0]
+    assert scored["regex"].rewards == [1.0, 0.0]
+    # invert rewards the opposite; `correct` still measures the task
+    assert scored["inverted"].rewards == [0.0, 1.0] and scored["inverted"].correct == [True, False]
+    assert all(s.reward_error is None for s in scored.values())
+
+
+async def test_failing_http_rewards_are_reported_and_isolated(redis_url, stream_prefix, async_redis):
+    release_hanging = asyncio.Event()
+
+    async def hang(reader, writer):  # accepts, reads, never answers until released
+        await reader.read(65536)
+        await release_hanging.wait()
+        writer.close()
+
+    async def garbage(reader, writer):
+        await reader.read(65536)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nnot json!")
+        await writer.drain()
+        writer.close()
+
+    down_url = f"http://127.0.0.1:{free_port()}/score"  # nothing listens there
+    with example_reward_server() as good_url:
+        async with raw_server(hang) as hang_url, raw_server(garbage) as garbage_url:
+            allow = [good_url, down_url, hang_url, garbage_url]
+            service = RewardService(config(redis_url, stream_prefix, allow))
+            async with running(service) as service_task:
+                bus = StreamBus(async_redis, prefix=stream_prefix)
+                http = lambda url, **kw: RewardSpec(type="http", url=url, **kw)  # noqa: E731
+                # The hanging one first, with a long timeout: it must not hold up the others.
+                await bus.publish(completion("waits", http(hang_url, timeout_s=120, max_attempts=1), ["42"]))
+                await bus.publish(completion("slow", http(hang_url, timeout_s=0.2, max_attempts=2), ["42"]))
+                await bus.publish(completion("down", http(down_url, max_attempts=3), ["42"]))
+                await bus.publish(completion("garbage", http(garbage_url), ["42"]))
+                await bus.publish(completion("refused", http("http://127.0.0.1:9/score"), ["42"]))
+                await bus.publish(completion("good", http(good_url), ["42", "x 42 y", "7"]))
+                others = ["slow", "down", "garbage", "refused", "good"]
+                scored = by_experiment(await read_messages(
+                    async_redis, stream_prefix + "scored", len(others),
+                    where=lambda m: m.completion.experiment_id in others))
+                events = await read_messages(async_redis, stream_prefix + "events", 4)
+                # every other experiment is done while "waits" still waits on its service
+                assert not await read_messages_now(async_redis, stream_prefix + "scored", "waits")
+                assert not service_task.done()
+                release_hanging.set()
+                waited = await read_messages(async_redis, stream_prefix + "scored", 1,
+                                             where=lambda m: m.completion.experiment_id == "waits")
+    assert scored["good"].reward_error is None
+    assert scored["good"].rewards == [1.0, 1.0, 0.0] and scored["good"].correct == [True, True, False]
+    assert scored["good"].reward_metrics == {"length": pytest.approx((2 + 6 + 1) / 3)}
+    reasons = {name: scored[name].reward_error for name in ("slow", "down", "garbage", "refused")}
+    assert "timeout" in reasons["slow"] and "attempt 2 of 2" in reasons["slow"]
+    assert "cannot connect" in reasons["down"] and "attempt 3 of 3" in reasons["down"]
+    assert "not JSON" in reasons["garbage"] and "attempt 1 of" in reasons["garbage"]  # garbage is not retried
+    assert "allowlist" in reasons["refused"]
+    for name in reasons:
+        assert scored[name].rewards == [0.0]  # marked: not to be trained on
+    event_by_experiment = {e.experiment_id: e for e in events}
+    assert set(event_by_experiment) == set(reasons)
+    assert all(e.code == "reward_failed" and e.level == "error" for e in events)
+    assert "timeout" in event_by_experiment["slow"].message
+    # the hanging service was released by closing the connection: that is a failure too, with a reason
+    assert waited[0].reward_error is not None
+
+
+async def read_messages_now(redis, key: str, experiment_id: str) -> list:
+    return [m for m in (decode(f[b"msg"]) for _, f in await redis.xrange(key))
+            if m.completion.experiment_id == experiment_id]
+
+
+async def test_generation_errors_pass_through_without_a_reward_event(redis_url, stream_prefix, async_redis):
+    failed = completion("broken", RewardSpec(type="exact_match"), [])
+    failed = Completion(**{**{f: getattr(failed, f) for f in failed.__struct_fields__}, "error": "no adapter"})
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        await StreamBus(async_redis, prefix=stream_prefix).publish(failed)
+        scored = await read_messages(async_redis, stream_prefix + "scored", 1)
+    assert "no adapter" in scored[0].reward_error and scored[0].rewards == []
+    assert await async_redis.xlen(stream_prefix + "events") == 0
+
+
+async def test_reward_worker_written_with_the_helper(redis_url, stream_prefix, async_redis):
+    # ---- a user's reward worker: the whole thing (under 15 lines) ----
+    @reward_worker("short-answers")
+    def reward(prompt: str, completion: str, answer: str | None) -> float:
+        return 1.0 if len(completion) <= 2 else 0.0
+
+    stop_worker = asyncio.Event()
+    worker_task = asyncio.create_task(
+        reward.serve(redis_url=redis_url, stream_prefix=stream_prefix, stop=stop_worker))
+    # ------------------------------------------------------------------
+
+    @reward_worker("broken")
+    def broken(prompt, completion, answer):
+        raise ValueError("model judge unavailable")
+
+    broken_task = asyncio.create_task(broken.serve(redis_url=redis_url, stream_prefix=stream_prefix,
+                                                   stop=stop_worker))
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(completion("short", RewardSpec(type="worker", worker="short-answers"),
+                                     ["42", "4242", "7"]))
+        await bus.publish(completion("broken", RewardSpec(type="worker", worker="broken"), ["42"]))
+        await bus.publish(completion("nobody", RewardSpec(type="worker", worker="nobody-listens",
+                                                          timeout_s=0.3, max_attempts=2), ["42"]))
+        scored = by_experiment(await read_messages(async_redis, stream_prefix + "scored", 3))
+        events = await read_messages(async_redis, stream_prefix + "events", 2)
+    stop_worker.set()
+    await asyncio.wait_for(asyncio.gather(worker_task, broken_task), 30)
+    assert scored["short"].reward_error is None and scored["short"].rewards == [1.0, 0.0, 1.0]
+    assert "model judge unavailable" in scored["broken"].reward_error
+    assert "did not reply" in scored["nobody"].reward_error
+    assert {e.experiment_id for e in events} == {"broken", "nobody"}
+    assert reward("p", "ab", None) == 1.0  # still a plain function

@@ -1,0 +1,263 @@
+"""The rollout service on the real Redis protocol, run in-process, driving the
+torch engine on a tiny random Qwen3 (hidden 64, 2 layers, char-level
+tokenizer) saved to a temporary directory, with PEFT adapters on disk.
+
+Shows: rows of two tenants decoded in the same engine steps (from the
+engine's statistics); a new adapter version announced mid-generation, loaded
+while decode goes on, with in-flight completions carrying the old version and
+later ones the new; retirement of old versions; a request for a version that
+cannot be loaded failing alone, with an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import string
+import time
+
+import pytest
+import torch
+
+from services.rollout.service import RolloutService
+from services.rollout.torch_engine import TorchEngine
+from shared.bus import StreamBus
+from shared.config import RolloutConfig
+from shared.engine import AdapterKey
+from shared.messages import (
+    AdapterPublished,
+    Completion,
+    ExperimentEvent,
+    Prompt,
+    RewardSpec,
+    RolloutRequest,
+    SamplingParams,
+    decode,
+)
+
+RESULT_WAIT_S = 120.0  # a guard against hanging, never an assertion
+LOAD_HOLD_STEPS = 5  # decode steps the slowed adapter load waits to see
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+# ---------------------------------------------------------------- tiny model + adapters
+
+
+def build_char_tokenizer():
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + list(string.digits + string.ascii_lowercase + "+-=: "))}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.decoder = decoders.Fuse()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", padding_side="left")
+
+
+def build_tiny_model(tokenizer):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
+        initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+    ))
+
+
+def save_adapter(model, directory, seed: int) -> str:
+    """A PEFT adapter with random (non-zero) A and B, saved in PEFT format."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    peft_model.save_pretrained(directory)
+    peft_model.unload()  # restore the plain model for the next adapter
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(model_dir, {(tenant, version): adapter_path})."""
+    root = tmp_path_factory.mktemp("tiny-qwen3")
+    tokenizer = build_char_tokenizer()
+    model = build_tiny_model(tokenizer)
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    adapters = {}
+    for seed, (tenant, version) in enumerate([("exp-a", 1), ("exp-a", 2), ("exp-a", 3), ("exp-b", 1)], start=1):
+        adapters[(tenant, version)] = save_adapter(model, root / "adapters" / tenant / f"v{version}", seed)
+    return str(root / "model"), adapters
+
+
+# ---------------------------------------------------------------- harness
+
+
+@contextlib.asynccontextmanager
+async def rollout_service(redis_url, stream_prefix, model_dir, **engine_options):
+    torch.set_num_threads(1)
+    config = RolloutConfig(redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="rollout-test",
+                           model_dir=model_dir, device="cpu", dtype="float32", max_rows=32, max_loras=4,
+                           drain_timeout_s=10.0)
+    # ignore_eos: a random model's completions then have exactly max_tokens tokens
+    engine = TorchEngine(model_dir, config.signature, max_rows=config.max_rows, max_loras=config.max_loras,
+                         device="cpu", dtype="float32", ignore_eos=True, **engine_options)
+    service = RolloutService(config, engine=engine)
+    await service.setup()
+    task = asyncio.create_task(service.run(), name="rollout-under-test")
+    try:
+        yield service
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, 60)
+        await service.close()
+
+
+def request(tenant: str, version: int, adapters: dict, *, index: int = 0, max_tokens: int = 8,
+            n: int = 2, path: str | None = "auto") -> RolloutRequest:
+    adapter_path = adapters.get((tenant, version)) if path == "auto" else path
+    return RolloutRequest(
+        request_id=f"{tenant}:v{version}:p{index}", experiment_id=tenant, step=0, purpose="train",
+        prompt=Prompt(prompt_id=f"p{index}", text="12+30=", answer="42"), adapter_version=version,
+        adapter_path=adapter_path, sampling=SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=index),
+        reward=RewardSpec(type="exact_match"),
+    )
+
+
+async def wait_for(condition, what: str):
+    deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def read_messages(redis, key: str, count: int, kind=object) -> list:
+    deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
+    while True:
+        found = [m for m in (decode(f[b"msg"]) for _, f in await redis.xrange(key)) if isinstance(m, kind)]
+        if len(found) >= count:
+            return found
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"only {len(found)} of {count} messages on {key}")
+        await asyncio.sleep(0.05)
+
+
+def by_request(completions: list[Completion]) -> dict[str, Completion]:
+    return {c.request_id: c for c in completions}
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_two_tenants_share_decode_steps(redis_url, stream_prefix, async_redis, tiny):
+    model_dir, adapters = tiny
+    async with rollout_service(redis_url, stream_prefix, model_dir) as service:
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 1, adapters, max_tokens=40))
+        await bus.publish(request("exp-b", 1, adapters, max_tokens=40))
+        await bus.publish(request("exp-c", 0, adapters, max_tokens=40))  # version 0: the base model
+        completions = by_request(await read_messages(async_redis, stream_prefix + "completions", 3))
+        step_tenants = service.engine.stats().step_tenants
+    # the engine names base-model rows None: all three requests decoded in the same steps
+    shared_steps = [s for s in step_tenants if {"exp-a", "exp-b", None} <= s]
+    assert shared_steps, f"no decode step held every tenant: {step_tenants}"
+    first = completions["exp-a:v1:p0"]
+    assert first.error is None and first.adapter_version == 1 and first.worker == "rollout-test"
+    assert completions["exp-c:v0:p0"].adapter_version == 0
+    for completion in completions.values():
+        assert completion.prompt_token_ids and len(completion.samples) == 2
+        for sample in completion.samples:
+            assert len(sample.token_ids) == len(sample.logprobs) == 40
+            assert all(lp <= 0.0 for lp in sample.logprobs)
+            assert sample.finish_reason == "length"
+        assert completion.timings.decode_s > 0 and completion.timings.time_to_first_token_s > 0
+
+
+async def test_new_version_loads_mid_generation_without_pausing_decode(
+        redis_url, stream_prefix, async_redis, tiny):
+    model_dir, adapters = tiny
+    async with rollout_service(redis_url, stream_prefix, model_dir) as service:
+        engine = service.engine
+        load_window = {}
+        real_prepare = engine._runner.prepare
+
+        def slow_prepare(path, tensors):
+            """A slow adapter store: the load holds until decode has advanced
+            LOAD_HOLD_STEPS steps, which deadlocks if loading paused decode."""
+            stats = engine.stats()
+            load_window.setdefault("start", (stats.decode_steps, stats.running_rows))
+            give_up_at = time.monotonic() + RESULT_WAIT_S  # then the assertion below fails instead of hanging
+            while engine.stats().decode_steps < load_window["start"][0] + LOAD_HOLD_STEPS:
+                if time.monotonic() > give_up_at:
+                    break
+                time.sleep(0.005)
+            load_window["end_steps"] = engine.stats().decode_steps
+            return real_prepare(path, tensors)
+
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 1, adapters, max_tokens=120, index=0))
+        await wait_for(lambda: engine.stats().running_rows > 0, "the version-1 request to decode")
+        engine._runner.prepare = slow_prepare  # only the announced version loads slowly
+        await bus.publish(AdapterPublished(experiment_id="exp-a", version=2, step=1,
+                                           path=adapters[("exp-a", 2)], digest="test"))
+        await wait_for(lambda: engine.has_adapter(AdapterKey("exp-a", 2)), "version 2 to load")
+        engine._runner.prepare = real_prepare
+        in_flight = await async_redis.xlen(stream_prefix + "completions")
+        await bus.publish(request("exp-a", 2, adapters, max_tokens=8, index=1))
+        completions = by_request(await read_messages(async_redis, stream_prefix + "completions", 2))
+    start_steps, rows_at_start = load_window["start"]
+    assert rows_at_start > 0  # version 1 was decoding when the load began...
+    assert load_window["end_steps"] >= start_steps + LOAD_HOLD_STEPS  # ...and kept decoding during it
+    assert in_flight == 0  # the version-1 request was still in flight when version 2 was ready
+    assert completions["exp-a:v1:p0"].adapter_version == 1
+    assert completions["exp-a:v2:p1"].adapter_version == 2
+    assert all(c.error is None for c in completions.values())
+
+
+async def test_old_versions_retire_once_idle(redis_url, stream_prefix, async_redis, tiny):
+    model_dir, adapters = tiny
+    async with rollout_service(redis_url, stream_prefix, model_dir) as service:
+        engine = service.engine
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 1, adapters, max_tokens=4))
+        await read_messages(async_redis, stream_prefix + "completions", 1)
+        assert engine.has_adapter(AdapterKey("exp-a", 1))
+        for version in (2, 3):
+            await bus.publish(AdapterPublished(experiment_id="exp-a", version=version, step=version - 1,
+                                               path=adapters[("exp-a", version)], digest="test"))
+        await wait_for(lambda: engine.has_adapter(AdapterKey("exp-a", 3)), "version 3 to preload")
+        await wait_for(lambda: not engine.has_adapter(AdapterKey("exp-a", 1)), "version 1 to retire")
+        # the newest versions stay (max_off_policy_steps > 0 may still ask for the previous one)
+        assert engine.has_adapter(AdapterKey("exp-a", 2))
+        # a late request for a retired version loads it again from its path
+        await bus.publish(request("exp-a", 1, adapters, max_tokens=4, index=7))
+        completions = await read_messages(async_redis, stream_prefix + "completions", 2)
+    late = by_request(completions)["exp-a:v1:p7"]
+    assert late.error is None and late.adapter_version == 1
+
+
+async def test_unloadable_version_fails_only_that_request(redis_url, stream_prefix, async_redis, tiny, tmp_path):
+    model_dir, adapters = tiny
+    async with rollout_service(redis_url, stream_prefix, model_dir) as service:
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 5, adapters, path=str(tmp_path / "missing" / "v5")))
+        await bus.publish(request("exp-b", 4, adapters, path=None))
+        await bus.publish(request("exp-c", 1, adapters, path=adapters[("exp-b", 1)], index=3))
+        completions = by_request(await read_messages(async_redis, stream_prefix + "completions", 3))
+        events = await read_messages(async_redis, stream_prefix + "events", 2, kind=ExperimentEvent)
+        assert not service.stopping.is_set()
+    missing = completions["exp-a:v5:p0"]
+    assert missing.samples == [] and "cannot load adapter" in missing.error and missing.adapter_version == 5
+    assert "no adapter_path" in completions["exp-b:v4:p0"].error
+    assert completions["exp-c:v1:p3"].error is None and len(completions["exp-c:v1:p3"].samples) == 2
+    assert {e.experiment_id for e in events} == {"exp-a", "exp-b"}
+    assert all(e.code == "rollout_failed" and e.level == "error" for e in events)
+    assert "missing" in {e.experiment_id: e for e in events}["exp-a"].message

@@ -1,0 +1,145 @@
+"""Built-in rewards, the HTTP reward protocol's pure parts (allowlist, reply
+parsing, retry classification) and the worker helper's result shaping."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.reward.http_client import parse_allowlist, parse_reply, refusal_reason, request_body
+from services.reward.scoring import RewardError, SampleScore, apply_invert, score_builtin
+from services.reward.worker import combine_scores, score_with_function, to_sample_score
+from shared.messages import Completion, Prompt, RewardSpec, Sample
+
+
+def _completion(texts, answer="42") -> Completion:
+    return Completion(
+        request_id="exp-a:s0:p0", experiment_id="exp-a", step=0, purpose="train",
+        prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
+        samples=[Sample(token_ids=[3], logprobs=[-0.1], text=t, finish_reason="stop") for t in texts],
+        adapter_version=0, reward=RewardSpec(type="exact_match"),
+    )
+
+
+# ---------------------------------------------------------------- built-in
+
+
+def test_exact_match_strips_and_compares():
+    spec = RewardSpec(type="exact_match")
+    assert score_builtin(spec, " 42\n", "42") == SampleScore(reward=1.0, correct=True)
+    assert score_builtin(spec, "43", "42") == SampleScore(reward=0.0, correct=False)
+
+
+def test_regex_searches():
+    spec = RewardSpec(type="regex", pattern=r"^\d+$")
+    assert score_builtin(spec, "123", None).reward == 1.0
+    assert score_builtin(spec, "12a", None).reward == 0.0
+
+
+def test_family_uses_the_task_verifier():
+    spec = RewardSpec(type="family", family="add")
+    assert score_builtin(spec, "42", "42").correct is True
+    assert score_builtin(spec, "41", "42").correct is False
+
+
+@pytest.mark.parametrize("spec, answer, needle", [
+    (RewardSpec(type="family", family="no-such-family"), "1", "unknown task family"),
+    (RewardSpec(type="family", family="add"), None, "answer"),
+    (RewardSpec(type="exact_match"), None, "answer"),
+    (RewardSpec(type="regex", pattern="(unclosed"), None, "invalid regex"),
+    (RewardSpec(type="regex"), None, "pattern"),
+])
+def test_unscorable_specs_say_why(spec, answer, needle):
+    with pytest.raises(RewardError, match=needle):
+        score_builtin(spec, "x", answer)
+
+
+def test_invert_flips_reward_but_keeps_the_verdict():
+    assert apply_invert(SampleScore(reward=1.0, correct=True), True) == SampleScore(reward=0.0, correct=True)
+    assert apply_invert(SampleScore(reward=0.0, correct=False), False).reward == 0.0
+
+
+# ---------------------------------------------------------------- http protocol
+
+
+ALLOW = parse_allowlist("http://127.0.0.1:8088/score, https://rewards.example.com/")
+
+
+@pytest.mark.parametrize("url", [
+    "http://127.0.0.1:8088/score", "http://127.0.0.1:8088/score/v2", "https://rewards.example.com/any",
+    "https://rewards.example.com:443/x",
+])
+def test_allowlisted_urls(url):
+    assert refusal_reason(url, ALLOW) is None
+
+
+@pytest.mark.parametrize("url, needle", [
+    ("http://127.0.0.1:8089/score", "allowlist"),            # other port
+    ("http://127.0.0.1:8088/scoreboard", "allowlist"),        # not at a path boundary
+    ("http://127.0.0.1:8088.evil.com/score", "valid URL"),   # prefix trick on the host
+    ("http://rewards.example.com/x", "allowlist"),           # other scheme
+    ("http://rewards.example.com.evil.com/", "allowlist"),   # prefix trick on the name
+    ("http://u:p@127.0.0.1:8088/score", "credentials"),
+    ("file:///etc/passwd", "http(s)"),
+])
+def test_refused_urls_say_why(url, needle):
+    reason = refusal_reason(url, ALLOW)
+    assert reason is not None and needle in reason
+
+
+def test_empty_allowlist_refuses_everything():
+    assert "empty" in refusal_reason("http://127.0.0.1:8088/score", [])
+
+
+def test_request_body_is_the_documented_one():
+    body = request_body(_completion(["41", "42"]), 1)
+    assert body == {"experiment_id": "exp-a", "request_id": "exp-a:s0:p0", "prompt": "40+2=",
+                    "answer": "42", "completion": "42", "sample_index": 1}
+
+
+def test_good_reply():
+    reply = parse_reply(200, b'{"reward": 0.5, "metrics": {"len": 3}, "correct": false}')
+    assert (reply.reward, reply.metrics, reply.correct) == (0.5, {"len": 3.0}, False)
+
+
+@pytest.mark.parametrize("status, body, retryable", [
+    (200, b"not json", False),
+    (200, b'{"score": 1}', False),
+    (200, b'{"reward": "high"}', False),
+    (200, b'{"reward": NaN}', False),
+    (200, b'{"reward": 1, "metrics": [1]}', False),
+    (404, b"", False),
+    (429, b"slow down", True),
+    (503, b"", True),
+])
+def test_bad_replies_are_classified(status, body, retryable):
+    with pytest.raises(RewardError) as info:
+        parse_reply(status, body)
+    assert info.value.retryable is retryable
+
+
+# ---------------------------------------------------------------- worker helper
+
+
+def test_function_results_become_scores():
+    assert to_sample_score(True) == SampleScore(reward=1.0, correct=True)
+    assert to_sample_score(0.25) == SampleScore(reward=0.25)
+    assert to_sample_score({"reward": 1, "correct": True, "metrics": {"m": 2}}).metrics == {"m": 2.0}
+    with pytest.raises(RewardError):
+        to_sample_score("yes")
+
+
+def test_metrics_are_averaged_over_samples():
+    scored = combine_scores(_completion(["a", "b"]), [SampleScore(1.0, None, {"m": 1.0}),
+                                                      SampleScore(0.0, None, {"m": 3.0})])
+    assert scored.rewards == [1.0, 0.0] and scored.reward_metrics == {"m": 2.0}
+
+
+def test_a_raising_function_marks_the_result():
+    def broken(prompt, completion, answer):
+        raise ZeroDivisionError("oops")
+
+    scored = asyncio.run(score_with_function(broken, _completion(["a", "b"])))
+    assert scored.rewards == [0.0, 0.0]
+    assert "ZeroDivisionError" in scored.reward_error
