@@ -1,0 +1,291 @@
+"""Validation of an ``ExperimentSpec`` beyond its types, and spec files.
+
+``shared.messages`` already guarantees the *types* of a decoded spec; this
+module checks what types cannot say (ranges, exactly one task source, a known
+task family, a reward that can actually be computed, a rank the deployment
+can serve). Every rule yields one readable reason that starts with the field
+it is about, e.g. ``"lora_rank: 16 is over the deployment's rank 8"``.
+
+``load_spec_file`` reads a YAML or JSON file for ``clora submit`` and turns
+parse and schema errors into one clear ``SpecFileError``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import typing
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from shared.messages import EXPERIMENT_ID_PATTERN, ExperimentSpec, Prompt, RewardSpec
+
+MAX_STEPS = 100_000
+MAX_GROUP_SIZE = 1024
+MAX_PROMPTS_PER_STEP = 4096
+MAX_EVAL_SIZE = 10_000
+MAX_OFF_POLICY_STEPS = 16
+WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class SpecInvalid(ValueError):
+    """A spec the scheduler refuses; ``reasons`` holds one line per broken rule."""
+
+    def __init__(self, reasons: list[str]) -> None:
+        super().__init__("; ".join(reasons))
+        self.reasons = reasons
+
+
+class SpecFileError(ValueError):
+    """A spec file that cannot be read, parsed or converted; the text says why."""
+
+
+@dataclass(frozen=True)
+class SpecLimits:
+    """What the deployment can serve (from ``SchedulerConfig``)."""
+
+    deployment_rank: int = 8
+    max_tokens_limit: int = 4096
+
+
+def limits_from_config(config: Any) -> SpecLimits:
+    return SpecLimits(
+        deployment_rank=int(config.lora_rank),
+        max_tokens_limit=config.max_tokens_limit,
+    )
+
+
+def _default_families() -> Collection[str]:
+    from shared.tasks import FAMILIES  # lazy: written in parallel, heavy-free
+
+    return FAMILIES.keys()
+
+
+# ---------------------------------------------------------------- rules
+
+
+def _check_id(spec: ExperimentSpec) -> list[str]:
+    if EXPERIMENT_ID_PATTERN.match(spec.experiment_id):
+        return []
+    return [f"experiment_id: {spec.experiment_id!r} must match {EXPERIMENT_ID_PATTERN.pattern} "
+            "(lowercase letters, digits, '-' and '_', at most 64 characters)"]
+
+
+def _check_task(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
+    task = spec.task
+    given = [name for name, present in (("family", task.family is not None),
+                                        ("prompts", task.prompts is not None),
+                                        ("stream", task.stream)) if present]
+    if len(given) != 1:
+        got = " and ".join(given) if given else "none"
+        return [f"task: give exactly one of family, prompts, stream (got {got})"]
+    if task.family is not None and task.family not in families:
+        return [f"task.family: unknown family {task.family!r} (known: {', '.join(sorted(families))})"]
+    if task.prompts is not None:
+        return _check_prompts(task.prompts)
+    return []
+
+
+def _check_prompts(prompts: list[Prompt]) -> list[str]:
+    if not prompts:
+        return ["task.prompts: the list is empty"]
+    empty = [i for i, prompt in enumerate(prompts) if not prompt.text]
+    if empty:
+        return [f"task.prompts: prompt {empty[0]} has an empty text"]
+    return []
+
+
+def _check_reward(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
+    reward = spec.reward
+    reasons: list[str] = []
+    if reward.type == "family":
+        family = reward.family or spec.task.family
+        if family is None:
+            reasons.append("reward.family: required for reward type 'family' (or give task.family)")
+        elif family not in families:
+            reasons.append(f"reward.family: unknown family {family!r} (known: {', '.join(sorted(families))})")
+    elif reward.type == "regex":
+        reasons += _check_pattern(reward.pattern)
+    elif reward.type == "http":
+        if not reward.url or not reward.url.startswith(("http://", "https://")):
+            reasons.append(f"reward.url: reward type 'http' needs an http:// or https:// url (got {reward.url!r})")
+    elif reward.type == "worker":
+        if not reward.worker or not WORKER_NAME_PATTERN.match(reward.worker):
+            reasons.append(f"reward.worker: reward type 'worker' needs a worker name matching "
+                           f"{WORKER_NAME_PATTERN.pattern} (got {reward.worker!r})")
+    elif reward.type == "exact_match":
+        reasons += _check_exact_match(spec)
+    if not reward.timeout_s > 0 or not math.isfinite(reward.timeout_s):
+        reasons.append(f"reward.timeout_s: must be > 0 (got {reward.timeout_s})")
+    if reward.max_attempts < 1:
+        reasons.append(f"reward.max_attempts: must be >= 1 (got {reward.max_attempts})")
+    return reasons
+
+
+def _check_pattern(pattern: str | None) -> list[str]:
+    if not pattern:
+        return ["reward.pattern: required for reward type 'regex'"]
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [f"reward.pattern: does not compile ({exc})"]
+    return []
+
+
+def _check_exact_match(spec: ExperimentSpec) -> list[str]:
+    task = spec.task
+    if task.prompts is not None:
+        missing = [i for i, prompt in enumerate(task.prompts) if prompt.answer is None]
+        if missing:
+            return [f"reward.type: 'exact_match' needs an answer for every prompt "
+                    f"(task.prompts[{missing[0]}] has none)"]
+    # family prompts carry answers; streamed prompts are checked as they arrive
+    return []
+
+
+def _range(name: str, value: float, ok: bool, rule: str) -> list[str]:
+    return [] if ok else [f"{name}: must be {rule} (got {value})"]
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def _check_ranges(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
+    s = spec
+    reasons = [
+        *_range("steps", s.steps, 1 <= s.steps <= MAX_STEPS, f"between 1 and {MAX_STEPS}"),
+        *_range("group_size", s.group_size, 2 <= s.group_size <= MAX_GROUP_SIZE,
+                f"between 2 and {MAX_GROUP_SIZE} (group-relative advantages need a group)"),
+        *_range("prompts_per_step", s.prompts_per_step, 1 <= s.prompts_per_step <= MAX_PROMPTS_PER_STEP,
+                f"between 1 and {MAX_PROMPTS_PER_STEP}"),
+        *_range("max_tokens", s.max_tokens, 1 <= s.max_tokens <= limits.max_tokens_limit,
+                f"between 1 and {limits.max_tokens_limit}"),
+        *_range("temperature", s.temperature, _finite(s.temperature) and s.temperature >= 0, ">= 0"),
+        *_range("top_p", s.top_p, 0 < s.top_p <= 1, "in (0, 1]"),
+        *_range("top_k", s.top_k, s.top_k >= 0, ">= 0 (0: no truncation)"),
+        *_range("learning_rate", s.learning_rate, 0 < s.learning_rate < 1, "in (0, 1)"),
+        *_range("max_off_policy_steps", s.max_off_policy_steps,
+                0 <= s.max_off_policy_steps <= MAX_OFF_POLICY_STEPS, f"between 0 and {MAX_OFF_POLICY_STEPS}"),
+        *_range("kl_coef", s.kl_coef, _finite(s.kl_coef) and s.kl_coef >= 0, ">= 0"),
+        *_range("clip_eps", s.clip_eps, 0 < s.clip_eps < 1, "in (0, 1)"),
+        *_range("max_grad_norm", s.max_grad_norm, _finite(s.max_grad_norm) and s.max_grad_norm > 0, "> 0"),
+        *_range("eval_size", s.eval_size, 0 <= s.eval_size <= MAX_EVAL_SIZE, f"between 0 and {MAX_EVAL_SIZE}"),
+        *_range("checkpoint_every", s.checkpoint_every, s.checkpoint_every >= 1, ">= 1"),
+        *_range("seed", s.seed, s.seed >= 0, ">= 0"),
+    ]
+    if s.lora_rank < 1:
+        reasons.append(f"lora_rank: must be >= 1 (got {s.lora_rank})")
+    elif s.lora_rank > limits.deployment_rank:
+        reasons.append(f"lora_rank: {s.lora_rank} is over the deployment's rank {limits.deployment_rank}")
+    return reasons
+
+
+def validate_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
+                  families: Collection[str] | None = None) -> list[str]:
+    """Every broken rule of ``spec``, one readable reason each; [] when valid."""
+    families = _default_families() if families is None else families
+    return [
+        *_check_id(spec),
+        *_check_task(spec, families),
+        *_check_reward(spec, families),
+        *_check_ranges(spec, limits),
+    ]
+
+
+def check_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
+               families: Collection[str] | None = None) -> None:
+    """Raise ``SpecInvalid`` with every reason when ``spec`` is not valid."""
+    reasons = validate_spec(spec, limits, families)
+    if reasons:
+        raise SpecInvalid(reasons)
+
+
+def eval_family(spec: ExperimentSpec) -> str | None:
+    """The task family whose held-out split measures this experiment, if any."""
+    if spec.task.family is not None:
+        return spec.task.family
+    if spec.reward.type == "family":
+        return spec.reward.family
+    return None
+
+
+# ---------------------------------------------------------------- spec files
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-3`` as a float (YAML 1.1 wants ``1.0e-3``)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def parse_spec_text(text: str, source: str = "spec") -> Any:
+    """YAML or JSON text -> plain data. JSON is valid YAML, so YAML reads both;
+    a ``.json`` source is read strictly as JSON for clearer errors."""
+    try:
+        if source.endswith(".json"):
+            return json.loads(text)
+        return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecFileError(f"{source}: does not parse: {exc}") from None
+
+
+def convert_spec(data: Any, source: str = "spec") -> ExperimentSpec:
+    """Plain data -> ``ExperimentSpec``; missing fields and wrong types are
+    reported with their path, e.g. ``spec.yaml: reward: missing required field `type```.
+    Inline prompts without a ``prompt_id`` get ``p<index>``."""
+    prefix = f"{source}: " if source else ""
+    if not isinstance(data, dict):
+        raise SpecFileError(f"{prefix}expected a mapping of spec fields, got {type(data).__name__}")
+    _fill_prompt_ids(data)
+    try:
+        return msgspec.convert(data, ExperimentSpec)
+    except msgspec.ValidationError as exc:
+        raise SpecFileError(f"{prefix}{_explain_validation(str(exc))}") from None
+
+
+def _fill_prompt_ids(data: dict) -> None:
+    task = data.get("task")
+    prompts = task.get("prompts") if isinstance(task, dict) else None
+    if isinstance(prompts, list):
+        for index, prompt in enumerate(prompts):
+            if isinstance(prompt, dict) and "prompt_id" not in prompt:
+                prompt["prompt_id"] = f"p{index}"
+
+
+_AT_PATH = re.compile(r"^(?P<what>.*?)(?: - at `\$\.?(?P<path>[^`]*)`)?$")
+_REWARD_TYPES = ", ".join(typing.get_args(typing.get_type_hints(RewardSpec)["type"]))
+
+
+def _explain_validation(text: str) -> str:
+    """msgspec says ``Expected `int`, got `str` - at `$.steps```; put the
+    field first: ``steps: expected `int`, got `str```."""
+    match = _AT_PATH.match(text)
+    assert match is not None  # the pattern matches any string
+    what = match.group("what").removeprefix("Object ").removeprefix("object ")
+    what = what[:1].lower() + what[1:]
+    path = match.group("path") or "spec"
+    if path == "reward.type" and what.startswith("invalid enum value"):
+        what = f"unknown reward type {what.removeprefix('invalid enum value ')} (known: {_REWARD_TYPES})"
+    return f"{path}: {what}"
+
+
+def load_spec_file(path: str | Path) -> ExperimentSpec:
+    """Read a YAML or JSON spec file; ``SpecFileError`` says what is wrong."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SpecFileError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    return convert_spec(parse_spec_text(text, str(path)), str(path))

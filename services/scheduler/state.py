@@ -1,0 +1,314 @@
+"""Experiment state in Redis: the scheduler's durable memory.
+
+Keys (``P`` is the stream prefix, e.g. ``clora:``):
+
+- ``P exp:<id>`` hash, one per experiment:
+  ``status`` queued|running|finished|cancelled|invalid|failed, ``steps``
+  (total), ``step`` (steps finished), ``version`` (newest adapter version),
+  ``adapter_path`` (its directory), ``issued`` (steps whose rollouts were
+  published), ``train_sent`` (steps whose train job was published),
+  ``submitted_at``/``started_at``/``finished_at``/``first_scored_at`` (unix
+  s; the last: the first train group of step 0 came back), ``start_accuracy``,
+  ``final_accuracy``, ``final_adapter``, ``error`` (why invalid/failed),
+  ``errors`` (failed groups so far), ``reward_mean``/``accuracy`` (of the last
+  step), ``family``, ``spec`` (msgpack ``ExperimentSpec``), per open step
+  ``t<s>`` (rollouts published) and ``c<s>`` (last group scored), and
+  ``ev<v>`` for every eval of version ``v`` published.
+- ``P exp_index`` zset: every experiment id, scored by submission time.
+- ``P exp_active`` set: running experiments (what a restart resumes).
+- ``P exp_queue`` zset: queued experiments, FIFO by submission time.
+- ``P exp:<id>:metrics`` list of msgpack ``StepMetrics``, one per step.
+- ``P exp:<id>:s<step>`` hash request_id -> msgpack ``ScoredCompletion``.
+- ``P exp:<id>:e<version>`` hash request_id -> ``1``/``0`` (eval sample correct).
+- ``P exp:<id>:tasks`` list of msgpack ``Prompt`` pushed by the user; step
+  ``s`` uses entries ``[s * prompts_per_step, (s + 1) * prompts_per_step)``.
+
+Every transition is one MULTI/EXEC transaction that also carries the
+messages it publishes (stream entry field ``msg`` = msgpack, as in
+``shared.messages``), so a crash never leaves a published request without its
+record or the reverse.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from shared.messages import (
+    ExperimentSpec,
+    Prompt,
+    ScoredCompletion,
+    StepMetrics,
+    encode,
+    stream_for,
+)
+
+TERMINAL_STATUSES = frozenset({"finished", "cancelled", "invalid", "failed"})
+STATUSES = ("queued", "running", *sorted(TERMINAL_STATUSES))
+DONE_STEP_TTL_S = 3600  # a trained step's groups stay readable this long
+
+_SPEC_DECODER = msgspec.msgpack.Decoder(ExperimentSpec)
+_SCORED_DECODER = msgspec.msgpack.Decoder(ScoredCompletion)
+_PROMPT_DECODER = msgspec.msgpack.Decoder(Prompt)
+_METRICS_DECODER = msgspec.msgpack.Decoder(StepMetrics)
+_ENCODER = msgspec.msgpack.Encoder()
+
+
+class Keys:
+    """Key names under one prefix."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.index = f"{prefix}exp_index"
+        self.active = f"{prefix}exp_active"
+        self.queue = f"{prefix}exp_queue"
+
+    def exp(self, experiment_id: str) -> str:
+        return f"{self.prefix}exp:{experiment_id}"
+
+    def metrics(self, experiment_id: str) -> str:
+        return f"{self.prefix}exp:{experiment_id}:metrics"
+
+    def step_groups(self, experiment_id: str, step: int) -> str:
+        return f"{self.prefix}exp:{experiment_id}:s{step}"
+
+    def eval_results(self, experiment_id: str, version: int) -> str:
+        return f"{self.prefix}exp:{experiment_id}:e{version}"
+
+    def tasks(self, experiment_id: str) -> str:
+        return f"{self.prefix}exp:{experiment_id}:tasks"
+
+    def stream(self, stream: str) -> str:
+        return f"{self.prefix}{stream}"
+
+
+# ---------------------------------------------------------------- records (read side)
+
+
+class ExperimentRecord(msgspec.Struct, kw_only=True):
+    """One experiment as the CLI shows it (parsed from ``P exp:<id>``)."""
+
+    experiment_id: str
+    status: str
+    steps: int = 0
+    step: int = 0
+    version: int = 0
+    family: str | None = None
+    submitted_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    first_scored_at: float | None = None
+    start_accuracy: float | None = None
+    final_accuracy: float | None = None
+    final_adapter: str | None = None
+    reward_mean: float | None = None
+    accuracy: float | None = None
+    errors: int = 0
+    error: str | None = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+
+def _text(raw: dict[bytes, bytes], name: str) -> str | None:
+    value = raw.get(name.encode())
+    return None if value is None else value.decode()
+
+
+def _float(raw: dict[bytes, bytes], name: str) -> float | None:
+    value = _text(raw, name)
+    return None if value in (None, "") else float(value)
+
+
+def _int(raw: dict[bytes, bytes], name: str, default: int = 0) -> int:
+    value = _text(raw, name)
+    return default if value in (None, "") else int(value)
+
+
+def parse_record(experiment_id: str, raw: dict[bytes, bytes]) -> ExperimentRecord:
+    return ExperimentRecord(
+        experiment_id=experiment_id,
+        status=_text(raw, "status") or "unknown",
+        steps=_int(raw, "steps"),
+        step=_int(raw, "step"),
+        version=_int(raw, "version"),
+        family=_text(raw, "family"),
+        submitted_at=_float(raw, "submitted_at"),
+        started_at=_float(raw, "started_at"),
+        finished_at=_float(raw, "finished_at"),
+        first_scored_at=_float(raw, "first_scored_at"),
+        start_accuracy=_float(raw, "start_accuracy"),
+        final_accuracy=_float(raw, "final_accuracy"),
+        final_adapter=_text(raw, "final_adapter"),
+        reward_mean=_float(raw, "reward_mean"),
+        accuracy=_float(raw, "accuracy"),
+        errors=_int(raw, "errors"),
+        error=_text(raw, "error"),
+    )
+
+
+def read_experiment(client, keys: Keys, experiment_id: str) -> ExperimentRecord | None:
+    """Sync (redis.Redis) read of one experiment; None when unknown."""
+    raw = client.hgetall(keys.exp(experiment_id))
+    return parse_record(experiment_id, raw) if raw else None
+
+
+def list_experiments(client, keys: Keys) -> list[ExperimentRecord]:
+    """Sync read of every experiment, oldest submission first."""
+    ids = [i.decode() for i in client.zrange(keys.index, 0, -1)]
+    pipe = client.pipeline(transaction=False)
+    for experiment_id in ids:
+        pipe.hgetall(keys.exp(experiment_id))
+    return [parse_record(i, raw) for i, raw in zip(ids, pipe.execute()) if raw]
+
+
+def read_metrics(client, keys: Keys, experiment_id: str, start: int = 0) -> list[StepMetrics]:
+    """Sync read of an experiment's step metrics from index ``start`` on."""
+    return [_METRICS_DECODER.decode(m) for m in client.lrange(keys.metrics(experiment_id), start, -1)]
+
+
+def read_spec(client, keys: Keys, experiment_id: str) -> ExperimentSpec | None:
+    raw = client.hget(keys.exp(experiment_id), "spec")
+    return None if raw is None else decode_spec(raw)
+
+
+def decode_spec(raw: bytes) -> ExperimentSpec:
+    return _SPEC_DECODER.decode(raw)
+
+
+def encode_spec(spec: ExperimentSpec) -> bytes:
+    return _ENCODER.encode(spec)
+
+
+def encode_prompt(prompt: Prompt) -> bytes:
+    return _ENCODER.encode(prompt)
+
+
+# ---------------------------------------------------------------- live view (scheduler side)
+
+
+@dataclass
+class ExperimentView:
+    """The scheduler's in-memory copy of one queued or running experiment;
+    rebuilt from Redis by ``StateStore.load_view`` after a restart."""
+
+    spec: ExperimentSpec
+    status: str
+    submitted_at: float = 0.0
+    version: int = 0
+    adapter_path: str | None = None
+    issued: int = 0
+    train_sent: int = 0
+    errors: int = 0
+    start_accuracy: float | None = None
+    issued_at: dict[int, float] = field(default_factory=dict)
+    completed_at: dict[int, float] = field(default_factory=dict)
+    groups: dict[int, dict[str, ScoredCompletion]] = field(default_factory=dict)
+    evals: dict[int, dict[str, bool]] = field(default_factory=dict)
+    evals_issued: set[int] = field(default_factory=set)
+    stream_prompts: list[Prompt] = field(default_factory=list)
+    last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def experiment_id(self) -> str:
+        return self.spec.experiment_id
+
+    @property
+    def train_outstanding(self) -> bool:
+        """A train job is published and its version not yet announced."""
+        return self.train_sent == self.version + 1
+
+
+class StateStore:
+    """Async access to the state; writes go through ``transaction()`` pipelines."""
+
+    def __init__(self, redis, prefix: str, maxlen: int = 100_000) -> None:
+        self.redis = redis
+        self.keys = Keys(prefix)
+        self.maxlen = maxlen
+
+    def transaction(self):
+        return self.redis.pipeline(transaction=True)
+
+    def publish(self, pipe, message, stream: str | None = None) -> None:
+        """Queue an XADD of ``message`` (wire format of ``shared.messages``)."""
+        name = stream or stream_for(message)
+        pipe.xadd(self.keys.stream(name), {"msg": encode(message)}, maxlen=self.maxlen, approximate=True)
+
+    def set_fields(self, pipe, experiment_id: str, **fields: Any) -> None:
+        """HSET the non-None fields, HDEL the None ones."""
+        present = {k: _field_value(v) for k, v in fields.items() if v is not None}
+        absent = [k for k, v in fields.items() if v is None]
+        if present:
+            pipe.hset(self.keys.exp(experiment_id), mapping=present)
+        if absent:
+            pipe.hdel(self.keys.exp(experiment_id), *absent)
+
+    async def exists(self, experiment_id: str) -> bool:
+        return bool(await self.redis.exists(self.keys.exp(experiment_id)))
+
+    async def stored_spec(self, experiment_id: str) -> bytes | None:
+        return await self.redis.hget(self.keys.exp(experiment_id), "spec")
+
+    async def status(self, experiment_id: str) -> str | None:
+        raw = await self.redis.hget(self.keys.exp(experiment_id), "status")
+        return None if raw is None else raw.decode()
+
+    async def active_ids(self) -> list[str]:
+        return sorted(i.decode() for i in await self.redis.smembers(self.keys.active))
+
+    async def queued_ids(self) -> list[str]:
+        return [i.decode() for i in await self.redis.zrange(self.keys.queue, 0, -1)]
+
+    async def load_stream_prompts(self, experiment_id: str) -> list[Prompt]:
+        return [_PROMPT_DECODER.decode(p) for p in await self.redis.lrange(self.keys.tasks(experiment_id), 0, -1)]
+
+    async def load_view(self, experiment_id: str) -> ExperimentView | None:
+        """Rebuild the in-memory view of a queued/running experiment."""
+        raw = await self.redis.hgetall(self.keys.exp(experiment_id))
+        if not raw or b"spec" not in raw:
+            return None
+        view = _view_from_hash(raw)
+        if view.spec.task.stream:
+            view.stream_prompts = await self.load_stream_prompts(experiment_id)
+        for step in range(view.version, view.issued):
+            groups = await self.redis.hgetall(self.keys.step_groups(experiment_id, step))
+            view.groups[step] = {k.decode(): _SCORED_DECODER.decode(v) for k, v in groups.items()}
+        for version in view.evals_issued:
+            results = await self.redis.hgetall(self.keys.eval_results(experiment_id, version))
+            view.evals[version] = {k.decode(): v == b"1" for k, v in results.items()}
+        return view
+
+
+def _field_value(value: Any) -> Any:
+    if isinstance(value, bool):
+        return int(value)
+    return value
+
+
+def _view_from_hash(raw: dict[bytes, bytes]) -> ExperimentView:
+    spec = decode_spec(raw[b"spec"])
+    view = ExperimentView(
+        spec=spec,
+        status=_text(raw, "status") or "queued",
+        submitted_at=_float(raw, "submitted_at") or 0.0,
+        version=_int(raw, "version"),
+        adapter_path=_text(raw, "adapter_path"),
+        issued=_int(raw, "issued"),
+        train_sent=_int(raw, "train_sent"),
+        errors=_int(raw, "errors"),
+        start_accuracy=_float(raw, "start_accuracy"),
+    )
+    for name, value in raw.items():
+        key = name.decode()
+        if key.startswith("t") and key[1:].isdigit():
+            view.issued_at[int(key[1:])] = float(value)
+        elif key.startswith("c") and key[1:].isdigit():
+            view.completed_at[int(key[1:])] = float(value)
+        elif key.startswith("ev") and key[2:].isdigit():
+            view.evals_issued.add(int(key[2:]))
+    return view
