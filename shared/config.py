@@ -79,7 +79,7 @@ class RolloutConfig(BaseConfig, LoraConfig):
     max_cpu_loras: int = 64  # vllm only
     gpu_memory_utilization: float = 0.85  # vllm only
     max_model_len: int = 4096  # vllm only
-    torch_threads: int = 0  # 0: torch default
+    torch_threads: int = 1  # intra-op threads for model work (0: torch default); services share the cores
     typical_group_size: int = 8  # request concurrency = max_rows // typical_group_size (backpressure)
     adapter_keep_versions: int = 2  # newest versions kept per tenant; >= max_off_policy_steps + 1
 
