@@ -134,7 +134,11 @@ class RolloutTimings(_Struct):
 
 
 class TrainHyper(_Struct):
+    """``temperature``: the sampling temperature of the completions, so the
+    trainer scores them under the same distribution (0: greedy, scored at 1)."""
+
     learning_rate: float
+    temperature: float = 1.0
     clip_eps: float = 0.2
     kl_coef: float = 0.0
     normalize_advantage_std: bool = False

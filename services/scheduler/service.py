@@ -638,7 +638,7 @@ class SchedulerService(Service):
             job_id=f"{view.experiment_id}:s{step}", experiment_id=view.experiment_id, step=step,
             base_version=step, lora_rank=spec.lora_rank,
             groups=[g for g in ordered if group_failed(g) is None],
-            hyper=TrainHyper(learning_rate=spec.learning_rate, clip_eps=spec.clip_eps, kl_coef=spec.kl_coef,
+            hyper=TrainHyper(learning_rate=spec.learning_rate, temperature=spec.temperature, clip_eps=spec.clip_eps, kl_coef=spec.kl_coef,
                              normalize_advantage_std=spec.normalize_advantage_std,
                              max_grad_norm=spec.max_grad_norm, max_off_policy_steps=spec.max_off_policy_steps,
                              checkpoint_every=spec.checkpoint_every, seed=spec.seed),

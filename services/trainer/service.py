@@ -1,0 +1,336 @@
+"""The trainer service: one GRPO step per train job, one tenant at a time.
+
+Consumes ``train_jobs:<shard>`` (group ``trainer``), one job at a time. The
+model work runs in one dedicated thread (``TrainerCore``); the event loop only
+moves messages. For a job updating version v of tenant T to v+1:
+
+- v+1 already complete in the store: a redelivery of a job already done;
+  re-announce it (``AdapterPublished``) and ack. Nothing is trained twice.
+- ``lora_rank`` differs from the deployment's signature, or v is behind the
+  tenant's state although v+1 is missing (inconsistent): an
+  ``ExperimentEvent`` and a dead letter (``PermanentError``).
+- v is ahead of the tenant's state (an earlier job is still being retried):
+  an event and a retryable error, so the bus redelivers it after the earlier
+  one succeeds rather than losing a step. (The brief allowed dead-lettering;
+  retrying keeps the experiment's versions complete.)
+- otherwise: groups sampled by a version older than
+  ``v - hyper.max_off_policy_steps`` and groups that failed generation or
+  scoring are dropped, groups with identical rewards are skipped (all
+  counted in ``TrainStats.skipped_groups``); swap the tenant in; clipped
+  GRPO loss; gradient clipping; Adam step; write v+1 to the store;
+  checkpoint every ``hyper.checkpoint_every`` versions; announce; ack.
+
+A NaN or inf loss or gradient norm skips the optimizer step, raises an
+``ExperimentEvent(code="nan_loss")`` and still publishes v+1, with weights
+equal to v's and ``stats.skipped_update`` set: versions stay contiguous and
+the experiment keeps going. A job with no usable group (everything skipped)
+does the same with ``skip_reason="no_signal"`` and no event.
+
+Any error after the optimizer step but before v+1 is durable drops the
+tenant from memory, so the retry restores it from the store instead of
+applying the step twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import structlog
+import torch
+
+from services.trainer import grpo
+from services.trainer.tenants import TenantBank
+from shared.adapters import AdapterStore, DirectoryAdapterStore
+from shared.bus import Entry, PermanentError
+from shared.config import TrainerConfig
+from shared.engine import LoraSignature
+from shared.messages import AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
+from shared.runtime import Service
+
+CONSUMER_GROUP = "trainer"
+MICRO_BATCH_ROWS = 64  # sequences per forward/backward; gradients accumulate across micro-batches
+PAD_TOKEN_ID = 0  # right padding under a zero attention mask: never attended, never a target
+
+
+class VersionGap(RuntimeError):
+    """A job for a version the tenant has not reached yet: retry later."""
+
+
+@dataclass
+class JobOutcome:
+    """What the model thread decided; the loop publishes it.
+
+    ``kind``: "published" (trained, v+1 written), "republished" (v+1 was
+    already complete), "rejected" (dead-letter with ``reason``), "gap"
+    (retry later with ``reason``)."""
+
+    kind: Literal["published", "republished", "rejected", "gap"]
+    version: int = 0
+    path: str = ""
+    digest: str = ""
+    stats: TrainStats = field(default_factory=TrainStats)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message)
+    reason: str = ""
+
+
+# ---------------------------------------------------------------- model side
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(names)}")
+    return names[dtype]
+
+
+def load_policy_model(model_dir: str, signature: LoraSignature, device: str = "auto", dtype: str = "auto"):
+    """The base model with one trainable LoRA (dropout 0) of ``signature``.
+    LoRA parameters stay fp32 on a bf16 base (PEFT's adapter autocast)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch_device = resolve_device(device)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch_device))
+    base.to(torch_device)
+    lora_config = LoraConfig(
+        r=signature.rank, lora_alpha=signature.alpha, target_modules=list(signature.target_modules),
+        lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, lora_config)
+    return model.eval()  # no dropout anywhere; gradients flow in eval mode too
+
+
+class TrainerCore:
+    """The model, the tenants and the store; every method runs in the model thread."""
+
+    def __init__(self, model, store: AdapterStore, checkpoint_root: Path, signature: LoraSignature,
+                 base_model: str, micro_batch_rows: int = MICRO_BATCH_ROWS) -> None:
+        self.model = model
+        self.store = store
+        self.signature = signature
+        self.base_model = base_model
+        self.micro_batch_rows = micro_batch_rows
+        self.bank = TenantBank(model, store, checkpoint_root)
+        self.device = self.bank.device
+
+    @classmethod
+    def load(cls, config: TrainerConfig, store: AdapterStore) -> "TrainerCore":
+        if config.torch_threads > 0:
+            torch.set_num_threads(config.torch_threads)
+        model = load_policy_model(config.model_dir, config.signature, config.device, config.dtype)
+        checkpoint_root = Path(config.data_dir) / "checkpoints"
+        return cls(model, store, checkpoint_root, config.signature, config.model_dir)
+
+    # ------------------------------------------------------------ one job
+
+    def handle(self, job: TrainJob) -> JobOutcome:
+        tenant, target = job.experiment_id, job.base_version + 1
+        if self.store.is_complete(tenant, target):
+            path = self.store.path(tenant, target)
+            return JobOutcome("republished", target, str(path), self.store.digest(tenant, target))
+        if job.lora_rank != self.signature.rank:
+            return _rejected(f"job rank {job.lora_rank} differs from the deployment's LoRA rank {self.signature.rank}",
+                             "rank_mismatch")
+        state = self.bank.ensure(tenant, job.hyper.seed)
+        if job.base_version > state.version:
+            reason = f"job updates version {job.base_version} but {tenant} is at version {state.version}"
+            return JobOutcome("gap", reason=reason, events=[("warning", "train_job_out_of_order", reason)])
+        if job.base_version < state.version:
+            return _rejected(f"job updates version {job.base_version} but {tenant} is already at version "
+                             f"{state.version} and version {target} is missing from the store", "train_job_stale")
+        try:
+            return self._train_and_write(job, target)
+        except BaseException:
+            # The in-memory state may be ahead of the store now: rebuild it from there on retry.
+            self.bank.forget(tenant)
+            raise
+
+    def _train_and_write(self, job: TrainJob, target: int) -> JobOutcome:
+        tenant = job.experiment_id
+        started = time.perf_counter()
+        stats, events = self.train_step(job)
+        path, digest = self.store.write_version(
+            tenant, target, self.bank.adapter_tensors(tenant), self.signature, self.base_model)
+        self.bank.set_version(tenant, target)
+        if target % max(job.hyper.checkpoint_every, 1) == 0:
+            self.bank.checkpoint(tenant)
+        stats.train_s = time.perf_counter() - started
+        return JobOutcome("published", target, str(path), digest, stats, events)
+
+    def train_step(self, job: TrainJob) -> tuple[TrainStats, list[tuple[str, str, str]]]:
+        """One GRPO update of the job's tenant (swapped in), unless there is no
+        signal or the loss is not finite."""
+        examples, skipped_groups, stale_groups = job_examples(job)
+        events = []
+        if stale_groups:
+            events.append(("warning", "stale_samples_dropped",
+                           f"{stale_groups} groups older than version "
+                           f"{job.base_version - job.hyper.max_off_policy_steps} dropped"))
+        stats = TrainStats(skipped_groups=skipped_groups + stale_groups)
+        if not examples:
+            stats.skipped_update, stats.skip_reason = True, "no_signal"
+            return stats, events
+        self.bank.swap_in(job.experiment_id)
+        self.bank.set_learning_rate(job.hyper.learning_rate)
+        batch = grpo.build_batch(examples, PAD_TOKEN_ID)
+        self._update(batch, job, stats)
+        if stats.skipped_update:
+            events.append(("warning", "nan_loss", f"step {job.step}: {stats.skip_reason}; update skipped, "
+                                                  f"version {job.base_version + 1} equals version {job.base_version}"))
+        return stats, events
+
+    def _update(self, batch: grpo.TrainBatch, job: TrainJob, stats: TrainStats) -> None:
+        optimizer = self.bank.optimizer
+        optimizer.zero_grad(set_to_none=True)
+        finite = self._accumulate_gradients(batch, job, stats)
+        if finite:
+            params = list(self.bank.params.values())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, job.hyper.max_grad_norm)
+            stats.grad_norm = float(grad_norm)
+            finite = grpo.is_finite(stats.grad_norm)
+            if not finite:
+                stats.skip_reason = "non-finite gradient norm"
+        else:
+            stats.skip_reason = "non-finite loss"
+        if finite:
+            optimizer.step()
+        else:
+            stats.skipped_update = True
+        optimizer.zero_grad(set_to_none=True)
+
+    def _accumulate_gradients(self, batch: grpo.TrainBatch, job: TrainJob, stats: TrainStats) -> bool:
+        """Backward over micro-batches; False (and stop) at a non-finite loss."""
+        hyper = job.hyper
+        # greedy samples report logprobs of the unscaled distribution (temperature 1)
+        temperature = hyper.temperature if hyper.temperature > 0 else 1.0
+        total_tokens = max(batch.num_tokens, 1)
+        rows = batch.input_ids_B_T.shape[0]
+        for start in range(0, rows, self.micro_batch_rows):
+            micro = batch.rows(start, min(start + self.micro_batch_rows, rows)).to(self.device)
+            ref_logprobs_B_T = None
+            if hyper.kl_coef > 0:
+                ref_logprobs_B_T = grpo.reference_logprobs(self.model, micro, temperature)
+            logprobs_B_T = grpo.model_logprobs(self.model, micro, temperature)
+            terms = grpo.policy_loss(
+                logprobs_B_T, micro.behaviour_logprobs_B_T, micro.advantages_B, micro.completion_mask_B_T,
+                hyper.clip_eps, ref_logprobs_B_T, hyper.kl_coef, total_tokens=total_tokens,
+            )
+            stats.loss += terms.loss.item()
+            stats.kl += terms.kl
+            stats.clip_fraction += terms.clip_fraction
+            stats.num_tokens += terms.num_tokens
+            if not grpo.is_finite(terms.loss):
+                return False
+            terms.loss.backward()
+        return True
+
+
+def _rejected(reason: str, code: str) -> JobOutcome:
+    return JobOutcome("rejected", reason=reason, events=[("error", code, reason)])
+
+
+def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
+    """The sequences to learn from, the number of groups skipped (failed,
+    malformed, identical rewards) and of groups dropped as too stale."""
+    oldest_version = job.base_version - job.hyper.max_off_policy_steps
+    examples: list[grpo.SequenceExample] = []
+    skipped = stale = 0
+    for scored in job.groups:
+        completion = scored.completion
+        if completion.adapter_version < oldest_version:
+            stale += 1
+            continue
+        usable = (scored.reward_error is None and completion.error is None and completion.samples
+                  and len(scored.rewards) == len(completion.samples))
+        advantages_N = grpo.group_advantage(torch.tensor(scored.rewards, dtype=torch.float32),
+                                            job.hyper.normalize_advantage_std) if usable else None
+        if advantages_N is None:
+            skipped += 1
+            continue
+        for sample, advantage in zip(completion.samples, advantages_N.tolist()):
+            if sample.token_ids:
+                examples.append(grpo.SequenceExample(
+                    completion.prompt_token_ids, sample.token_ids, sample.logprobs, advantage))
+    return examples, skipped, stale
+
+
+# ---------------------------------------------------------------- the service
+
+
+class TrainerService(Service):
+    name = "trainer"
+
+    def __init__(self, config: TrainerConfig) -> None:
+        super().__init__(config)
+        self.store: AdapterStore = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
+        self.stream = f"train_jobs:{config.shard}"
+        # One thread owns the model: torch work never runs on the event loop.
+        self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-model")
+        self.core: TrainerCore | None = None  # set in setup
+        self.jobs_trained = 0
+        self.jobs_republished = 0
+
+    async def setup(self) -> None:
+        await super().setup()
+        self.core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
+        self.log.info("trainer_ready", model_dir=self.config.model_dir, device=str(self.core.device),
+                      stream=self.stream, adapter_dir=str(self.store.root))
+
+    def consumers(self):
+        return [self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=1)]
+
+    def status(self) -> dict:
+        tenants = len(self.core.bank.tenants) if self.core else 0
+        return {"tenants": tenants, "jobs_trained": self.jobs_trained, "jobs_republished": self.jobs_republished}
+
+    async def on_train_job(self, job: TrainJob, entry: Entry) -> None:
+        with structlog.contextvars.bound_contextvars(experiment_id=job.experiment_id, job_id=job.job_id):
+            outcome = await self._in_model_thread(self.core.handle, job)
+            for level, code, message in outcome.events:
+                await self.bus.publish(ExperimentEvent(
+                    experiment_id=job.experiment_id, level=level, code=code, message=message, ts=now()))
+            if outcome.kind == "rejected":
+                raise PermanentError(outcome.reason)
+            if outcome.kind == "gap":
+                raise VersionGap(outcome.reason)
+            self._count(outcome)
+            await self.bus.publish(AdapterPublished(
+                experiment_id=job.experiment_id, version=outcome.version, step=job.step, path=outcome.path,
+                digest=outcome.digest, stats=outcome.stats, trainer=self.consumer_name, ts=now()))
+
+    def _count(self, outcome: JobOutcome) -> None:
+        if outcome.kind == "republished":
+            self.jobs_republished += 1
+            self.log.info("adapter_republished", version=outcome.version)
+            return
+        self.jobs_trained += 1
+        stats = outcome.stats
+        self.log.info("adapter_published", version=outcome.version, loss=round(stats.loss, 5),
+                      grad_norm=round(stats.grad_norm, 5), tokens=stats.num_tokens,
+                      skipped_groups=stats.skipped_groups, skipped_update=stats.skipped_update,
+                      train_s=round(stats.train_s, 4))
+
+    async def close(self) -> None:
+        # A cancelled handler leaves its step running in the thread: let it finish (bounded by one step).
+        await asyncio.to_thread(self.executor.shutdown, wait=True)
+        await super().close()
+
+    async def _in_model_thread(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
+
+
+__all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
+           "CONSUMER_GROUP", "MICRO_BATCH_ROWS"]

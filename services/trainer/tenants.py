@@ -1,0 +1,309 @@
+"""Per-tenant training state around one PEFT model and one optimizer.
+
+The trainer holds the base model once, with one set of LoRA parameters, and
+one Adam optimizer over them. Each tenant's LoRA weights, Adam moments and
+step count live in CPU memory (pinned when the model is on CUDA) while other
+tenants train. ``swap_in(tenant)`` copies that tenant's tensors into the
+model's LoRA parameters and the optimizer's state tensors, in place (no
+re-allocation, no new optimizer); ``swap_out()`` copies them back. Nothing
+but the active tenant's state is ever written, so one tenant's update never
+touches another's.
+
+A new tenant starts from PEFT's default init (A ~ kaiming-uniform, B = 0, so
+version 0 is exactly the base model), seeded by tenant name and seed so a
+run is reproducible. Checkpoints (``checkpoint``) hold the optimizer state:
+``<checkpoint_root>/<tenant>/v<version>/optimizer.safetensors`` + a JSON
+sidecar ``state.json`` (step count, version); never pickle. ``restore``
+rebuilds a tenant after a restart: adapter weights exactly from the latest
+complete version in the store, Adam moments from the latest checkpoint (with
+``checkpoint_every`` > 1 these may be a few steps older than the weights:
+a documented approximation that only affects the moment estimates).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+import torch
+from safetensors.torch import load_file, save_file
+
+from shared.adapters import AdapterStore, check_tenant_name
+
+log = structlog.get_logger(__name__)
+
+ADAM_BETAS = (0.9, 0.95)  # as in tinker-cookbook's RL loop: faster second-moment adaptation for short runs
+ADAM_EPS = 1e-8
+CHECKPOINT_WEIGHTS_FILE = "optimizer.safetensors"
+CHECKPOINT_STATE_FILE = "state.json"
+CHECKPOINT_FORMAT = 1
+_CHECKPOINT_DIR = re.compile(r"^v(\d+)$")
+_ADAPTER_NAME = "default"
+
+
+@dataclass
+class TenantState:
+    """One tenant's state while it is not the active tenant. ``version`` is
+    the adapter version these weights are (0 = base); ``adam_step`` the
+    number of optimizer steps taken. Tensor dicts are keyed by PEFT names."""
+
+    tenant: str
+    version: int
+    weights: dict[str, torch.Tensor]
+    exp_avg: dict[str, torch.Tensor]
+    exp_avg_sq: dict[str, torch.Tensor]
+    adam_step: int = 0
+
+
+def peft_key(parameter_name: str) -> str:
+    """Model parameter name -> the name PEFT saves it under
+    (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``)."""
+    return parameter_name.replace(f".{_ADAPTER_NAME}.", ".")
+
+
+def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
+    """The trainable LoRA parameters of ``peft_model``, by PEFT name."""
+    params = {peft_key(name): p for name, p in peft_model.named_parameters() if "lora_" in name}
+    if not params:
+        raise ValueError("the model has no LoRA parameters")
+    return params
+
+
+def tenant_seed(tenant: str, seed: int) -> int:
+    return zlib.crc32(f"{tenant}:{seed}".encode())
+
+
+class TenantBank:
+    """All tenants' states, the model's LoRA parameters and the one optimizer."""
+
+    def __init__(
+        self,
+        peft_model,
+        store: AdapterStore,
+        checkpoint_root: Path | str,
+        learning_rate: float = 1e-3,
+    ) -> None:
+        self.model = peft_model
+        self.store = store
+        self.checkpoint_root = Path(checkpoint_root)
+        self.params = lora_parameters(peft_model)
+        self.device = next(iter(self.params.values())).device
+        self.pin_memory = self.device.type == "cuda"
+        self.optimizer = torch.optim.Adam(list(self.params.values()), lr=learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
+        self._init_optimizer_state()
+        self.tenants: dict[str, TenantState] = {}
+        self.active: str | None = None  # whose tensors are in the model and optimizer now
+
+    # ------------------------------------------------------------ registry
+
+    def has(self, tenant: str) -> bool:
+        return tenant in self.tenants
+
+    def get(self, tenant: str) -> TenantState:
+        return self.tenants[tenant]
+
+    def register(self, tenant: str, seed: int = 0) -> TenantState:
+        """A new tenant at version 0: PEFT's default init, so it equals the base."""
+        check_tenant_name(tenant)
+        if tenant in self.tenants:
+            raise ValueError(f"tenant {tenant!r} is already registered")
+        generator = torch.Generator().manual_seed(tenant_seed(tenant, seed))
+        weights = {name: self._init_lora_tensor(name, p, generator) for name, p in self.params.items()}
+        state = TenantState(tenant, 0, weights, self._zeros_like_params(), self._zeros_like_params())
+        self.tenants[tenant] = state
+        return state
+
+    def ensure(self, tenant: str, seed: int = 0) -> TenantState:
+        """The tenant's state: in memory, else restored from the store and its
+        checkpoint, else newly registered."""
+        if tenant in self.tenants:
+            return self.tenants[tenant]
+        restored = self.restore(tenant)
+        return restored if restored is not None else self.register(tenant, seed)
+
+    def set_version(self, tenant: str, version: int) -> None:
+        self.tenants[tenant].version = version
+
+    def forget(self, tenant: str) -> None:
+        """Drop a tenant's in-memory state (the next ``ensure`` restores it from
+        the store and its checkpoint). The model's LoRA tensors are left as
+        they are: the next ``swap_in`` overwrites all of them."""
+        if self.active == tenant:
+            self.active = None
+        self.tenants.pop(tenant, None)
+
+    # ------------------------------------------------------------ swapping
+
+    def swap_in(self, tenant: str) -> None:
+        """Make ``tenant`` the one the model and optimizer train. A no-op when
+        it already is; otherwise the active tenant is swapped out first."""
+        if self.active == tenant:
+            return
+        state = self.tenants[tenant]
+        self.swap_out()
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(state.weights[name], non_blocking=True)
+                opt_state = self.optimizer.state[param]
+                opt_state["exp_avg"].copy_(state.exp_avg[name], non_blocking=True)
+                opt_state["exp_avg_sq"].copy_(state.exp_avg_sq[name], non_blocking=True)
+                opt_state["step"].fill_(float(state.adam_step))
+        self.active = tenant
+
+    def swap_out(self) -> None:
+        """Copy the active tenant's tensors back to its CPU state."""
+        if self.active is None:
+            return
+        state = self.tenants[self.active]
+        with torch.no_grad():
+            for name, param in self.params.items():
+                opt_state = self.optimizer.state[param]
+                state.weights[name].copy_(param, non_blocking=True)
+                state.exp_avg[name].copy_(opt_state["exp_avg"], non_blocking=True)
+                state.exp_avg_sq[name].copy_(opt_state["exp_avg_sq"], non_blocking=True)
+        state.adam_step = self._optimizer_step()
+        self._synchronize()
+        self.active = None
+
+    def set_learning_rate(self, learning_rate: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+
+    # ------------------------------------------------------------ reading state
+
+    def adapter_tensors(self, tenant: str) -> dict[str, torch.Tensor]:
+        """The tenant's current LoRA weights by PEFT name (live parameters for
+        the active tenant: the caller copies them before the next step)."""
+        if tenant == self.active:
+            return {name: p.detach() for name, p in self.params.items()}
+        return dict(self.tenants[tenant].weights)
+
+    def optimizer_tensors(self, tenant: str) -> tuple[dict[str, torch.Tensor], int]:
+        """``exp_avg/<name>`` and ``exp_avg_sq/<name>`` tensors and the step count."""
+        if tenant == self.active:
+            moments = {}
+            for name, param in self.params.items():
+                moments[f"exp_avg/{name}"] = self.optimizer.state[param]["exp_avg"]
+                moments[f"exp_avg_sq/{name}"] = self.optimizer.state[param]["exp_avg_sq"]
+            return moments, self._optimizer_step()
+        state = self.tenants[tenant]
+        moments = {f"exp_avg/{n}": t for n, t in state.exp_avg.items()}
+        moments.update({f"exp_avg_sq/{n}": t for n, t in state.exp_avg_sq.items()})
+        return moments, state.adam_step
+
+    # ------------------------------------------------------------ checkpoints
+
+    def checkpoint(self, tenant: str) -> Path:
+        """Write the tenant's optimizer state for its current version (temp dir,
+        rename), then drop its older checkpoints."""
+        state = self.tenants[tenant]
+        moments, adam_step = self.optimizer_tensors(tenant)
+        tenant_dir = self.checkpoint_root / check_tenant_name(tenant)
+        final = tenant_dir / f"v{state.version}"
+        staging = tenant_dir / f".tmp-v{state.version}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir(parents=True)
+        try:
+            cpu_moments = {n: t.detach().to("cpu").contiguous() for n, t in moments.items()}
+            save_file(cpu_moments, str(staging / CHECKPOINT_WEIGHTS_FILE), metadata={"format": "pt"})
+            sidecar = {"format": CHECKPOINT_FORMAT, "tenant": tenant, "version": state.version, "adam_step": adam_step}
+            (staging / CHECKPOINT_STATE_FILE).write_text(json.dumps(sidecar))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        self._prune_checkpoints(tenant_dir, keep=final)
+        return final
+
+    def latest_checkpoint(self, tenant: str) -> Path | None:
+        tenant_dir = self.checkpoint_root / check_tenant_name(tenant)
+        if not tenant_dir.is_dir():
+            return None
+        found = [(int(m.group(1)), entry) for entry in tenant_dir.iterdir()
+                 if (m := _CHECKPOINT_DIR.match(entry.name)) and (entry / CHECKPOINT_STATE_FILE).exists()]
+        return max(found)[1] if found else None
+
+    def restore(self, tenant: str) -> TenantState | None:
+        """Rebuild a tenant from the store (weights, exact) and its latest
+        checkpoint (moments); None when the store has no version of it."""
+        version = self.store.latest_version(tenant)
+        if version == 0:
+            return None
+        stored = self.store.load_tensors(self.store.path(tenant, version))
+        weights = {name: self._cpu_buffer(p).copy_(stored[name]) for name, p in self.params.items()}
+        state = TenantState(tenant, version, weights, self._zeros_like_params(), self._zeros_like_params())
+        checkpoint_version = self._load_checkpoint(state)
+        self.tenants[tenant] = state
+        log.info("tenant_restored", tenant=tenant, version=version, checkpoint_version=checkpoint_version,
+                 adam_step=state.adam_step)
+        return state
+
+    # ------------------------------------------------------------ internals
+
+    def _load_checkpoint(self, state: TenantState) -> int | None:
+        path = self.latest_checkpoint(state.tenant)
+        if path is None:
+            return None
+        sidecar = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
+        if sidecar.get("format") != CHECKPOINT_FORMAT or sidecar["version"] > state.version:
+            # Moments from a version the store does not have (store reset?): start them fresh.
+            log.warning("checkpoint_ignored", tenant=state.tenant, path=str(path), version=state.version)
+            return None
+        moments = load_file(str(path / CHECKPOINT_WEIGHTS_FILE), device="cpu")
+        for name in self.params:
+            state.exp_avg[name].copy_(moments[f"exp_avg/{name}"])
+            state.exp_avg_sq[name].copy_(moments[f"exp_avg_sq/{name}"])
+        state.adam_step = int(sidecar["adam_step"])
+        return int(sidecar["version"])
+
+    def _prune_checkpoints(self, tenant_dir: Path, keep: Path) -> None:
+        for entry in tenant_dir.iterdir():
+            if entry != keep and _CHECKPOINT_DIR.match(entry.name):
+                shutil.rmtree(entry, ignore_errors=True)
+
+    def _init_optimizer_state(self) -> None:
+        """Create Adam's state tensors once (as Adam itself would lazily), so
+        swapping only ever copies into them."""
+        for param in self.params.values():
+            self.optimizer.state[param] = {
+                "step": torch.tensor(0.0, dtype=torch.float32),
+                "exp_avg": torch.zeros_like(param, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(param, memory_format=torch.preserve_format),
+            }
+
+    def _optimizer_step(self) -> int:
+        first = next(iter(self.params.values()))
+        return int(self.optimizer.state[first]["step"].item())
+
+    def _cpu_buffer(self, param: torch.Tensor) -> torch.Tensor:
+        buffer = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+        return buffer.pin_memory() if self.pin_memory else buffer
+
+    def _zeros_like_params(self) -> dict[str, torch.Tensor]:
+        return {name: self._cpu_buffer(p).zero_() for name, p in self.params.items()}
+
+    def _init_lora_tensor(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        buffer = self._cpu_buffer(param)
+        if ".lora_A." in name:
+            # PEFT's default: kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            bound = 1.0 / math.sqrt(param.shape[1])
+            init = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            return buffer.copy_(init)
+        return buffer.zero_()  # lora_B: zero, so the adapter starts as the identity
+
+    def _synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+__all__ = ["TenantBank", "TenantState", "lora_parameters", "peft_key", "tenant_seed",
+           "ADAM_BETAS", "CHECKPOINT_WEIGHTS_FILE", "CHECKPOINT_STATE_FILE"]
