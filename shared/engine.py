@@ -142,5 +142,11 @@ class Engine(abc.ABC):
     def stats(self) -> EngineStats: ...
 
     @abc.abstractmethod
+    def failure(self) -> str | None:
+        """Why the engine died, or None while it can serve. A dead engine is
+        the service's failure, not a request's: the rollout service stops and
+        leaves its requests for redelivery."""
+
+    @abc.abstractmethod
     def tokenizer(self):
         """The Hugging Face tokenizer of the served model."""

@@ -46,6 +46,8 @@ from shared.messages import (
 from shared.runtime import Service
 
 REQUEST_GROUP = "rollout"
+ENGINE_WATCH_INTERVAL_S = 1.0
+MAX_REPORTED_PAIRS = 200  # tenant pairs kept in the heartbeat status
 ADAPTER_NOT_LOADED_RETRIES = 2  # reloads after the engine evicted a version we had just loaded
 
 
@@ -177,6 +179,7 @@ class RolloutService(Service):
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
+        self._tenant_pairs: set[str] = set()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -215,6 +218,33 @@ class RolloutService(Service):
             self.consumer("adapters", self._watch_group, self.on_adapter_published),
         ]
 
+    def background(self):
+        return [self._watch_engine()]
+
+    async def _watch_engine(self) -> None:
+        """A dead engine ends the service (exit 1, requests left for redelivery)
+        instead of turning every request into an error completion."""
+        while not self.stopping.is_set():
+            failure = self.engine.failure()
+            if failure is not None:
+                raise EngineError(f"engine died: {failure}")
+            try:
+                await asyncio.wait_for(self.stopping.wait(), ENGINE_WATCH_INTERVAL_S)
+            except asyncio.TimeoutError:
+                pass  # not stopping yet: look again
+
+    def status(self) -> dict:
+        """Engine counters for the heartbeat; ``tenant_pairs`` lists tenants seen
+        in the same decode step (over the engine's recent-step window)."""
+        stats = self.engine.stats()
+        for tenants in stats.step_tenants:
+            named = sorted(t for t in tenants if t is not None)
+            self._tenant_pairs.update(
+                f"{a}|{b}" for i, a in enumerate(named) for b in named[i + 1:])
+        return {"decode_steps": stats.decode_steps, "generated_tokens": stats.generated_tokens,
+                "adapter_loads": stats.adapter_loads, "running_rows": stats.running_rows,
+                "tenant_pairs": sorted(self._tenant_pairs)[-MAX_REPORTED_PAIRS:]}
+
     async def close(self) -> None:
         for task in list(self._preloads.values()):
             task.cancel()
@@ -241,8 +271,8 @@ class RolloutService(Service):
             await self._fail(request, f"adapter version {request.adapter_version} unavailable: {exc.reason}")
             return
         except EngineError as exc:
-            if self.stopping.is_set():
-                raise  # the engine is closing under us: leave the request for redelivery
+            if self.stopping.is_set() or self.engine.failure() is not None:
+                raise  # the engine is closing or dead: leave the request for redelivery
             await self._fail(request, f"generation failed: {exc}")
             return
         completion = self._completion(request, prompt_ids, result, received, submitted)
@@ -317,10 +347,18 @@ class RolloutService(Service):
         key = AdapterKey(announcement.experiment_id, announcement.version)
         self.adapters.note_version(key)
         self._preload_wanted[key.tenant] = announcement
-        if key.tenant not in self._preloads:
+        running = self._preloads.get(key.tenant)
+        # A task that has returned may not have run its done callback yet: it
+        # will not see this announcement, so start a new one.
+        if running is None or running.done():
             task = asyncio.create_task(self._preload(key.tenant), name=f"adapter-preload:{key.tenant}")
             self._preloads[key.tenant] = task
-            task.add_done_callback(lambda _t, t=key.tenant: self._preloads.pop(t, None))
+            task.add_done_callback(self._forget_preload)
+
+    def _forget_preload(self, task: asyncio.Task) -> None:
+        tenant = task.get_name().removeprefix("adapter-preload:")
+        if self._preloads.get(tenant) is task:
+            del self._preloads[tenant]
 
     async def _preload(self, tenant: str) -> None:
         while tenant in self._preload_wanted:

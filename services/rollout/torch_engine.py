@@ -716,6 +716,9 @@ class TorchEngine(Engine):
         self._fail_everything("engine closed")
         log.info("torch_engine_closed", decode_steps=self._stats.decode_steps)
 
+    def failure(self) -> str | None:
+        return self._failure
+
     def _check_alive(self) -> None:
         if self._failure is not None:
             raise EngineError(f"engine failed: {self._failure}")

@@ -212,6 +212,12 @@ class VLLMEngine(Engine):
             self._llm.shutdown()
             self._llm = None
 
+    def failure(self) -> str | None:
+        # AsyncLLM exposes `errored` / `dead_error` once its engine core died
+        if self._llm is not None and getattr(self._llm, "errored", False):
+            return repr(getattr(self._llm, "dead_error", "vLLM engine core died"))
+        return None
+
     # -------------------------------------------------------------- adapters
 
     async def register_adapter(self, key: AdapterKey, path: Path | None = None,
