@@ -75,7 +75,7 @@ class RolloutConfig(BaseConfig, LoraConfig):
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (fp32 on cpu, bf16 on cuda) | float32 | bfloat16
     max_rows: int = 256  # rows decoding at once
-    max_loras: int = 16  # adapter slots on the engine
+    max_loras: int = 32  # adapter slots: >= adapter_keep_versions x live tenants, or versions churn
     max_cpu_loras: int = 64  # vllm only
     gpu_memory_utilization: float = 0.85  # vllm only
     max_model_len: int = 4096  # vllm only
@@ -98,7 +98,7 @@ class TrainerConfig(BaseConfig, LoraConfig):
     dtype: str = "auto"
     shard: int = 0
     num_shards: int = 1
-    torch_threads: int = 0
+    torch_threads: int = 1  # intra-op threads for model work (0: torch default)
 
 
 @dataclass

@@ -1,0 +1,792 @@
+"""Experiment throughput: K identical RL experiments, one at a time vs N at once.
+
+Every experiment has the same spec (one task family, the tiny model's
+recommended demo settings from ``services.cli.local.demo_settings``) and its
+own seed (experiment i has seed ``--seed + i`` in every mode, so the modes
+train the same K experiments). Modes:
+
+- ``serial-warm``: one at a time on one ``LocalCluster`` that stays up; the
+  next experiment is submitted when the previous one finished;
+- ``serial-cold``: one at a time, each on a fresh ``LocalCluster`` (fresh data
+  dir, Redis and the four service processes started, model loaded): the cold
+  start C-LoRA removes. An experiment's time includes its cluster's startup
+  (start to every heartbeat); stopping the cluster afterwards is not counted
+  (reported as ``stop_s``), which favours the baseline;
+- ``concurrent`` for each N of ``--concurrency``: all K submitted at once to a
+  fresh cluster whose scheduler admits N at a time (``CLORA_MAX_CONCURRENT``).
+  Startup of warm clusters is not counted (reported as ``startup_s``); each
+  warm cluster first runs one uncounted 1-step warm-up experiment
+  (``--no-warmup`` skips it), so it is as warm as after any earlier one.
+
+Per mode: experiments per hour = finished experiments / the mode's wall time
+(first submission to the last ``finished_at``; serial-cold: the sum of
+startup + submission-to-finished of each experiment) and the ratios to
+serial-warm and serial-cold; mean experiment time (submission -> finished,
+which includes queueing when N < K; ``mean_run_s`` is admission -> finished);
+per-step rollout time (``StepMetrics.rollout_s``: rollout requests published
+-> last group scored) and train time (``train_s``: the trainer's compute for
+the step, adapter write included); submission -> first scored rollout group
+(``first_scored_at``); held-out greedy accuracy at start and end (mean,
+population std, min, max). Where the time goes: ``trainer_busy_s`` (sum of
+``train_s``; one trainer trains one tenant at a time, so this is serial work)
+and ``rollout_busy_s`` (union over every completion of [handed to the engine,
+published], from the ``completions`` stream: time the engine had work), each
+also as a fraction of the wall time; the service near 1.0 is the bottleneck.
+
+    python load_tests/experiment_throughput.py --experiments 8 --steps 10 \\
+        --json /tmp/throughput.json --plot-dir /tmp/throughput
+    python load_tests/experiment_throughput.py --quick          # smoke: K=2, S=2, N in 1,2
+
+``--gpu`` (throughput only, needs CUDA; accuracy means nothing there): writes
+a Qwen3-4B-shaped model with random weights (``shared.models.qwen3_4b``, bf16,
+~8 GB) plus the tiny model's character tokenizer (``build_tiny.build_tokenizer``;
+the config's bos/eos/pad ids are set to that tokenizer's, the vocabulary size
+stays 151,936, ids outside the tokenizer decode to nothing) to
+``<data root>/qwen3-4b-random`` with ``save_pretrained``, and runs rollout and
+trainer with ``CLORA_MODEL_DIR`` = that directory, ``CLORA_DEVICE=cuda``,
+``CLORA_DTYPE=bfloat16``, ``CLORA_TORCH_THREADS=4``, ``CLORA_ENGINE`` =
+``--engine`` (default torch); spec: ``max_tokens`` 128, ``eval_size`` 16,
+default ``--steps`` 5. ``--model-dir`` runs any other model directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+MODES = ("serial-warm", "serial-cold", "concurrent")
+DEFAULT_EXPERIMENTS = 8
+DEFAULT_STEPS = 10
+DEFAULT_CONCURRENCY = (1, 2, 4, 8)
+DEFAULT_FAMILY = "add"
+DEFAULT_TIMEOUT_S = 4 * 3600.0  # the whole benchmark, every mode
+QUICK = {"experiments": 2, "steps": 2, "concurrency": (1, 2), "eval_size": 16}
+GPU_SPEC = {"max_tokens": 128, "eval_size": 16}
+GPU_DEFAULT_STEPS = 5
+GPU_ENV = {"CLORA_DEVICE": "cuda", "CLORA_DTYPE": "bfloat16", "CLORA_TORCH_THREADS": "4"}
+GPU_MODEL_SUBDIR = "qwen3-4b-random"
+WARMUP_EVAL_SIZE = 8  # held-out prompts of the uncounted warm-up experiment
+POLL_S = 0.1  # state polling while waiting for experiments
+STARTUP_TIMEOUT_S = 600.0  # one cluster's start (model loads included)
+COMPLETIONS_PAGE = 1000  # XRANGE page size
+BUSY_BOTTLENECK_FRACTION = 0.8  # a service busy this much of the wall time is the bottleneck
+
+
+class BenchmarkTimeout(RuntimeError):
+    """The global ``--timeout-s`` ran out."""
+
+
+# ---------------------------------------------------------------- settings
+
+
+@dataclass
+class Settings:
+    experiments: int = DEFAULT_EXPERIMENTS
+    steps: int = DEFAULT_STEPS
+    modes: tuple[str, ...] = MODES
+    concurrency: tuple[int, ...] = DEFAULT_CONCURRENCY
+    family: str = DEFAULT_FAMILY
+    seed: int = 0
+    spec_fields: dict = field(default_factory=dict)  # ExperimentSpec fields (steps included)
+    env: dict = field(default_factory=dict)  # extra env for every service
+    gpu: bool = False
+    model_dir: str | None = None
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    json_path: str | None = None
+    plot_dir: str | None = None
+    data_dir: str | None = None
+    keep_data: bool = False
+    quick: bool = False
+    warmup: bool = True  # one uncounted 1-step experiment on each warm cluster
+
+
+def parse_concurrency(text: str) -> tuple[int, ...]:
+    """``"1,2,4,8"`` -> (1, 2, 4, 8); sorted, unique, each >= 1."""
+    try:
+        values = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--concurrency: {text!r} is not a comma-separated list of integers") from None
+    if not values or values[0] < 1:
+        raise argparse.ArgumentTypeError(f"--concurrency: {text!r} needs integers >= 1")
+    return tuple(values)
+
+
+def parse_modes(text: str) -> tuple[str, ...]:
+    modes = tuple(m.strip() for m in text.split(",") if m.strip())
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"--modes: unknown {unknown or text!r}; choose from {', '.join(MODES)}")
+    return tuple(m for m in MODES if m in modes)  # run in the canonical order
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", type=int, default=None, help=f"K (default {DEFAULT_EXPERIMENTS})")
+    parser.add_argument("--steps", type=int, default=None, help=f"S per experiment (default {DEFAULT_STEPS})")
+    parser.add_argument("--modes", type=parse_modes, default=MODES, help="comma-separated: " + ",".join(MODES))
+    parser.add_argument("--concurrency", type=parse_concurrency, default=None, help="N values (default 1,2,4,8)")
+    parser.add_argument("--family", default=None, help="task family (default: the tiny model's demo advice, else add)")
+    parser.add_argument("--seed", type=int, default=0, help="experiment i gets seed SEED + i")
+    parser.add_argument("--eval-size", type=int, default=None, help="held-out prompts per eval")
+    parser.add_argument("--prompts-per-step", type=int, default=None)
+    parser.add_argument("--group-size", type=int, default=None)
+    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument("--gpu", action="store_true", help="Qwen3-4B-shaped random model on CUDA (throughput only)")
+    parser.add_argument("--engine", default=None, help="rollout engine: torch | vllm (default torch)")
+    parser.add_argument("--model-dir", default=None, help="model directory for rollout and trainer")
+    parser.add_argument("--set", dest="extra_env", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra environment for every service, e.g. CLORA_TORCH_THREADS=2 (repeatable)")
+    parser.add_argument("--timeout-s", type=float, default=DEFAULT_TIMEOUT_S, help="bound on the whole run")
+    parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
+    parser.add_argument("--plot-dir", default=None, help="write throughput.png and step_times.png here")
+    parser.add_argument("--data-dir", default=None, help="root of the clusters' data dirs (default: a temp dir)")
+    parser.add_argument("--keep-data", action="store_true", help="keep the data dirs (logs) afterwards")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the uncounted 1-step warm-up experiment on each warm cluster")
+    parser.add_argument("--quick", action="store_true", help="smoke run: K=2, S=2, N in 1,2, eval_size 16")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None, demo_advice: tuple[Sequence[str], dict] | None = None) -> Settings:
+    """Flags -> Settings. ``demo_advice`` = (families, spec fields), by default
+    ``services.cli.local.demo_settings()`` (the tiny model's eval.json advice)."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    if demo_advice is None:
+        from services.cli.local import demo_settings
+
+        demo_advice = demo_settings()
+    families, spec_fields = demo_advice[0], dict(demo_advice[1])
+    quick = QUICK if args.quick else {}
+    if args.gpu:
+        spec_fields.update(GPU_SPEC)
+    default_steps = quick.get("steps", GPU_DEFAULT_STEPS if args.gpu else DEFAULT_STEPS)
+    spec_fields["steps"] = _first(args.steps, default_steps)
+    overrides = {"eval_size": _first(args.eval_size, quick.get("eval_size")),
+                 "prompts_per_step": args.prompts_per_step, "group_size": args.group_size,
+                 "max_tokens": args.max_tokens}
+    spec_fields.update({k: v for k, v in overrides.items() if v is not None})
+    settings = Settings(
+        experiments=_first(args.experiments, quick.get("experiments", DEFAULT_EXPERIMENTS)),
+        steps=spec_fields["steps"], modes=args.modes,
+        concurrency=_first(args.concurrency, quick.get("concurrency", DEFAULT_CONCURRENCY)),
+        family=args.family or (families[0] if families else DEFAULT_FAMILY), seed=args.seed,
+        spec_fields=spec_fields, env=_service_env(args), gpu=args.gpu, model_dir=args.model_dir,
+        timeout_s=args.timeout_s, json_path=args.json_path, plot_dir=args.plot_dir, data_dir=args.data_dir,
+        keep_data=args.keep_data, quick=args.quick, warmup=args.warmup,
+    )
+    if settings.experiments < 1 or settings.steps < 1:
+        raise SystemExit("--experiments and --steps must be >= 1")
+    return settings
+
+
+def _first(value, default):
+    return default if value is None else value
+
+
+def _service_env(args: argparse.Namespace) -> dict:
+    env = dict(GPU_ENV) if args.gpu else {}
+    if args.engine:
+        env["CLORA_ENGINE"] = args.engine
+    if args.model_dir:
+        env["CLORA_MODEL_DIR"] = str(Path(args.model_dir).resolve())
+    for item in args.extra_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE")
+        env[key] = value
+    return env
+
+
+# ---------------------------------------------------------------- per-experiment outcome (pure)
+
+
+@dataclass
+class ExperimentOutcome:
+    experiment_id: str
+    seed: int
+    status: str
+    steps_done: int
+    steps_total: int
+    wall_s: float | None  # submission -> finished (+ startup_s in serial-cold)
+    run_s: float | None  # admitted -> finished
+    first_rollout_s: float | None  # submission -> first scored rollout group (+ startup_s in serial-cold)
+    startup_s: float  # the cluster start charged to this experiment (serial-cold only)
+    start_accuracy: float | None
+    final_accuracy: float | None
+    rollout_step_s: list[float]
+    train_step_s: list[float]
+    step_wall_s: float | None  # (last step's metrics - admitted) / steps
+    reward_first: float | None
+    reward_last: float | None
+    finished_at: float | None
+
+
+def experiment_outcome(experiment_id: str, seed: int, submitted_at: float, record, metrics: Sequence,
+                       startup_s: float = 0.0) -> ExperimentOutcome:
+    """One experiment from its ``ExperimentRecord`` (None if the scheduler
+    never recorded it) and its ``StepMetrics`` list."""
+    status = record.status if record is not None else "unknown"
+    finished_at = record.finished_at if record is not None and status == "finished" else None
+    started_at = record.started_at if record is not None else None
+    return ExperimentOutcome(
+        experiment_id=experiment_id, seed=seed, status=status,
+        steps_done=record.step if record is not None else 0,
+        steps_total=record.steps if record is not None else 0,
+        wall_s=_span(submitted_at, finished_at, startup_s),
+        run_s=_span(started_at, finished_at),
+        first_rollout_s=_span(submitted_at, _first_rollout_at(record, metrics), startup_s),
+        startup_s=startup_s,
+        start_accuracy=record.start_accuracy if record is not None else None,
+        final_accuracy=record.final_accuracy if record is not None else None,
+        rollout_step_s=[m.rollout_s for m in metrics],
+        train_step_s=[m.train_s for m in metrics],
+        step_wall_s=(metrics[-1].ts - started_at) / len(metrics) if metrics and started_at else None,
+        reward_first=metrics[0].reward_mean if metrics else None,
+        reward_last=metrics[-1].reward_mean if metrics else None,
+        finished_at=finished_at,
+    )
+
+
+def _span(start: float | None, end: float | None, extra: float = 0.0) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start) + extra
+
+
+def _first_rollout_at(record, metrics: Sequence) -> float | None:
+    """``first_scored_at``; without it, step 0's metrics time less its train time."""
+    if record is not None and record.first_scored_at is not None:
+        return record.first_scored_at
+    if metrics:
+        return metrics[0].ts - metrics[0].train_s
+    return None
+
+
+# ---------------------------------------------------------------- aggregation (pure)
+
+
+def union_seconds(intervals: Iterable[tuple[float, float]]) -> float:
+    """Total length covered by the (start, end) intervals (overlaps once)."""
+    total, current_start, current_end = 0.0, None, None
+    for start, end in sorted((s, e) for s, e in intervals if e > s):
+        if current_end is None or start > current_end:
+            if current_end is not None:
+                total += current_end - current_start
+            current_start, current_end = start, end
+        else:
+            current_end = max(current_end, end)
+    if current_end is not None:
+        total += current_end - current_start
+    return total
+
+
+def completion_interval(entry_id: str, time_to_first_token_s: float, decode_s: float) -> tuple[float, float]:
+    """[handed to the engine, published] of one completion; the stream entry id
+    carries the publish time in ms."""
+    end_s = int(entry_id.split("-")[0]) / 1000.0
+    return end_s - max(0.0, time_to_first_token_s) - max(0.0, decode_s), end_s
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return statistics.fmean(values) if values else None
+
+
+def _spread(values: Sequence[float]) -> dict:
+    if not values:
+        return {"mean": None, "std": None, "min": None, "max": None}
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "min": min(values), "max": max(values)}
+
+
+@dataclass
+class ModeRun:
+    """What one mode measured; ``summarize_mode`` turns it into a result row."""
+
+    mode: str
+    n: int  # experiments admitted at once (1 for the serial modes)
+    wall_s: float
+    outcomes: list[ExperimentOutcome]
+    rollout_busy_s: float
+    startup_s: float = 0.0  # cluster start(s); counted in wall_s only for serial-cold
+    stop_s: float = 0.0  # cluster stop(s); never counted
+    completions: int = 0
+    timed_out: bool = False
+
+
+def summarize_mode(run: ModeRun) -> dict:
+    """One ``results`` row (ratios are added by ``add_throughput_ratios``)."""
+    finished = [o for o in run.outcomes if o.status == "finished"]
+    rollout_steps = [s for o in run.outcomes for s in o.rollout_step_s]
+    train_steps = [s for o in run.outcomes for s in o.train_step_s]
+    trainer_busy_s = sum(train_steps)
+    final = _spread([o.final_accuracy for o in finished if o.final_accuracy is not None])
+    start = _spread([o.start_accuracy for o in finished if o.start_accuracy is not None])
+    per_hour = 3600.0 * len(finished) / run.wall_s if run.wall_s > 0 and finished else 0.0
+    row = {
+        "mode": run.mode, "n": run.n, "experiments": len(run.outcomes), "finished": len(finished),
+        "all_finished": len(finished) == len(run.outcomes) and not run.timed_out,
+        "wall_s": run.wall_s, "experiments_per_hour": per_hour,
+        "throughput_ratio_vs_serial_warm": None, "throughput_ratio_vs_serial_cold": None,
+        "mean_experiment_s": _mean([o.wall_s for o in finished if o.wall_s is not None]),
+        "mean_run_s": _mean([o.run_s for o in finished if o.run_s is not None]),
+        "first_rollout_s": _mean([o.first_rollout_s for o in run.outcomes if o.first_rollout_s is not None]),
+        "rollout_step_s": _mean(rollout_steps), "train_step_s": _mean(train_steps),
+        "step_wall_s": _mean([o.step_wall_s for o in run.outcomes if o.step_wall_s is not None]),
+        "steps_done": sum(o.steps_done for o in run.outcomes),
+        "trainer_busy_s": trainer_busy_s, "rollout_busy_s": run.rollout_busy_s,
+        "trainer_busy_fraction": trainer_busy_s / run.wall_s if run.wall_s > 0 else None,
+        "rollout_busy_fraction": run.rollout_busy_s / run.wall_s if run.wall_s > 0 else None,
+        "final_accuracy_mean": final["mean"], "final_accuracy_std": final["std"],
+        "final_accuracy_min": final["min"], "final_accuracy_max": final["max"],
+        "start_accuracy_mean": start["mean"], "start_accuracy_std": start["std"],
+        "startup_s": run.startup_s, "stop_s": run.stop_s, "completions": run.completions,
+        "timed_out": run.timed_out,
+    }
+    row["bottleneck"] = bottleneck(row)
+    return row
+
+
+def bottleneck(row: dict) -> str:
+    """"trainer" / "rollout" when that service was busy at least
+    ``BUSY_BOTTLENECK_FRACTION`` of the wall time (the busier one if both),
+    else "neither" (time goes to waiting between services)."""
+    trainer, rollout = row.get("trainer_busy_fraction") or 0.0, row.get("rollout_busy_fraction") or 0.0
+    if max(trainer, rollout) < BUSY_BOTTLENECK_FRACTION:
+        return "neither"
+    return "trainer" if trainer >= rollout else "rollout"
+
+
+def add_throughput_ratios(rows: list[dict]) -> list[dict]:
+    """Fill ``throughput_ratio_vs_serial_warm/cold`` (None without that baseline)."""
+    baselines = {r["mode"]: r["experiments_per_hour"] for r in rows if r["mode"] in ("serial-warm", "serial-cold")}
+    for row in rows:
+        for mode, key in (("serial-warm", "throughput_ratio_vs_serial_warm"),
+                          ("serial-cold", "throughput_ratio_vs_serial_cold")):
+            base = baselines.get(mode)
+            row[key] = row["experiments_per_hour"] / base if base else None
+    return rows
+
+
+def results_table(rows: list[dict]) -> str:
+    from services.cli.experiments import format_table
+
+    def num(value, digits=1, suffix=""):
+        return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+    def pct(value):
+        return "-" if value is None else f"{100 * value:.1f}"
+
+    table = [["MODE", "N", "DONE", "EXP/H", "xWARM", "xCOLD", "MEAN EXP S", "1ST ROLLOUT S", "ROLLOUT/STEP S",
+              "TRAIN/STEP S", "TRAINER BUSY", "ROLLOUT BUSY", "START ACC", "FINAL ACC (std)", "BOTTLENECK"]]
+    for r in rows:
+        final = ("-" if r["final_accuracy_mean"] is None
+                 else f"{pct(r['final_accuracy_mean'])} ({pct(r['final_accuracy_std'])})")
+        table.append([r["mode"], str(r["n"]), f"{r['finished']}/{r['experiments']}", num(r["experiments_per_hour"]),
+                      num(r["throughput_ratio_vs_serial_warm"], 2, "x"),
+                      num(r["throughput_ratio_vs_serial_cold"], 2, "x"),
+                      num(r["mean_experiment_s"]), num(r["first_rollout_s"]), num(r["rollout_step_s"], 2),
+                      num(r["train_step_s"], 3), pct(r["trainer_busy_fraction"]) + "%",
+                      pct(r["rollout_busy_fraction"]) + "%", pct(r["start_accuracy_mean"]), final, r["bottleneck"]])
+    return format_table(table)
+
+
+# ---------------------------------------------------------------- running the modes
+
+
+def experiment_specs(settings: Settings, mode_tag: str) -> list:
+    """K specs, identical but for id and seed (``demo_specs`` builds them)."""
+    import msgspec
+
+    from services.cli.local import demo_specs
+
+    specs = []
+    for index in range(settings.experiments):
+        (spec,) = demo_specs([settings.family], settings.spec_fields, seed=settings.seed + index)
+        specs.append(msgspec.structs.replace(spec, experiment_id=f"tp-{mode_tag}-{index}"))
+    return specs
+
+
+class Deadline:
+    def __init__(self, timeout_s: float) -> None:
+        self.at = time.monotonic() + timeout_s
+
+    def left(self) -> float:
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise BenchmarkTimeout("the global --timeout-s ran out")
+        return left
+
+
+class _QuietDisplay:
+    def show(self, records) -> None:
+        return None
+
+
+class ThroughputBenchmark:
+    """Runs the modes, one fresh ``LocalCluster`` per mode (per experiment in
+    serial-cold), and always stops what it started."""
+
+    def __init__(self, settings: Settings, data_root: Path) -> None:
+        self.settings = settings
+        self.data_root = data_root
+        self.deadline = Deadline(settings.timeout_s)
+        self.env = {**self._demo_env(), **settings.env}
+        self.runs: list[ModeRun] = []  # kept when a mode raises
+
+    @staticmethod
+    def _demo_env() -> dict:
+        from services.cli.local import DEMO_ENV
+
+        return dict(DEMO_ENV)
+
+    def run(self) -> tuple[list[ModeRun], str | None]:
+        """Every mode in order; on the global timeout the modes so far (the
+        interrupted one marked ``timed_out``) and the reason."""
+        runs = self.runs
+        plan = [(m, 1) for m in self.settings.modes if m != "concurrent"]
+        if "concurrent" in self.settings.modes:
+            plan += [("concurrent", n) for n in self.settings.concurrency]
+        for mode, n in plan:
+            print(f"== {mode} N={n}: {self.settings.experiments} experiments x {self.settings.steps} steps", flush=True)
+            runs.append(self.run_serial_cold() if mode == "serial-cold" else self.run_warm(mode, n))
+            print(f"   {mode} N={n}: {runs[-1].wall_s:.1f}s, "
+                  f"{sum(o.status == 'finished' for o in runs[-1].outcomes)}/{len(runs[-1].outcomes)} finished",
+                  flush=True)
+            if runs[-1].timed_out:
+                return runs, "the global --timeout-s ran out"
+        return runs, None
+
+    # ------------------------------------------------------------ modes
+
+    def run_warm(self, mode: str, n: int) -> ModeRun:
+        """serial-warm (submit the next when the previous finished) or
+        concurrent (submit all; the scheduler admits ``n`` at a time)."""
+        tag = f"{'sw' if mode == 'serial-warm' else 'c'}{n}"
+        specs = experiment_specs(self.settings, tag)
+        cluster, startup_s = self._start_cluster(tag, max_concurrent=n)
+        submitted: dict[str, float] = {}
+        timed_out = False
+        try:
+            client, keys = self._connect(cluster)
+            try:
+                self._warm_up(cluster, client, keys, tag)
+                batches = [[s] for s in specs] if mode == "serial-warm" else [specs]
+                for batch in batches:
+                    submitted.update(self._submit(client, keys, batch))
+                    if not self._wait(cluster, client, keys, [s.experiment_id for s in batch]):
+                        timed_out = True
+                        break
+                outcomes, ends = self._collect(client, keys, specs, submitted)
+                busy_s, completions = self._rollout_busy(client, keys, since=min(submitted.values(), default=0.0))
+            finally:
+                client.close()
+        finally:
+            stop_s = self._stop_cluster(cluster)
+        first_submit = min(submitted.values()) if submitted else time.time()
+        wall_s = (max(ends) if ends and not timed_out else time.time()) - first_submit
+        return ModeRun(mode, n, wall_s, outcomes, busy_s, startup_s, stop_s, completions, timed_out)
+
+    def run_serial_cold(self) -> ModeRun:
+        specs = experiment_specs(self.settings, "sc")
+        outcomes, wall_s, busy_s, completions, total_startup, total_stop = [], 0.0, 0.0, 0, 0.0, 0.0
+        timed_out = False
+        for index, spec in enumerate(specs):
+            began = time.time()
+            cluster, startup_s = self._start_cluster(f"sc-{index}", max_concurrent=1)
+            try:
+                client, keys = self._connect(cluster)
+                try:
+                    submitted = self._submit(client, keys, [spec])
+                    timed_out = not self._wait(cluster, client, keys, [spec.experiment_id])
+                    (outcome,), ends = self._collect(client, keys, [spec], submitted, startup_s)
+                    spec_busy, spec_completions = self._rollout_busy(client, keys)
+                finally:
+                    client.close()
+            finally:
+                total_stop += self._stop_cluster(cluster)
+            outcomes.append(outcome)
+            wall_s += (max(ends) if ends and not timed_out else time.time()) - began
+            busy_s, completions = busy_s + spec_busy, completions + spec_completions
+            total_startup += startup_s
+            if timed_out:
+                break
+        return ModeRun("serial-cold", 1, wall_s, outcomes, busy_s, total_startup, total_stop, completions, timed_out)
+
+    def _warm_up(self, cluster, client, keys, tag: str) -> None:
+        """One uncounted 1-step experiment, so a warm cluster is warm (first
+        forward/backward passes, allocator, adapter slots) as it would be
+        after any earlier experiment; its rollouts are excluded from the
+        busy time by ``_rollout_busy(since=...)``."""
+        if not self.settings.warmup:
+            return
+        import msgspec
+
+        (spec,) = experiment_specs(self.settings, tag)[:1]
+        spec = msgspec.structs.replace(spec, experiment_id=f"tp-{tag}-warmup", steps=1,
+                                       eval_size=min(spec.eval_size, WARMUP_EVAL_SIZE))
+        self._submit(client, keys, [spec])
+        if not self._wait(cluster, client, keys, [spec.experiment_id]):
+            raise BenchmarkTimeout("the global --timeout-s ran out during the warm-up")
+
+    # ------------------------------------------------------------ cluster + Redis
+
+    def _start_cluster(self, tag: str, max_concurrent: int):
+        """A fresh cluster, ready; (cluster, seconds from start to ready)."""
+        from services.cli.local import LocalCluster
+
+        cluster = LocalCluster(self.data_root / tag, env=self.env,
+                               service_env={"scheduler": {"CLORA_MAX_CONCURRENT": str(max_concurrent)}})
+        began = time.monotonic()
+        try:
+            cluster.start()
+            cluster.wait_ready(timeout_s=min(STARTUP_TIMEOUT_S, self.deadline.left()))
+        except BaseException:
+            cluster.stop()
+            raise
+        return cluster, time.monotonic() - began
+
+    @staticmethod
+    def _stop_cluster(cluster) -> float:
+        began = time.monotonic()
+        cluster.stop()
+        return time.monotonic() - began
+
+    @staticmethod
+    def _connect(cluster):
+        import redis
+
+        from services.scheduler.state import Keys
+
+        return redis.Redis.from_url(cluster.url), Keys(cluster.stream_prefix)
+
+    @staticmethod
+    def _submit(client, keys, specs: Sequence) -> dict[str, float]:
+        from services.cli.experiments import publish
+        from shared.messages import ExperimentSubmit, encode, now
+
+        submitted = {}
+        for spec in specs:
+            submitted[spec.experiment_id] = now()
+            publish(client, keys, "experiments", encode(ExperimentSubmit(spec=spec, ts=submitted[spec.experiment_id])))
+        return submitted
+
+    def _wait(self, cluster, client, keys, experiment_ids: list[str]) -> bool:
+        """Until every experiment is terminal (True) or the global deadline (False);
+        a dead service process raises ``ClusterError`` with its log tail."""
+        from services.cli.experiments import watch_until_done
+
+        try:
+            timeout_s = self.deadline.left()
+        except BenchmarkTimeout:
+            return False
+
+        def should_stop() -> bool:
+            cluster.check_alive()
+            return False
+
+        records = watch_until_done(client, keys, experiment_ids, interval_s=POLL_S, timeout_s=timeout_s,
+                                   display=_QuietDisplay(), should_stop=should_stop)
+        return all(r is not None and r.terminal for r in records)
+
+    def _collect(self, client, keys, specs: Sequence, submitted: dict[str, float],
+                 startup_s: float = 0.0) -> tuple[list[ExperimentOutcome], list[float]]:
+        from services.scheduler.state import read_experiment, read_metrics
+
+        outcomes = []
+        for spec in specs:
+            if spec.experiment_id not in submitted:
+                outcomes.append(experiment_outcome(spec.experiment_id, spec.seed, 0.0, None, []))
+                continue
+            outcomes.append(experiment_outcome(
+                spec.experiment_id, spec.seed, submitted[spec.experiment_id],
+                read_experiment(client, keys, spec.experiment_id), read_metrics(client, keys, spec.experiment_id),
+                startup_s))
+        return outcomes, [o.finished_at for o in outcomes if o.finished_at is not None]
+
+    @staticmethod
+    def _rollout_busy(client, keys, since: float = 0.0) -> tuple[float, int]:
+        """(union of the engine intervals of the completions published after
+        ``since`` (unix s), number of those completions)."""
+        from shared.messages import decode
+
+        stream = keys.stream("completions")
+        intervals, start = [], f"{int(since * 1000)}-0" if since > 0 else "-"
+        while True:
+            page = client.xrange(stream, min=start, max="+", count=COMPLETIONS_PAGE)
+            for entry_id, fields in page:
+                completion = decode(fields[b"msg"], "completions")
+                intervals.append(completion_interval(entry_id.decode(), completion.timings.time_to_first_token_s,
+                                                     completion.timings.decode_s))
+            if len(page) < COMPLETIONS_PAGE:
+                return union_seconds(intervals), len(intervals)
+            start = "(" + page[-1][0].decode()
+
+
+# ---------------------------------------------------------------- GPU preset
+
+
+def write_gpu_model_dir(directory: Path) -> Path:
+    """Qwen3-4B-shaped random weights (bf16, on CUDA) + the tiny char tokenizer."""
+    import torch
+
+    from shared.models.build_tiny import build_tokenizer
+    from shared.models.qwen3_4b import build_random_qwen3_4b
+
+    if (directory / "config.json").is_file():
+        return directory
+    if not torch.cuda.is_available():
+        raise SystemExit("--gpu needs CUDA")
+    tokenizer = build_tokenizer()
+    model = build_random_qwen3_4b("cuda", torch.bfloat16)
+    # Keep the 151,936-row vocabulary (its cost is part of the shape); only the special ids follow the tokenizer.
+    model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.bos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    del model
+    torch.cuda.empty_cache()
+    return directory
+
+
+# ---------------------------------------------------------------- report
+
+
+def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
+    """throughput.png (experiments/hour vs N, serial baselines as lines) and
+    step_times.png (per-step rollout/train time and busy fractions vs N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    concurrent = sorted((r for r in rows if r["mode"] == "concurrent"), key=lambda r: r["n"])
+    ns = [r["n"] for r in concurrent]
+    figure, axes = plt.subplots(figsize=(6.5, 4))
+    if concurrent:
+        axes.plot(ns, [r["experiments_per_hour"] for r in concurrent], marker="o", label="concurrent (C-LoRA)")
+    for mode, style in (("serial-warm", "--"), ("serial-cold", ":")):
+        for r in rows:
+            if r["mode"] == mode:
+                axes.axhline(r["experiments_per_hour"], linestyle=style, color="gray", label=mode)
+    axes.set_xlabel("experiments admitted at once (N)")
+    axes.set_ylabel("experiments per hour")
+    axes.set_xticks(ns or [1])
+    axes.grid(alpha=0.3)
+    axes.legend()
+    axes.set_title("Experiment throughput")
+    figure.tight_layout()
+    paths = [plot_dir / "throughput.png"]
+    figure.savefig(paths[0], dpi=120)
+    plt.close(figure)
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    labels = [f"{r['mode']}" if r["mode"] != "concurrent" else f"N={r['n']}" for r in rows]
+    positions = range(len(rows))
+    width = 0.4
+    left.bar([p - width / 2 for p in positions], [r["rollout_step_s"] or 0 for r in rows], width,
+             label="rollout / step")
+    left.bar([p + width / 2 for p in positions], [r["train_step_s"] or 0 for r in rows], width, label="train / step")
+    left.set_xticks(list(positions), labels, rotation=20)
+    left.set_ylabel("seconds")
+    left.set_title("Per-step rollout and train time")
+    left.legend()
+    right.bar([p - width / 2 for p in positions], [r["rollout_busy_fraction"] or 0 for r in rows], width,
+              label="rollout busy")
+    right.bar([p + width / 2 for p in positions], [r["trainer_busy_fraction"] or 0 for r in rows], width,
+              label="trainer busy")
+    right.set_xticks(list(positions), labels, rotation=20)
+    right.set_ylabel("fraction of the mode's wall time")
+    right.set_title("Where the time goes")
+    right.legend()
+    figure.tight_layout()
+    paths.append(plot_dir / "step_times.png")
+    figure.savefig(paths[1], dpi=120)
+    plt.close(figure)
+    return paths
+
+
+def settings_record(settings: Settings) -> dict:
+    record = asdict(settings)
+    record["modes"], record["concurrency"] = list(settings.modes), list(settings.concurrency)
+    record["cpu_count"] = os.cpu_count()
+    record["load_average_at_start"] = list(os.getloadavg())
+    return record
+
+
+def _clean(value):
+    """JSON-safe: NaN/inf -> None."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def run_benchmark(settings: Settings) -> dict:
+    """Run every mode; the report (also written to ``--json`` / ``--plot-dir``)."""
+    data_root = Path(settings.data_dir or tempfile.mkdtemp(prefix="clora-throughput-")).resolve()
+    data_root.mkdir(parents=True, exist_ok=True)
+    settings_at_start = settings_record(settings)
+    started = time.monotonic()
+    from services.cli.local import ClusterError
+
+    benchmark = None
+    try:
+        if settings.gpu and not settings.model_dir:
+            model_dir = write_gpu_model_dir(data_root / GPU_MODEL_SUBDIR)
+            settings.env["CLORA_MODEL_DIR"] = str(model_dir)
+        benchmark = ThroughputBenchmark(settings, data_root)
+        runs, error = benchmark.run()
+    except (BenchmarkTimeout, ClusterError) as exc:
+        runs, error = (benchmark.runs if benchmark else []), f"{type(exc).__name__}: {exc}"
+        settings.keep_data = True  # the service logs say why
+    finally:
+        if not settings.keep_data:
+            shutil.rmtree(data_root, ignore_errors=True)
+    rows = add_throughput_ratios([summarize_mode(run) for run in runs])
+    report = _clean({
+        "settings": {**settings_at_start, "env": settings.env},
+        "results": rows,
+        "experiments": {f"{run.mode}:{run.n}": [asdict(o) for o in run.outcomes] for run in runs},
+        "error": error, "total_s": time.monotonic() - started,
+        "data_dir": str(data_root) if settings.keep_data else None,
+    })
+    print()
+    print(results_table(rows) if rows else "no results")
+    if error:
+        print(f"stopped early: {error}")
+    if settings.json_path:
+        Path(settings.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(settings.json_path).write_text(json.dumps(report, indent=2) + "\n")
+        print(f"results: {settings.json_path}")
+    if settings.plot_dir and rows:
+        for path in write_plots(rows, Path(settings.plot_dir)):
+            print(f"plot: {path}")
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit 0 when every mode ran and every experiment finished."""
+    report = run_benchmark(parse_args(argv))
+    ok = report["error"] is None and report["results"] and all(r["all_finished"] for r in report["results"])
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,159 @@
+"""The whole system as separate processes on one embedded Redis, with the
+shipped tiny model: what issue 6 (points 2 and 3) and issue 8 (point 2) ask.
+
+Each test starts its own ``LocalCluster`` (scheduler, reward, rollout
+worker(s), trainer shard(s) as subprocesses) and stops only that cluster.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import msgspec
+import pytest
+import redis
+import torch
+
+from services.cli.experiments import ProgressDisplay, watch_until_done
+from services.cli.local import LocalCluster
+from services.scheduler.state import Keys, read_metrics
+from shared.adapters import AdapterStore
+from shared.config import DEFAULT_MODEL_DIR
+from shared.messages import (
+    AdapterPublished,
+    Completion,
+    ExperimentSpec,
+    ExperimentSubmit,
+    RewardSpec,
+    TaskSource,
+    decode,
+    encode,
+    now,
+)
+from shared.runtime import heartbeat_key
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not (DEFAULT_MODEL_DIR and __import__("pathlib").Path(DEFAULT_MODEL_DIR, "config.json").exists()),
+                       reason="the shipped tiny model is missing"),
+]
+
+CLUSTER_ENV = {"CLORA_TORCH_THREADS": "1", "CLORA_LOG_FORMAT": "json", "CLORA_RECLAIM_IDLE_S": "3"}
+RUN_TIMEOUT_S = 240.0
+
+
+class _Quiet(ProgressDisplay):
+    def show(self, records) -> None:  # tests print nothing per poll
+        return None
+
+
+def spec(experiment_id: str, family: str, steps: int, reward: RewardSpec | None = None, **fields) -> ExperimentSpec:
+    fields = {"prompts_per_step": 8, "group_size": 8, "max_tokens": 8, "eval_size": 32,
+              "learning_rate": 1e-2, **fields}
+    return ExperimentSpec(experiment_id=experiment_id, task=TaskSource(family=family),
+                          reward=reward or RewardSpec(type="family", family=family), steps=steps, **fields)
+
+
+def submit(client: redis.Redis, keys: Keys, specs: list[ExperimentSpec]) -> None:
+    for one in specs:
+        client.xadd(keys.stream("experiments"), {"msg": encode(ExperimentSubmit(spec=one, ts=now()))})
+
+
+def wait_finished(cluster: LocalCluster, client: redis.Redis, keys: Keys, ids: list[str]):
+    def should_stop() -> bool:
+        cluster.check_alive()  # a dead service fails the test with its log tail
+        return False
+
+    records = watch_until_done(client, keys, ids, timeout_s=RUN_TIMEOUT_S, display=_Quiet(), should_stop=should_stop)
+    for experiment_id, record in zip(ids, records):
+        assert record is not None and record.status == "finished", (experiment_id, record)
+    return records
+
+
+def read_stream(client: redis.Redis, keys: Keys, stream: str, kind) -> list:
+    return [m for m in (decode(fields[b"msg"], stream) for _, fields in client.xrange(keys.stream(stream)))
+            if isinstance(m, kind)]
+
+
+@pytest.fixture
+def cluster_factory(tmp_path):
+    started: list[LocalCluster] = []
+
+    def start(**options) -> tuple[LocalCluster, redis.Redis, Keys]:
+        cluster = LocalCluster(tmp_path / f"cluster{len(started)}", env=CLUSTER_ENV, **options)
+        started.append(cluster)
+        cluster.start()
+        cluster.wait_ready()
+        return cluster, redis.Redis.from_url(cluster.url), Keys(cluster.stream_prefix)
+
+    yield start
+    for cluster in started:
+        cluster.stop()
+
+
+def test_opposite_rewards_learn_in_shared_batches_untrained_adapter_stays_identical(cluster_factory):
+    cluster, client, keys = cluster_factory()
+    never_matches = RewardSpec(type="regex", pattern="^never-produced$")
+    specs = [spec("asc", "sort", steps=12), spec("desc", "sort_desc", steps=12),
+             spec("idle", "sort", steps=4, reward=never_matches)]
+    submit(client, keys, specs)
+    records = {r.experiment_id: r for r in wait_finished(cluster, client, keys, [s.experiment_id for s in specs])}
+
+    # Both tenants learn their own (opposite) target.
+    for experiment_id in ("asc", "desc"):
+        record = records[experiment_id]
+        assert record.final_accuracy - record.start_accuracy >= 0.2, record
+    # They shared decode steps: the rollout worker saw them in one batch.
+    heartbeat = msgspec.msgpack.decode(client.get(heartbeat_key(keys.prefix, "rollout", "rollout-0")))
+    assert "asc|desc" in heartbeat["status"]["tenant_pairs"]
+    # The tenant that never got a learning signal: every version holds the
+    # same tensors, and its B factors are zero, so it is the base model.
+    store = AdapterStore(cluster.data_dir / "adapters")
+    versions = [store.load_tensors(store.path("idle", v)) for v in range(1, store.latest_version("idle") + 1)]
+    assert len(versions) == 4
+    for tensors in versions[1:]:
+        assert tensors.keys() == versions[0].keys()
+        assert all(torch.equal(tensors[name], versions[0][name]) for name in tensors)
+    assert all(not t.any() for name, t in versions[0].items() if "lora_B" in name)
+
+
+def test_trainer_sigkill_mid_run_loses_no_step_and_applies_none_twice(cluster_factory):
+    cluster, client, keys = cluster_factory()
+    steps = 8
+    submit(client, keys, [spec("crash", "sort", steps=steps, eval_size=8)])
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(read_metrics(client, keys, "crash")) < 2:
+        assert time.monotonic() < deadline, "no progress before the kill"
+        time.sleep(0.05)
+    cluster.kill("trainer")
+    cluster.start_service("trainer")
+    wait_finished(cluster, client, keys, ["crash"])
+
+    metrics = read_metrics(client, keys, "crash")
+    assert [m.step for m in metrics] == list(range(steps))
+    announcements = [a for a in read_stream(client, keys, "adapters", AdapterPublished) if a.experiment_id == "crash"]
+    digests: dict[int, set[str]] = {}
+    for announcement in announcements:
+        digests.setdefault(announcement.version, set()).add(announcement.digest)
+    assert sorted(digests) == list(range(1, steps + 1))  # contiguous versions
+    assert all(len(d) == 1 for d in digests.values())  # a re-announced version is the same files
+    store = AdapterStore(cluster.data_dir / "adapters")
+    assert store.latest_version("crash") == steps
+    assert cluster.processes["trainer-0"].starts == 2
+
+
+def test_two_rollout_workers_two_trainer_shards(cluster_factory):
+    cluster, client, keys = cluster_factory(num_rollout_workers=2, num_trainer_shards=2)
+    ids = ["shard-a", "shard-b", "shard-c", "shard-d"]
+    families = ["sort", "sort_desc", "add", "sub"]
+    submit(client, keys, [spec(i, f, steps=4, eval_size=8) for i, f in zip(ids, families)])
+    wait_finished(cluster, client, keys, ids)
+
+    workers = {c.worker for c in read_stream(client, keys, "completions", Completion)}
+    assert workers == {"rollout-0", "rollout-1"}
+    trainers: dict[str, set[str]] = {}
+    for announcement in read_stream(client, keys, "adapters", AdapterPublished):
+        trainers.setdefault(announcement.experiment_id, set()).add(announcement.trainer)
+    for experiment_id in ids:
+        assert trainers[experiment_id] == {f"trainer-{zlib.crc32(experiment_id.encode()) % 2}"}
