@@ -12,6 +12,7 @@ means the base model.
 from __future__ import annotations
 
 import abc
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -80,7 +81,9 @@ class EngineStats:
     """Counters for observability and tests (not timing-based assertions).
 
     ``step_tenants`` keeps, for the most recent decode steps, the set of
-    tenants (None = base) whose rows were in that step's batch."""
+    tenants (None = base) whose rows were in that step's batch;
+    ``shared_steps`` counts, since start, the decode steps that held both
+    tenants of each pair ``"a|b"`` (a < b)."""
 
     decode_steps: int = 0
     prefill_steps: int = 0
@@ -90,6 +93,7 @@ class EngineStats:
     running_rows: int = 0
     waiting_rows: int = 0
     step_tenants: list[frozenset[str | None]] = field(default_factory=list)
+    shared_steps: Counter[str] = field(default_factory=Counter)
 
 
 class Engine(abc.ABC):

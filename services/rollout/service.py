@@ -179,7 +179,6 @@ class RolloutService(Service):
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
-        self._tenant_pairs: set[str] = set()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -234,16 +233,12 @@ class RolloutService(Service):
                 pass  # not stopping yet: look again
 
     def status(self) -> dict:
-        """Engine counters for the heartbeat; ``tenant_pairs`` lists tenants seen
-        in the same decode step (over the engine's recent-step window)."""
+        """Engine counters for the heartbeat; ``shared_steps`` counts the decode
+        steps each tenant pair ``"a|b"`` spent in one batch (most shared first)."""
         stats = self.engine.stats()
-        for tenants in stats.step_tenants:
-            named = sorted(t for t in tenants if t is not None)
-            self._tenant_pairs.update(
-                f"{a}|{b}" for i, a in enumerate(named) for b in named[i + 1:])
         return {"decode_steps": stats.decode_steps, "generated_tokens": stats.generated_tokens,
                 "adapter_loads": stats.adapter_loads, "running_rows": stats.running_rows,
-                "tenant_pairs": sorted(self._tenant_pairs)[-MAX_REPORTED_PAIRS:]}
+                "shared_steps": dict(stats.shared_steps.most_common(MAX_REPORTED_PAIRS))}
 
     async def close(self) -> None:
         for task in list(self._preloads.values()):

@@ -682,6 +682,7 @@ class TorchEngine(Engine):
         self._flags = SamplingFlags()
         self._last_tokens_B: torch.Tensor | None = None
         self._tenants: frozenset[str | None] = frozenset()
+        self._tenant_pairs: list[str] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -832,6 +833,7 @@ class TorchEngine(Engine):
                 adapter_retires=s.adapter_retires, running_rows=len(self._rows),
                 waiting_rows=sum(r.sampling.n for r in list(self._waiting)),
                 step_tenants=list(self._step_tenants),
+                shared_steps=collections.Counter(s.shared_steps),
             )
 
     def tokenizer(self):
@@ -986,6 +988,7 @@ class TorchEngine(Engine):
             self._stats.decode_steps += 1
             self._stats.generated_tokens += len(self._rows)
             self._step_tenants.append(self._tenants)
+            self._stats.shared_steps.update(self._tenant_pairs)
         self._record(0, tokens_B.tolist(), logprobs_B.tolist())
 
     def _record(self, start: int, tokens: list[int], logprobs: list[float]) -> None:
@@ -1037,6 +1040,8 @@ class TorchEngine(Engine):
         self._tenants = frozenset(
             None if row.request.adapter is None else row.request.adapter.tenant for row in self._rows
         )
+        named = sorted(t for t in self._tenants if t is not None)
+        self._tenant_pairs = [f"{a}|{b}" for i, a in enumerate(named) for b in named[i + 1:]]
 
     def _fail_everything(self, reason: str) -> None:
         """Fail every request and pending write (the loop is gone)."""
