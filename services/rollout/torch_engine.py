@@ -38,6 +38,7 @@ import structlog
 import torch
 import torch.nn.functional as F
 
+from shared.devices import resolve_device, resolve_dtype
 from shared.engine import (
     AdapterKey,
     AdapterNotLoaded,
@@ -72,23 +73,6 @@ CLOSE_JOIN_TIMEOUT_S = 30.0
 # Reuse gathered LoRA factors across decode steps only while they take less
 # than this (a big model x many rows would rather gather every step).
 GATHER_REUSE_MAX_BYTES = 1 << 30
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in names:
-        raise EngineError(f"unknown dtype {dtype!r}; use auto or one of {sorted(names)}")
-    return names[dtype]
 
 
 # ================================================================ model runner
@@ -130,7 +114,10 @@ class ModelRunner:
         self.max_rows = max_rows
         self.num_slots = max_loras + 1
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.dtype = resolve_dtype(dtype, self.device)
+        except ValueError as exc:
+            raise EngineError(str(exc)) from None
         config = AutoConfig.from_pretrained(model_dir)
         _check_config(config)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=self.dtype)

@@ -48,6 +48,7 @@ from services.trainer.tenants import TenantBank
 from shared.adapters import AdapterStore, DirectoryAdapterStore
 from shared.bus import Entry, PermanentError
 from shared.config import TrainerConfig
+from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
 from shared.messages import AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
 from shared.runtime import Service
@@ -79,21 +80,6 @@ class JobOutcome:
 
 
 # ---------------------------------------------------------------- model side
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in names:
-        raise ValueError(f"unknown dtype {dtype!r}; use auto or one of {sorted(names)}")
-    return names[dtype]
 
 
 def load_policy_model(model_dir: str, signature: LoraSignature, device: str = "auto", dtype: str = "auto"):
