@@ -104,7 +104,7 @@ class ExperimentSpec(_Struct):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    learning_rate: float = 1e-2
+    learning_rate: float = 2e-3
     lora_rank: int = 8
     max_off_policy_steps: int = 0
     kl_coef: float = 0.0

@@ -309,7 +309,7 @@ DEMO_SPEC = {
     "group_size": 8,
     "max_tokens": 8,
     "temperature": 1.0,
-    "learning_rate": 3e-3,
+    "learning_rate": 2e-3,
     "lora_rank": 8,
     "eval_size": 64,
 }
