@@ -170,3 +170,23 @@ def test_two_rollout_workers_two_trainer_shards(cluster_factory):
         trainers.setdefault(announcement.experiment_id, set()).add(announcement.trainer)
     for experiment_id in ids:
         assert trainers[experiment_id] == {f"trainer-{zlib.crc32(experiment_id.encode()) % 2}"}
+
+
+def test_clora_demo_writes_table_plot_and_json(tmp_path):
+    """``clora demo`` end to end (few steps: learning is checked above)."""
+    import json
+    import subprocess
+    import sys
+
+    results, plot = tmp_path / "demo.json", tmp_path / "rewards.png"
+    run = subprocess.run(
+        [sys.executable, "-m", "services.cli", "demo", "--steps", "2", "--data-dir", str(tmp_path / "data"),
+         "--json", str(results), "--plot", str(plot)],
+        capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "START ACC" in run.stdout and plot.stat().st_size > 0
+    experiments = json.loads(results.read_text())["experiments"]
+    assert len(experiments) == 4 and len({e["family"] for e in experiments}) == 4
+    for experiment in experiments:
+        assert experiment.keys() >= {"id", "family", "start_accuracy", "final_accuracy", "steps", "wall_s"}
+        assert experiment["steps"] == 2 and 0.0 <= experiment["final_accuracy"] <= 1.0
