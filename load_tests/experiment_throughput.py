@@ -321,6 +321,31 @@ class ModeRun:
     stop_s: float = 0.0  # cluster stop(s); never counted
     completions: int = 0
     timed_out: bool = False
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the counted time
+
+
+def process_cpu_s(pid: int | None) -> float | None:
+    """User + system CPU seconds of a live process (Linux ``/proc``), else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError, TypeError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_cpu_s(cluster) -> dict[str, float]:
+    """``process_cpu_s`` of every process of a cluster (those it can read)."""
+    readings = {name: process_cpu_s(pid) for name, pid in cluster.pids.items()}
+    return {name: seconds for name, seconds in readings.items() if seconds is not None}
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """CPU seconds each process used between two ``cluster_cpu_s`` readings."""
+    return {name: after[name] - before[name] for name in after if name in before}
+
+
+def add_cpu_used(total: dict[str, float], used: dict[str, float]) -> dict[str, float]:
+    return {name: total.get(name, 0.0) + used.get(name, 0.0) for name in {*total, *used}}
 
 
 def summarize_mode(run: ModeRun) -> dict:
@@ -329,6 +354,7 @@ def summarize_mode(run: ModeRun) -> dict:
     rollout_steps = [s for o in run.outcomes for s in o.rollout_step_s]
     train_steps = [s for o in run.outcomes for s in o.train_step_s]
     trainer_busy_s = sum(train_steps)
+    steps_done = sum(o.steps_done for o in run.outcomes)
     final = _spread([o.final_accuracy for o in finished if o.final_accuracy is not None])
     start = _spread([o.start_accuracy for o in finished if o.start_accuracy is not None])
     per_hour = 3600.0 * len(finished) / run.wall_s if run.wall_s > 0 and finished else 0.0
@@ -342,7 +368,7 @@ def summarize_mode(run: ModeRun) -> dict:
         "first_rollout_s": _mean([o.first_rollout_s for o in run.outcomes if o.first_rollout_s is not None]),
         "rollout_step_s": _mean(rollout_steps), "train_step_s": _mean(train_steps),
         "step_wall_s": _mean([o.step_wall_s for o in run.outcomes if o.step_wall_s is not None]),
-        "steps_done": sum(o.steps_done for o in run.outcomes),
+        "steps_done": steps_done,
         "trainer_busy_s": trainer_busy_s, "rollout_busy_s": run.rollout_busy_s,
         "trainer_busy_fraction": trainer_busy_s / run.wall_s if run.wall_s > 0 else None,
         "rollout_busy_fraction": run.rollout_busy_s / run.wall_s if run.wall_s > 0 else None,
@@ -351,6 +377,10 @@ def summarize_mode(run: ModeRun) -> dict:
         "start_accuracy_mean": start["mean"], "start_accuracy_std": start["std"],
         "startup_s": run.startup_s, "stop_s": run.stop_s, "completions": run.completions,
         "timed_out": run.timed_out,
+        "cpu_s": dict(sorted(run.cpu_s.items())),
+        "cpu_s_per_step": {name: s / max(steps_done, 1) for name, s in sorted(run.cpu_s.items())},
+        "cores_busy": sum(run.cpu_s.values()) / run.wall_s if run.wall_s > 0 and run.cpu_s else None,
+        "cpu_bound_ratio_vs_serial_warm": None,
     }
     row["bottleneck"] = bottleneck(row)
     return row
@@ -377,6 +407,23 @@ def add_throughput_ratios(rows: list[dict]) -> list[dict]:
     return rows
 
 
+def add_cpu_bounds(rows: list[dict], cores: int) -> list[dict]:
+    """Fill ``cpu_bound_ratio_vs_serial_warm``: the most a mode could gain over
+    serial-warm on ``cores`` cores with the CPU it spent per step, i.e.
+    serial-warm's wall time per step / (that mode's CPU seconds per step /
+    cores). A mode near its bound is limited by the machine's cores, not by
+    waiting."""
+    warm = next((r for r in rows if r["mode"] == "serial-warm"), None)
+    if warm is None or not warm["steps_done"]:
+        return rows
+    warm_step_s = warm["wall_s"] / warm["steps_done"]
+    for row in rows:
+        cpu_per_step = sum((row.get("cpu_s_per_step") or {}).values())
+        if cpu_per_step > 0:
+            row["cpu_bound_ratio_vs_serial_warm"] = warm_step_s / (cpu_per_step / cores)
+    return rows
+
+
 def results_table(rows: list[dict]) -> str:
     from services.cli.experiments import format_table
 
@@ -397,6 +444,26 @@ def results_table(rows: list[dict]) -> str:
                       num(r["mean_experiment_s"]), num(r["first_rollout_s"]), num(r["rollout_step_s"], 2),
                       num(r["train_step_s"], 3), pct(r["trainer_busy_fraction"]) + "%",
                       pct(r["rollout_busy_fraction"]) + "%", pct(r["start_accuracy_mean"]), final, r["bottleneck"]])
+    return format_table(table)
+
+
+def cpu_table(rows: list[dict]) -> str:
+    """CPU seconds per experiment step of each process, the cores the cluster
+    kept busy on average, and the CPU bound (``add_cpu_bounds``): where the
+    machine's time went."""
+    from services.cli.experiments import format_table
+
+    names = sorted({name for r in rows for name in r.get("cpu_s_per_step") or {}})
+    table = [["MODE", "N", *[f"{name.upper()} CPU/STEP S" for name in names], "TOTAL", "CORES BUSY",
+              "CPU-BOUND xWARM"]]
+    for r in rows:
+        per_step = r.get("cpu_s_per_step") or {}
+        bound = r.get("cpu_bound_ratio_vs_serial_warm")
+        table.append([r["mode"], str(r["n"]),
+                      *["-" if name not in per_step else f"{per_step[name]:.3f}" for name in names],
+                      f"{sum(per_step.values()):.3f}" if per_step else "-",
+                      "-" if r.get("cores_busy") is None else f"{r['cores_busy']:.2f}",
+                      "-" if bound is None else f"{bound:.2f}x"])
     return format_table(table)
 
 
@@ -475,17 +542,19 @@ class ThroughputBenchmark:
         specs = experiment_specs(self.settings, tag)
         cluster, startup_s = self._start_cluster(tag, max_concurrent=n)
         submitted: dict[str, float] = {}
-        timed_out = False
+        timed_out, cpu_s = False, {}
         try:
             client, keys = self._connect(cluster)
             try:
                 self._warm_up(cluster, client, keys, tag)
                 batches = [[s] for s in specs] if mode == "serial-warm" else [specs]
+                cpu_before = cluster_cpu_s(cluster)
                 for batch in batches:
                     submitted.update(self._submit(client, keys, batch))
                     if not self._wait(cluster, client, keys, [s.experiment_id for s in batch]):
                         timed_out = True
                         break
+                cpu_s = cpu_used(cpu_before, cluster_cpu_s(cluster))
                 outcomes, ends = self._collect(client, keys, specs, submitted)
                 busy_s, completions = self._rollout_busy(client, keys, since=min(submitted.values(), default=0.0))
             finally:
@@ -494,20 +563,22 @@ class ThroughputBenchmark:
             stop_s = self._stop_cluster(cluster)
         first_submit = min(submitted.values()) if submitted else time.time()
         wall_s = (max(ends) if ends and not timed_out else time.time()) - first_submit
-        return ModeRun(mode, n, wall_s, outcomes, busy_s, startup_s, stop_s, completions, timed_out)
+        return ModeRun(mode, n, wall_s, outcomes, busy_s, startup_s, stop_s, completions, timed_out, cpu_s)
 
     def run_serial_cold(self) -> ModeRun:
         specs = experiment_specs(self.settings, "sc")
         outcomes, wall_s, busy_s, completions, total_startup, total_stop = [], 0.0, 0.0, 0, 0.0, 0.0
-        timed_out = False
+        timed_out, cpu_s = False, {}
         for index, spec in enumerate(specs):
             began = time.time()
             cluster, startup_s = self._start_cluster(f"sc-{index}", max_concurrent=1)
             try:
                 client, keys = self._connect(cluster)
                 try:
+                    cpu_before = cluster_cpu_s(cluster)
                     submitted = self._submit(client, keys, [spec])
                     timed_out = not self._wait(cluster, client, keys, [spec.experiment_id])
+                    cpu_s = add_cpu_used(cpu_s, cpu_used(cpu_before, cluster_cpu_s(cluster)))
                     (outcome,), ends = self._collect(client, keys, [spec], submitted, startup_s)
                     spec_busy, spec_completions = self._rollout_busy(client, keys)
                 finally:
@@ -520,7 +591,8 @@ class ThroughputBenchmark:
             total_startup += startup_s
             if timed_out:
                 break
-        return ModeRun("serial-cold", 1, wall_s, outcomes, busy_s, total_startup, total_stop, completions, timed_out)
+        return ModeRun("serial-cold", 1, wall_s, outcomes, busy_s, total_startup, total_stop, completions, timed_out,
+                       cpu_s)
 
     def _warm_up(self, cluster, client, keys, tag: str) -> None:
         """One uncounted 1-step experiment, so a warm cluster is warm (first
@@ -722,7 +794,7 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
 def settings_record(settings: Settings) -> dict:
     record = asdict(settings)
     record["modes"], record["concurrency"] = list(settings.modes), list(settings.concurrency)
-    record["cpu_count"] = os.cpu_count()
+    record["cpu_count"] = len(os.sched_getaffinity(0))
     record["load_average_at_start"] = list(os.getloadavg())
     return record
 
@@ -759,7 +831,7 @@ def run_benchmark(settings: Settings) -> dict:
     finally:
         if not settings.keep_data:
             shutil.rmtree(data_root, ignore_errors=True)
-    rows = add_throughput_ratios([summarize_mode(run) for run in runs])
+    rows = add_cpu_bounds(add_throughput_ratios([summarize_mode(run) for run in runs]), len(os.sched_getaffinity(0)))
     report = _clean({
         "settings": {**settings_at_start, "env": settings.env},
         "results": rows,
@@ -769,6 +841,9 @@ def run_benchmark(settings: Settings) -> dict:
     })
     print()
     print(results_table(rows) if rows else "no results")
+    if any(r.get("cpu_s") for r in rows):
+        print()
+        print(cpu_table(rows))
     if error:
         print(f"stopped early: {error}")
     if settings.json_path:

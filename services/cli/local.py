@@ -96,7 +96,11 @@ class LocalCluster:
 
     @property
     def pids(self) -> dict[str, int | None]:
-        return {name: p.pid for name, p in self.processes.items()}
+        """Each service process's pid, and the embedded Redis server's as ``redis``."""
+        pids = {name: p.pid for name, p in self.processes.items()}
+        if self._redis is not None:
+            pids["redis"] = self._redis.pid
+        return pids
 
     def start(self) -> "LocalCluster":
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -5,19 +5,19 @@ One train step of one tenant:
 1. ``group_advantages``: per prompt group, advantage = reward - group mean
    (optionally divided by the group's std). A group whose rewards are all
    equal carries no signal and is skipped (and counted).
-2. ``build_batch``: prompt + completion token ids of every kept sample, right
-   padded, shifted for next-token prediction; a mask that is 1 only on
-   completion tokens; the behaviour logprobs that came with each completion
-   aligned to the same positions.
-3. ``token_logprobs``: log p(target token) under the current policy.
+2. ``build_batch``: the kept samples packed by shared prompt, one row per
+   prompt (the prompt is computed once for its group, see ``TrainBatch``);
+   the completion tokens flat, each with the position that predicts it, its
+   behaviour logprob and its completion's advantage.
+3. ``model_logprobs``: log p(completion token) under the current policy.
 4. ``policy_loss``: token-level PPO-style clipped importance ratio
    ``exp(logprobs - behaviour_logprobs)`` times the advantage, optional KL to
    the base model (k3 estimator, reference = the same model with its adapter
    disabled, see ``reference_logprobs``), averaged over completion tokens.
 
 On-policy the ratio is 1 in value, but its gradient is the policy gradient
-``A * grad log p``. Shapes are in the names: B sequences, T positions,
-V vocabulary, N samples of a group.
+``A * grad log p``. Shapes are in the names: B packed rows, L positions,
+K completion tokens, V vocabulary, N samples of a group.
 """
 
 from __future__ import annotations
@@ -54,35 +54,74 @@ class SequenceExample:
 
 @dataclass
 class TrainBatch:
-    """Right-padded, already shifted: position t of ``input_ids_B_T`` predicts
-    ``target_ids_B_T[:, t]``; ``completion_mask_B_T`` is 1.0 where that target
-    is a completion token (prompt and padding are 0)."""
+    """Completions packed by shared prompt: one row per distinct prompt,
+    ``[prompt, c1[:-1], c2[:-1], ...]``, so a prompt is computed once for its
+    whole group. Completion i attends to the prompt and causally to itself
+    only, at the positions it had when sampled (``position_ids_B_L``), so each
+    log-probability equals the one of ``prompt + ci`` alone. Rows are right
+    padded; a padding position attends to itself only.
 
-    input_ids_B_T: torch.Tensor
-    attention_mask_B_T: torch.Tensor
-    target_ids_B_T: torch.Tensor
-    completion_mask_B_T: torch.Tensor
-    behaviour_logprobs_B_T: torch.Tensor
-    advantages_B: torch.Tensor
+    The K completion tokens are flat: token k is ``target_K[k]``, predicted by
+    the logits at ``(row_K[k], position_K[k])`` (the last prompt position for
+    a completion's first token), with its behaviour log-prob and its
+    completion's advantage. Tokens are ordered by row: those of row b are
+    ``row_offsets[b]:row_offsets[b + 1]``; ``row_lengths[b]`` positions of
+    row b are used, the rest is padding."""
+
+    input_ids_B_L: torch.Tensor
+    position_ids_B_L: torch.Tensor
+    attend_B_L_L: torch.Tensor  # bool: query position (dim 1) may attend key position (dim 2)
+    row_lengths: list[int]
+    row_offsets: list[int]
+    row_K: torch.Tensor
+    position_K: torch.Tensor
+    target_K: torch.Tensor
+    behaviour_logprobs_K: torch.Tensor
+    advantages_K: torch.Tensor
+
+    _TENSORS = ("input_ids_B_L", "position_ids_B_L", "attend_B_L_L", "row_K", "position_K", "target_K",
+                "behaviour_logprobs_K", "advantages_K")
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.row_lengths)
 
     @property
     def num_tokens(self) -> int:
-        return int(self.completion_mask_B_T.sum().item())
+        return self.target_K.shape[0]
 
     def rows(self, start: int, stop: int) -> "TrainBatch":
-        """A micro-batch of rows ``start:stop``, trimmed of all-padding columns."""
-        width = int(self.attention_mask_B_T[start:stop].sum(dim=1).max().item())
+        """Rows ``start:stop`` with their tokens, trimmed of all-padding columns."""
+        width = max(self.row_lengths[start:stop])
+        first, last = self.row_offsets[start], self.row_offsets[stop]
         return TrainBatch(
-            input_ids_B_T=self.input_ids_B_T[start:stop, :width],
-            attention_mask_B_T=self.attention_mask_B_T[start:stop, :width],
-            target_ids_B_T=self.target_ids_B_T[start:stop, :width],
-            completion_mask_B_T=self.completion_mask_B_T[start:stop, :width],
-            behaviour_logprobs_B_T=self.behaviour_logprobs_B_T[start:stop, :width],
-            advantages_B=self.advantages_B[start:stop],
+            input_ids_B_L=self.input_ids_B_L[start:stop, :width],
+            position_ids_B_L=self.position_ids_B_L[start:stop, :width],
+            attend_B_L_L=self.attend_B_L_L[start:stop, :width, :width],
+            row_lengths=self.row_lengths[start:stop],
+            row_offsets=[offset - first for offset in self.row_offsets[start:stop + 1]],
+            row_K=self.row_K[first:last] - start,
+            position_K=self.position_K[first:last],
+            target_K=self.target_K[first:last],
+            behaviour_logprobs_K=self.behaviour_logprobs_K[first:last],
+            advantages_K=self.advantages_K[first:last],
         )
 
+    def micro_batches(self, max_padded_tokens: int) -> list["TrainBatch"]:
+        """Consecutive rows; each micro-batch holds at most ``max_padded_tokens``
+        (rows x its longest row) unless one row alone is longer."""
+        batches, start, width = [], 0, 0
+        for row, length in enumerate(self.row_lengths):
+            if row > start and (row - start + 1) * max(width, length) > max_padded_tokens:
+                batches.append(self.rows(start, row))
+                start, width = row, 0
+            width = max(width, length)
+        batches.append(self.rows(start, self.num_rows))
+        return batches
+
     def to(self, device: torch.device | str) -> "TrainBatch":
-        return TrainBatch(**{name: getattr(self, name).to(device) for name in self.__dataclass_fields__})
+        moved = {name: getattr(self, name).to(device) for name in self._TENSORS}
+        return TrainBatch(row_lengths=self.row_lengths, row_offsets=self.row_offsets, **moved)
 
 
 @dataclass
@@ -120,56 +159,108 @@ def group_advantages(rewards_per_group: Sequence[Sequence[float]], normalize_std
 
 
 def build_batch(examples: Sequence[SequenceExample], pad_id: int = 0) -> TrainBatch:
-    """Pack examples into one right-padded, shifted batch (see ``TrainBatch``)."""
+    """Pack examples into rows by shared prompt (see ``TrainBatch``)."""
     if not examples:
         raise ValueError("build_batch needs at least one example")
-    lengths = [len(e.prompt_ids) + len(e.completion_ids) - 1 for e in examples]
-    B, T = len(examples), max(lengths)
-    input_ids_B_T = torch.full((B, T), pad_id, dtype=torch.long)
-    target_ids_B_T = torch.full((B, T), pad_id, dtype=torch.long)
-    attention_mask_B_T = torch.zeros((B, T), dtype=torch.long)
-    completion_mask_B_T = torch.zeros((B, T), dtype=torch.float32)
-    behaviour_logprobs_B_T = torch.zeros((B, T), dtype=torch.float32)
-    for row, example in enumerate(examples):
-        _fill_row(row, example, input_ids_B_T, target_ids_B_T, attention_mask_B_T,
-                  completion_mask_B_T, behaviour_logprobs_B_T)
-    advantages_B = torch.tensor([e.advantage for e in examples], dtype=torch.float32)
-    return TrainBatch(input_ids_B_T, attention_mask_B_T, target_ids_B_T, completion_mask_B_T,
-                      behaviour_logprobs_B_T, advantages_B)
+    by_prompt: dict[tuple[int, ...], list[SequenceExample]] = {}
+    for example in examples:
+        _check_example(example)
+        by_prompt.setdefault(tuple(example.prompt_ids), []).append(example)
+    rows = [_pack_row(prompt, group) for prompt, group in by_prompt.items()]
+    B, L = len(rows), max(len(row.input_ids) for row in rows)
+    input_ids_B_L = torch.full((B, L), pad_id, dtype=torch.long)
+    position_ids_B_L = torch.zeros((B, L), dtype=torch.long)
+    # Padding attends to itself only: no all-masked query row, so no NaN anywhere.
+    attend_B_L_L = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)
+    tokens = {"row": [], "position": [], "target": [], "behaviour": [], "advantage": []}
+    row_offsets = [0]
+    for b, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids_B_L[b, :n] = torch.tensor(row.input_ids, dtype=torch.long)
+        position_ids_B_L[b, :n] = torch.tensor(row.positions, dtype=torch.long)
+        attend_B_L_L[b, :n, :n] = row.attend_N_N
+        for key, values in row.tokens.items():
+            tokens[key].extend(values)
+        tokens["row"].extend([b] * len(row.tokens["target"]))
+        row_offsets.append(len(tokens["row"]))
+    return TrainBatch(
+        input_ids_B_L=input_ids_B_L,
+        position_ids_B_L=position_ids_B_L,
+        attend_B_L_L=attend_B_L_L,
+        row_lengths=[len(row.input_ids) for row in rows],
+        row_offsets=row_offsets,
+        row_K=torch.tensor(tokens["row"], dtype=torch.long),
+        position_K=torch.tensor(tokens["position"], dtype=torch.long),
+        target_K=torch.tensor(tokens["target"], dtype=torch.long),
+        behaviour_logprobs_K=torch.tensor(tokens["behaviour"], dtype=torch.float32),
+        advantages_K=torch.tensor(tokens["advantage"], dtype=torch.float32),
+    )
 
 
-def _fill_row(row, example, input_ids_B_T, target_ids_B_T, attention_mask_B_T,
-              completion_mask_B_T, behaviour_logprobs_B_T) -> None:
-    prompt_len, completion_len = len(example.prompt_ids), len(example.completion_ids)
-    if prompt_len == 0:
+def _check_example(example: SequenceExample) -> None:
+    if len(example.prompt_ids) == 0:
         raise ValueError("an example needs at least one prompt token (the first completion token is predicted from it)")
-    if len(example.behaviour_logprobs) != completion_len:
-        raise ValueError(f"{len(example.behaviour_logprobs)} behaviour logprobs for {completion_len} completion tokens")
-    sequence = torch.tensor(list(example.prompt_ids) + list(example.completion_ids), dtype=torch.long)
-    length = len(sequence) - 1
-    input_ids_B_T[row, :length] = sequence[:-1]
-    target_ids_B_T[row, :length] = sequence[1:]
-    attention_mask_B_T[row, :length] = 1
-    # Target index t is token t+1 of the sequence: completion tokens are targets prompt_len-1 ...
-    first = prompt_len - 1
-    completion_mask_B_T[row, first:first + completion_len] = 1.0
-    behaviour_logprobs_B_T[row, first:first + completion_len] = torch.tensor(
-        list(example.behaviour_logprobs), dtype=torch.float32)
+    if len(example.completion_ids) == 0:
+        raise ValueError("an example needs at least one completion token")
+    if len(example.behaviour_logprobs) != len(example.completion_ids):
+        raise ValueError(f"{len(example.behaviour_logprobs)} behaviour logprobs for "
+                         f"{len(example.completion_ids)} completion tokens")
 
 
-def token_logprobs(logits_B_T_V: torch.Tensor, target_ids_B_T: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log p(target) per position, in fp32, with the sampler's temperature."""
-    logits_B_T_V = logits_B_T_V.float()
+@dataclass
+class _PackedRow:
+    input_ids: list[int]
+    positions: list[int]
+    attend_N_N: torch.Tensor
+    tokens: dict[str, list]  # position, target, behaviour, advantage: one entry per completion token
+
+
+def _pack_row(prompt: tuple[int, ...], group: list[SequenceExample]) -> _PackedRow:
+    """``[prompt, c1[:-1], c2[:-1], ...]``: a completion's last token is only
+    ever a target, never an input."""
+    P = len(prompt)
+    N = P + sum(len(e.completion_ids) - 1 for e in group)
+    attend_N_N = torch.zeros((N, N), dtype=torch.bool)
+    attend_N_N[:P, :P] = torch.ones((P, P), dtype=torch.bool).tril()
+    input_ids, positions = list(prompt), list(range(P))
+    tokens = {"position": [], "target": [], "behaviour": [], "advantage": []}
+    for example in group:
+        start, inputs = len(input_ids), list(example.completion_ids[:-1])
+        span = slice(start, start + len(inputs))
+        attend_N_N[span, :P] = True
+        attend_N_N[span, span] = torch.ones((len(inputs), len(inputs)), dtype=torch.bool).tril()
+        input_ids.extend(inputs)
+        positions.extend(range(P, P + len(inputs)))
+        # Token j of the completion is predicted at the position of token j-1 (the prompt's last for j=0).
+        tokens["position"].extend([P - 1] + list(range(start, start + len(inputs))))
+        tokens["target"].extend(example.completion_ids)
+        tokens["behaviour"].extend(example.behaviour_logprobs)
+        tokens["advantage"].extend([example.advantage] * len(example.completion_ids))
+    return _PackedRow(input_ids, positions, attend_N_N, tokens)
+
+
+def token_logprobs(logits_K_V: torch.Tensor, target_K: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log p(target) for each row of logits, in fp32, with the sampler's temperature."""
+    logits_K_V = logits_K_V.float()
     if temperature != 1.0:
-        logits_B_T_V = logits_B_T_V / temperature
-    target_logits_B_T = logits_B_T_V.gather(-1, target_ids_B_T.unsqueeze(-1)).squeeze(-1)
-    return target_logits_B_T - torch.logsumexp(logits_B_T_V, dim=-1)
+        logits_K_V = logits_K_V / temperature
+    target_logits_K = logits_K_V.gather(-1, target_K.unsqueeze(-1)).squeeze(-1)
+    return target_logits_K - torch.logsumexp(logits_K_V, dim=-1)
+
+
+def attention_bias(attend_B_L_L: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The boolean attention pattern as the additive ``(B, 1, L, L)`` mask a
+    transformers model takes as a custom 4D ``attention_mask``."""
+    bias_B_L_L = torch.zeros(attend_B_L_L.shape, dtype=dtype, device=attend_B_L_L.device)
+    return bias_B_L_L.masked_fill_(~attend_B_L_L, torch.finfo(dtype).min).unsqueeze(1)
 
 
 def model_logprobs(model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
-    """``token_logprobs`` of ``batch``'s targets under ``model`` (a causal LM)."""
-    logits_B_T_V = model(input_ids=batch.input_ids_B_T, attention_mask=batch.attention_mask_B_T).logits
-    return token_logprobs(logits_B_T_V, batch.target_ids_B_T, temperature)
+    """``token_logprobs`` of the batch's K completion tokens under ``model`` (a causal LM)."""
+    dtype = model.get_input_embeddings().weight.dtype
+    logits_B_L_V = model(input_ids=batch.input_ids_B_L, position_ids=batch.position_ids_B_L,
+                         attention_mask=attention_bias(batch.attend_B_L_L, dtype)).logits
+    return token_logprobs(logits_B_L_V[batch.row_K, batch.position_K], batch.target_K, temperature)
 
 
 def reference_logprobs(peft_model, batch: TrainBatch, temperature: float = 1.0) -> torch.Tensor:
@@ -179,45 +270,38 @@ def reference_logprobs(peft_model, batch: TrainBatch, temperature: float = 1.0) 
         return model_logprobs(peft_model, batch, temperature)
 
 
-def kl_to_reference(logprobs_B_T: torch.Tensor, ref_logprobs_B_T: torch.Tensor) -> torch.Tensor:
+def kl_to_reference(logprobs_K: torch.Tensor, ref_logprobs_K: torch.Tensor) -> torch.Tensor:
     """Per-token k3 estimate of KL(policy || reference): non-negative, zero
     exactly when the two agree, unbiased on samples from the policy."""
-    log_ratio_B_T = ref_logprobs_B_T - logprobs_B_T
-    return torch.exp(log_ratio_B_T) - log_ratio_B_T - 1.0
+    log_ratio_K = ref_logprobs_K - logprobs_K
+    return torch.exp(log_ratio_K) - log_ratio_K - 1.0
 
 
 def policy_loss(
-    logprobs_B_T: torch.Tensor,
-    behaviour_logprobs_B_T: torch.Tensor,
-    advantages_B: torch.Tensor,
-    completion_mask_B_T: torch.Tensor,
+    logprobs_K: torch.Tensor,
+    behaviour_logprobs_K: torch.Tensor,
+    advantages_K: torch.Tensor,
     clip_eps: float,
-    ref_logprobs_B_T: torch.Tensor | None = None,
+    ref_logprobs_K: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     total_tokens: int | None = None,
 ) -> LossTerms:
-    """Clipped-ratio policy-gradient loss (+ ``kl_coef`` * KL), mean over
-    completion tokens. ``total_tokens`` (default: this batch's) is the
-    denominator, so micro-batch losses add up to the full batch's mean."""
-    mask_B_T = completion_mask_B_T
-    num_tokens = int(mask_B_T.sum().item())
+    """Clipped-ratio policy-gradient loss (+ ``kl_coef`` * KL), mean over the
+    K completion tokens. ``total_tokens`` (default K) is the denominator, so
+    micro-batch losses add up to the full batch's mean."""
+    num_tokens = logprobs_K.shape[0]
     denominator = float(total_tokens if total_tokens is not None else max(num_tokens, 1))
-    # Zero the log-ratio off the completion (not multiply later): padding must not leak inf/NaN.
-    log_ratio_B_T = torch.where(mask_B_T > 0, logprobs_B_T - behaviour_logprobs_B_T, 0.0)
-    ratio_B_T = torch.exp(log_ratio_B_T)
-    advantages_B_1 = advantages_B.unsqueeze(-1)
-    unclipped_B_T = ratio_B_T * advantages_B_1
-    clipped_B_T = torch.clamp(ratio_B_T, 1.0 - clip_eps, 1.0 + clip_eps) * advantages_B_1
-    token_loss_B_T = -torch.minimum(unclipped_B_T, clipped_B_T)
-    policy_sum = (token_loss_B_T * mask_B_T).sum()
+    ratio_K = torch.exp(logprobs_K - behaviour_logprobs_K)
+    unclipped_K = ratio_K * advantages_K
+    clipped_K = torch.clamp(ratio_K, 1.0 - clip_eps, 1.0 + clip_eps) * advantages_K
+    policy_sum = -torch.minimum(unclipped_K, clipped_K).sum()
     loss = policy_sum / denominator
     kl_sum = 0.0
-    if ref_logprobs_B_T is not None:
-        ref_logprobs_B_T = torch.where(mask_B_T > 0, ref_logprobs_B_T, logprobs_B_T.detach())
-        kl_sum_t = (kl_to_reference(logprobs_B_T, ref_logprobs_B_T) * mask_B_T).sum()
+    if ref_logprobs_K is not None:
+        kl_sum_t = kl_to_reference(logprobs_K, ref_logprobs_K).sum()
         loss = loss + kl_coef * kl_sum_t / denominator
         kl_sum = kl_sum_t.item()
-    clipped_tokens = (((ratio_B_T - 1.0).abs() > clip_eps).float() * mask_B_T).sum().item()
+    clipped_tokens = ((ratio_K - 1.0).abs() > clip_eps).sum().item()
     return LossTerms(
         loss=loss,
         policy_loss=policy_sum.item() / denominator,
@@ -235,6 +319,6 @@ def is_finite(value: float | torch.Tensor) -> bool:
 
 __all__ = [
     "GroupAdvantages", "SequenceExample", "TrainBatch", "LossTerms", "group_advantage",
-    "group_advantages", "build_batch", "token_logprobs", "model_logprobs", "reference_logprobs",
+    "group_advantages", "build_batch", "token_logprobs", "attention_bias", "model_logprobs", "reference_logprobs",
     "kl_to_reference", "policy_loss", "is_finite",
 ]

@@ -54,7 +54,7 @@ from shared.messages import AdapterPublished, ExperimentEvent, TrainJob, TrainSt
 from shared.runtime import Service
 
 CONSUMER_GROUP = "trainer"
-MICRO_BATCH_ROWS = 64  # sequences per forward/backward; gradients accumulate across micro-batches
+MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
 PAD_TOKEN_ID = 0  # right padding under a zero attention mask: never attended, never a target
 
 
@@ -89,7 +89,9 @@ def load_policy_model(model_dir: str, signature: LoraSignature, device: str = "a
     from transformers import AutoModelForCausalLM
 
     torch_device = resolve_device(device)
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch_device))
+    # sdpa takes the packed batches' custom 4D masks (flash-attention kernels would not).
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch_device),
+                                                attn_implementation="sdpa")
     base.to(torch_device)
     lora_config = LoraConfig(
         r=signature.rank, lora_alpha=signature.alpha, target_modules=list(signature.target_modules),
@@ -103,12 +105,12 @@ class TrainerCore:
     """The model, the tenants and the store; every method runs in the model thread."""
 
     def __init__(self, model, store: AdapterStore, checkpoint_root: Path, signature: LoraSignature,
-                 base_model: str, micro_batch_rows: int = MICRO_BATCH_ROWS) -> None:
+                 base_model: str, micro_batch_tokens: int = MICRO_BATCH_TOKENS) -> None:
         self.model = model
         self.store = store
         self.signature = signature
         self.base_model = base_model
-        self.micro_batch_rows = micro_batch_rows
+        self.micro_batch_tokens = micro_batch_tokens
         self.bank = TenantBank(model, store, checkpoint_root)
         self.device = self.bank.device
 
@@ -203,16 +205,15 @@ class TrainerCore:
         # greedy samples report logprobs of the unscaled distribution (temperature 1)
         temperature = hyper.temperature if hyper.temperature > 0 else 1.0
         total_tokens = max(batch.num_tokens, 1)
-        rows = batch.input_ids_B_T.shape[0]
-        for start in range(0, rows, self.micro_batch_rows):
-            micro = batch.rows(start, min(start + self.micro_batch_rows, rows)).to(self.device)
-            ref_logprobs_B_T = None
+        for micro in batch.micro_batches(self.micro_batch_tokens):
+            micro = micro.to(self.device)
+            ref_logprobs_K = None
             if hyper.kl_coef > 0:
-                ref_logprobs_B_T = grpo.reference_logprobs(self.model, micro, temperature)
-            logprobs_B_T = grpo.model_logprobs(self.model, micro, temperature)
+                ref_logprobs_K = grpo.reference_logprobs(self.model, micro, temperature)
+            logprobs_K = grpo.model_logprobs(self.model, micro, temperature)
             terms = grpo.policy_loss(
-                logprobs_B_T, micro.behaviour_logprobs_B_T, micro.advantages_B, micro.completion_mask_B_T,
-                hyper.clip_eps, ref_logprobs_B_T, hyper.kl_coef, total_tokens=total_tokens,
+                logprobs_K, micro.behaviour_logprobs_K, micro.advantages_K, hyper.clip_eps,
+                ref_logprobs_K, hyper.kl_coef, total_tokens=total_tokens,
             )
             stats.loss += terms.loss.item()
             stats.kl += terms.kl
@@ -319,4 +320,4 @@ class TrainerService(Service):
 
 
 __all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
-           "CONSUMER_GROUP", "MICRO_BATCH_ROWS"]
+           "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]

@@ -263,11 +263,11 @@ def test_nothing_to_learn_still_publishes_the_next_version_unchanged(tiny_model_
 def test_micro_batches_and_kl_give_the_same_update_as_one_batch(tiny_model_dir, tmp_path):
     job = train_job("exp", 0, random_groups("exp", 0, 0, seed=3), kl_coef=0.1)
     weights = []
-    for micro_batch_rows in (64, 3):
+    for micro_batch_tokens in (16384, 40):
         model = load_policy_model(str(tiny_model_dir), SIGNATURE, device="cpu")
-        store = DirectoryAdapterStore(tmp_path / f"adapters-{micro_batch_rows}")
-        core = TrainerCore(model, store, tmp_path / f"checkpoints-{micro_batch_rows}", SIGNATURE,
-                           str(tiny_model_dir), micro_batch_rows=micro_batch_rows)
+        store = DirectoryAdapterStore(tmp_path / f"adapters-{micro_batch_tokens}")
+        core = TrainerCore(model, store, tmp_path / f"checkpoints-{micro_batch_tokens}", SIGNATURE,
+                           str(tiny_model_dir), micro_batch_tokens=micro_batch_tokens)
         outcome = core.handle(job)
         assert outcome.kind == "published" and not outcome.stats.skipped_update
         assert outcome.stats.kl == 0.0  # measured before the update: the fresh adapter is the base

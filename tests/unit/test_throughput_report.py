@@ -216,3 +216,31 @@ def test_set_passes_extra_service_environment():
     assert settings.env == {"CLORA_TORCH_THREADS": "2", "CLORA_MAX_ROWS": "128"}
     with pytest.raises(SystemExit):
         tp.parse_args(["--set", "CLORA_TORCH_THREADS"], demo_advice=ADVICE)
+
+
+def test_process_cpu_is_read_from_proc_and_differenced_per_process():
+    import os
+
+    before = tp.process_cpu_s(os.getpid())
+    sum(i * i for i in range(300_000))  # burn some CPU
+    after = tp.process_cpu_s(os.getpid())
+    assert before is not None and after >= before
+    assert tp.process_cpu_s(None) is None and tp.process_cpu_s(2 ** 31 - 1) is None
+    assert tp.cpu_used({"a": 1.0, "b": 2.0}, {"a": 1.5, "c": 9.0}) == {"a": 0.5}
+    assert tp.add_cpu_used({"a": 0.5}, {"a": 0.25, "b": 1.0}) == {"a": 0.75, "b": 1.0}
+
+
+def test_cpu_per_step_and_the_cpu_bound_against_serial_warm():
+    warm = tp.ModeRun("serial-warm", 1, 10.0, [outcome(0.5)], 1.0, cpu_s={"trainer": 4.0, "rollout": 6.0})
+    busy = tp.ModeRun("concurrent", 8, 4.0, [outcome(0.5)], 1.0, cpu_s={"trainer": 4.0, "rollout": 4.0})
+    rows = tp.add_cpu_bounds(tp.add_throughput_ratios([tp.summarize_mode(warm), tp.summarize_mode(busy)]), cores=2)
+    steps = rows[0]["steps_done"]
+    assert rows[1]["cpu_s_per_step"] == {"rollout": pytest.approx(4.0 / steps), "trainer": pytest.approx(4.0 / steps)}
+    assert rows[1]["cores_busy"] == pytest.approx(2.0)
+    # serial-warm takes 10 s of wall per 'steps' steps; concurrent spends 8 CPU s per 'steps' steps on 2 cores.
+    assert rows[1]["cpu_bound_ratio_vs_serial_warm"] == pytest.approx(10.0 / (8.0 / 2))
+    assert rows[0]["cpu_bound_ratio_vs_serial_warm"] == pytest.approx(10.0 / (10.0 / 2))
+    lines = tp.cpu_table(rows).splitlines()
+    assert "ROLLOUT CPU/STEP S" in lines[0] and lines[2].split()[-1] == "2.50x"
+    no_cpu = tp.summarize_mode(tp.ModeRun("serial-cold", 1, 1.0, [outcome(0.5)], 0.0))
+    assert no_cpu["cores_busy"] is None and tp.add_cpu_bounds([no_cpu], 2)[0]["cpu_bound_ratio_vs_serial_warm"] is None
