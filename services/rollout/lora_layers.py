@@ -333,7 +333,19 @@ def _pair_factors(
         a, b = found["A"], found["B"]
         _check_shapes(layer_idx, module, a, b, signature, layers[layer_idx][MODULE_TO_GROUP[module]])
         pairs[(layer_idx, module)] = (a, b)
+    _check_finite(pairs)
     return pairs
+
+
+def _check_finite(pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """One check over every factor (per-tensor checks cost more than the
+    load); the slow search for the culprit runs only on failure."""
+    flat = torch.cat([t.reshape(-1).float() for pair in pairs.values() for t in pair])
+    if bool(torch.isfinite(flat).all()):
+        return
+    for (layer_idx, module), (a, b) in sorted(pairs.items()):
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise EngineError(f"layer {layer_idx} {module}: non-finite values")
 
 
 def _check_shapes(
@@ -352,5 +364,3 @@ def _check_shapes(
         )
     if rank > signature.rank:
         raise EngineError(f"{where}: rank {rank} exceeds the signature's rank {signature.rank}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise EngineError(f"{where}: non-finite values")

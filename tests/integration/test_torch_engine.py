@@ -368,6 +368,8 @@ async def test_unknown_adapter_raises_adapter_not_loaded(engine):
 
 
 async def test_bad_adapter_directories_raise_engine_error_with_reason(engine, qwen3_setup, tmp_path):
+    from safetensors.torch import load_file
+
     _, adapters = qwen3_setup
     key = AdapterKey("bad", 1)
     with pytest.raises(EngineError, match="does not exist"):
@@ -398,6 +400,10 @@ async def test_bad_adapter_directories_raise_engine_error_with_reason(engine, qw
     wrong = {name.format("A"): torch.ones(8, 63), name.format("B"): torch.ones(64, 8)}
     with pytest.raises(EngineError, match="do not fit the model"):
         await engine.register_adapter(key, tensors=wrong)
+    poisoned = load_file(adapters[0] / "adapter_model.safetensors")
+    poisoned[name.format("B").replace("q_proj", "v_proj").replace("layers.0", "layers.1")][3, 2] = float("nan")
+    with pytest.raises(EngineError, match="layer 1 v_proj: non-finite values"):
+        await engine.register_adapter(key, tensors=poisoned)
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     (corrupt / "adapter_config.json").write_text(json.dumps({"r": 8, "lora_alpha": 16}))
