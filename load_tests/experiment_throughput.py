@@ -32,6 +32,12 @@ population std, min, max). Where the time goes: ``trainer_busy_s`` (sum of
 and ``rollout_busy_s`` (union over every completion of [handed to the engine,
 published], from the ``completions`` stream: time the engine had work), each
 also as a fraction of the wall time; the service near 1.0 is the bottleneck.
+And the machine's side (Linux): CPU seconds each process of the cluster
+(services and the embedded Redis) used over the counted time, per
+experiment step (``cpu_s_per_step``), the cores kept busy on average, and
+``cpu_bound_ratio_vs_serial_warm``: serial-warm's wall time per step over
+(this mode's CPU per step / the cores), the most this mode could gain on
+this machine without spending less CPU per step.
 
     python load_tests/experiment_throughput.py --experiments 8 --steps 10 \\
         --json /tmp/throughput.json --plot-dir /tmp/throughput
