@@ -55,7 +55,7 @@ from shared.runtime import Service
 
 CONSUMER_GROUP = "trainer"
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
-PAD_TOKEN_ID = 0  # right padding under a zero attention mask: never attended, never a target
+PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
 
 
 class VersionGap(RuntimeError):
