@@ -142,11 +142,12 @@ class StreamBus:
             retry_backoff_s=retry_backoff_s, drain_timeout_s=drain_timeout_s,
         )
 
-    async def ensure_group(self, stream: str, group: str) -> None:
+    async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
         """Create ``group`` on ``stream`` (and the stream) unless it exists.
-        A new group starts at the beginning of the stream."""
+        A new group starts at ``start_id``: the beginning of the stream, or
+        ``"$"`` for only what is added from now on."""
         try:
-            await self.redis.xgroup_create(self.key(stream), group, id="0", mkstream=True)
+            await self.redis.xgroup_create(self.key(stream), group, id=start_id, mkstream=True)
         except ResponseError as exc:
             if not str(exc).startswith("BUSYGROUP"):
                 raise

@@ -191,19 +191,12 @@ class RolloutService(Service):
         await self.engine.start()
         keep = self.config.adapter_keep_versions
         self.adapters = AdapterSet(self.engine, keep, self.log)
+        # This worker's private announcement group, from the stream's end:
+        # versions announced before it started are loaded on demand instead.
         self._watch_group = f"rollout-watch-{self.consumer_name}"
-        await self._create_watch_group()
+        await self.bus.ensure_group("adapters", self._watch_group, start_id="$")
         self.log.info("rollout_ready", capacity_rows=self.engine.capacity_rows,
                       request_concurrency=self.request_concurrency(), keep_versions=keep)
-
-    async def _create_watch_group(self) -> None:
-        """Start this worker's private announcement group at the stream's end:
-        versions announced before it started are loaded on demand instead."""
-        try:
-            await self.redis.xgroup_create(self.bus.key("adapters"), self._watch_group, id="$", mkstream=True)
-        except ResponseError as exc:
-            if not str(exc).startswith("BUSYGROUP"):
-                raise
 
     def request_concurrency(self) -> int:
         typical_n = self.config.typical_group_size

@@ -29,6 +29,10 @@ does the same with ``skip_reason="no_signal"`` and no event.
 Any error after the optimizer step but before v+1 is durable drops the
 tenant from memory, so the retry restores it from the store instead of
 applying the step twice.
+
+Each trainer also reads ``events`` in a private group: when the scheduler
+says an experiment ended (finished, cancelled, failed), the tenant's adapter
+and Adam state leave memory. Its versions and checkpoints stay on disk.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ from shared.messages import AdapterPublished, ExperimentEvent, TrainJob, TrainSt
 from shared.runtime import Service
 
 CONSUMER_GROUP = "trainer"
+ENDED_EVENT_CODES = frozenset({"finished", "cancelled", "failed"})  # the scheduler's end-of-experiment events
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
 PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
 
@@ -267,17 +272,23 @@ class TrainerService(Service):
         # One thread owns the model: torch work never runs on the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-model")
         self.core: TrainerCore | None = None  # set in setup
+        # This trainer's private view of the events stream (from its first start on): ended experiments leave memory.
+        self.events_group = f"trainer-watch-{self.consumer_name}"
         self.jobs_trained = 0
         self.jobs_republished = 0
 
     async def setup(self) -> None:
         await super().setup()
         self.core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
+        await self.bus.ensure_group("events", self.events_group, start_id="$")
         self.log.info("trainer_ready", model_dir=self.config.model_dir, device=str(self.core.device),
                       stream=self.stream, adapter_dir=str(self.store.root))
 
     def consumers(self):
-        return [self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=1)]
+        return [
+            self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=1),
+            self.consumer("events", self.events_group, self.on_event),
+        ]
 
     def status(self) -> dict:
         tenants = len(self.core.bank.tenants) if self.core else 0
@@ -297,6 +308,14 @@ class TrainerService(Service):
             await self.bus.publish(AdapterPublished(
                 experiment_id=job.experiment_id, version=outcome.version, step=job.step, path=outcome.path,
                 digest=outcome.digest, stats=outcome.stats, trainer=self.consumer_name, ts=now()))
+
+    async def on_event(self, event: ExperimentEvent, entry: Entry) -> None:
+        """An experiment that ended releases its adapter and Adam state from
+        memory (its versions and checkpoints stay on disk: a late job for it
+        restores them, as after a restart)."""
+        if event.code in ENDED_EVENT_CODES and self.core.bank.has(event.experiment_id):
+            await self._in_model_thread(self.core.bank.forget, event.experiment_id)
+            self.log.info("tenant_released", experiment_id=event.experiment_id, reason=event.code)
 
     def _count(self, outcome: JobOutcome) -> None:
         if outcome.kind == "republished":
@@ -320,4 +339,4 @@ class TrainerService(Service):
 
 
 __all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
-           "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]
+           "CONSUMER_GROUP", "ENDED_EVENT_CODES", "MICRO_BATCH_TOKENS"]

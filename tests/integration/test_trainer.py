@@ -433,6 +433,42 @@ async def test_restart_resumes_from_store_and_checkpoint(tiny_model_dir, tmp_pat
         await stop(second, task)
 
 
+async def test_an_ended_experiment_leaves_trainer_memory_and_a_late_job_restores_it(
+        tiny_model_dir, tmp_path, redis_url, stream_prefix, async_redis):
+    from shared.messages import now
+
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    adapters = StreamReader(async_redis, stream_prefix, "adapters")
+    service = TrainerService(service_config(redis_url, stream_prefix, tiny_model_dir, tmp_path))
+    task = await start(service)
+    try:
+        for tenant in ("done", "busy"):
+            for step in range(2):
+                await bus.publish(train_job(tenant, step, random_groups(tenant, step, step, seed=step)), "train_jobs:0")
+        await adapters.read(4)
+        bank = service.core.bank
+        await service._in_model_thread(bank.swap_out)
+        busy_before = snapshot(bank.get("busy"))
+        # Events that do not end an experiment, or name one this trainer never saw, change nothing.
+        for experiment_id, code in (("done", "admitted"), ("done", "nan_loss"), ("elsewhere", "finished")):
+            await bus.publish(ExperimentEvent(experiment_id=experiment_id, level="info", code=code, message="", ts=now()))
+        await bus.publish(ExperimentEvent(experiment_id="done", level="info", code="finished", message="", ts=now()))
+        for _ in range(int(EVENTUALLY_S / 0.05)):
+            if not bank.has("done"):
+                break
+            await asyncio.sleep(0.05)
+        assert not bank.has("done") and bank.has("busy")
+        assert service.status()["tenants"] == 1
+        assert_identical(busy_before, snapshot(bank.get("busy")))
+        # A late job for the ended experiment: restored from the store and its checkpoint, not restarted.
+        await bus.publish(train_job("done", 2, random_groups("done", 2, 2, seed=2)), "train_jobs:0")
+        (late,) = await adapters.read(1)
+        assert (late.experiment_id, late.version) == ("done", 3) and not late.stats.skipped_update
+        assert bank.optimizer_tensors("done")[1] == 3
+    finally:
+        await stop(service, task)
+
+
 # ---------------------------------------------------------------- CUDA
 
 
