@@ -65,6 +65,7 @@ class SchedulerConfig(BaseConfig, LoraConfig):
     train_queue_depth: int = 2  # outstanding train jobs per shard
     stall_timeout_s: float = 300.0  # re-publish a step's missing work after this long
     max_tokens_limit: int = 4096  # largest max_tokens an experiment may ask for
+    lease_ttl_s: float = 30.0  # one scheduler at a time: a standby takes over this long after the leader died
     model_dir: str = DEFAULT_MODEL_DIR  # for the tokenizer-free checks only
 
 

@@ -26,6 +26,11 @@ prompts of the family's eval split (the same prompts for every experiment of
 a family), under version 0 at admission (alongside step 0, not before it) and
 under the final version at the end. Experiments without a family have none.
 
+One scheduler per stream prefix: each takes a lease (``lease.Lease``)
+before it recovers; another waits on standby until the lease is given back
+(clean stop) or expires ``lease_ttl_s`` after its holder died, then takes
+over from the state in Redis. A scheduler that loses its lease stops.
+
 Every transition is one Redis transaction holding both the new state and the
 messages it publishes (``state.StateStore``); handlers run one at a time under
 one lock, so the in-memory views never disagree with what was written. After a
@@ -48,6 +53,7 @@ import msgspec
 from redis.exceptions import ResponseError
 
 from services.scheduler import spec as spec_rules
+from services.scheduler.lease import Lease
 from services.scheduler.state import (
     DONE_STEP_TTL_S,
     ExperimentView,
@@ -141,6 +147,8 @@ class SchedulerService(Service):
         self.stall_timeout_s = config.stall_timeout_s
         # set in setup
         self.store: StateStore | None = None
+        self.lease: Lease | None = None
+        self.leading = False  # holds the lease: the one scheduler of this prefix
         # in-memory views, rebuilt by recover()
         self.views: dict[str, ExperimentView] = {}  # queued and running experiments
         self.queue: list[str] = []  # queued ids, FIFO
@@ -156,11 +164,31 @@ class SchedulerService(Service):
     # ------------------------------------------------------------ lifecycle
 
     async def setup(self) -> None:
+        """Connect, wait to be the one scheduler (standby meanwhile), then recover."""
         await super().setup()
         self.store = StateStore(self.redis, self.config.stream_prefix, self.config.stream_maxlen)
-        await self.recover()
+        self.lease = Lease(self.redis, self.store.keys.scheduler_lease, self.consumer_name, self.config.lease_ttl_s)
+        self.leading = await self.lease.acquire(self.stopping, on_wait=self._on_standby)
+        if self.leading:
+            self.log.info("scheduler_leading", lease_ttl_s=self.config.lease_ttl_s)
+            await self.recover()
+
+    def _on_standby(self, holder: str | None) -> None:
+        self.log.warning("scheduler_standby", leader=holder,
+                         reason="another scheduler holds the lease; taking over when it stops or its lease expires")
+
+    async def close(self) -> None:
+        if self.leading:
+            try:
+                await self.lease.release()
+            except RETRYABLE_REDIS_ERRORS as exc:
+                self.log.warning("lease_not_released", error=repr(exc))  # it expires on its own
+            self.leading = False
+        await super().close()
 
     def consumers(self) -> list:
+        if not self.leading:
+            return []  # stopped while on standby
         # (handler, concurrency): handlers serialise on one lock anyway; more
         # than one in flight only lets the bus read results in batches.
         # Submissions stay one at a time so admission is FIFO.
@@ -174,7 +202,9 @@ class SchedulerService(Service):
                 for stream, (handler, concurrency) in handlers.items()]
 
     def background(self) -> list[Coroutine]:
-        return [self.watch_stalls(), self.watch_dead_letters()]
+        if not self.leading:
+            return []  # stopped while on standby
+        return [self.lease.keep(self.stopping), self.watch_stalls(), self.watch_dead_letters()]
 
     # ------------------------------------------------------------ recovery
 

@@ -65,6 +65,7 @@ class Keys:
         self.index = f"{prefix}exp_index"
         self.active = f"{prefix}exp_active"
         self.queue = f"{prefix}exp_queue"
+        self.scheduler_lease = f"{prefix}scheduler_lease"  # who is the one scheduler (services.scheduler.lease)
 
     def exp(self, experiment_id: str) -> str:
         return f"{self.prefix}exp:{experiment_id}"

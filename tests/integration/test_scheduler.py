@@ -155,7 +155,7 @@ class SchedulerRunner:
 def config(redis_url, stream_prefix) -> SchedulerConfig:
     return SchedulerConfig(redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="scheduler-test",
                            drain_timeout_s=2.0, reclaim_idle_s=1.0, heartbeat_ttl_s=3.0,
-                           max_concurrent=8, lora_rank=8)
+                           max_concurrent=8, lora_rank=8, lease_ttl_s=3.0)
 
 
 @pytest.fixture
@@ -510,3 +510,75 @@ async def test_local_cluster_runs_the_scheduler_process_and_restarts_it(redis_ur
     assert max(Counter(r.request_id for r in standins.requests).values()) == 1
     assert record.final_accuracy == 1.0
     assert not (tmp_path / "cluster" / "redis_url").exists()
+
+
+# ---------------------------------------------------------------- one scheduler at a time
+
+
+async def test_a_second_scheduler_stands_by_until_the_leader_stops_then_takes_over(config, standins, bus, sync_redis,
+                                                                                   stream_prefix):
+    from dataclasses import replace
+
+    steps = 20
+    standins.train_delay_s = 0.1  # long enough that the experiment outlives the leader
+    standins.start()
+    leader = SchedulerRunner(config)
+    await leader.start()
+    await bus.publish(ExperimentSubmit(spec=make_spec("solo", steps=steps, eval_size=2)))
+    await wait_for(lambda: len(standins.jobs) >= 2, what="two steps")
+
+    standby = SchedulerService(replace(config, consumer_name="scheduler-standby"))
+    standby_setup = asyncio.create_task(standby.setup())
+    await asyncio.sleep(1.0)
+    assert not standby_setup.done() and not standby.leading and not standby.views  # waiting, not working
+    assert sync_redis.get(Keys(stream_prefix).scheduler_lease) == b"scheduler-test"
+
+    await leader.stop()  # gives the lease back
+    await asyncio.wait_for(standby_setup, WAIT_S)
+    assert standby.leading and "solo" in standby.views
+    run = asyncio.create_task(standby.run())
+    try:
+        await wait_status(sync_redis, stream_prefix, "solo")
+    finally:
+        standby.stop()
+        await asyncio.wait_for(run, WAIT_S)
+        await standby.close()
+    assert [j.base_version for j in standins.jobs] == list(range(steps))
+    assert max(Counter(r.request_id for r in standins.requests).values()) == 1
+    assert sync_redis.get(Keys(stream_prefix).scheduler_lease) is None  # given back on a clean stop
+
+
+async def test_a_dead_leaders_lease_expires_and_a_leader_that_lost_it_stops(config, sync_redis, stream_prefix):
+    from dataclasses import replace
+
+    from shared.runtime import ServiceTaskDied
+
+    dead = SchedulerService(config)
+    await dead.setup()  # leads, then "dies": never runs, never renews, never gives the lease back
+    assert dead.leading
+    began = asyncio.get_running_loop().time()
+    heir = SchedulerService(replace(config, consumer_name="scheduler-heir"))
+    await asyncio.wait_for(heir.setup(), WAIT_S)
+    waited = asyncio.get_running_loop().time() - began
+    assert heir.leading and 0.5 * config.lease_ttl_s < waited < 3 * config.lease_ttl_s
+
+    # The heir loses its lease (someone else holds it now): it stops with an error instead of working on.
+    run = asyncio.create_task(heir.run())
+    await asyncio.sleep(0.2)
+    sync_redis.set(Keys(stream_prefix).scheduler_lease, "usurper")
+    with pytest.raises(ServiceTaskDied, match="usurper"):
+        await asyncio.wait_for(run, WAIT_S)
+    await heir.close()
+    assert sync_redis.get(Keys(stream_prefix).scheduler_lease) == b"usurper"  # not someone else's to give back
+
+    # Stopped while on standby: no consumers, no background work, and the lease stays where it is.
+    waiting = SchedulerService(replace(config, consumer_name="scheduler-waiting"))
+    setup = asyncio.create_task(waiting.setup())
+    await asyncio.sleep(0.3)
+    waiting.stop()
+    await asyncio.wait_for(setup, WAIT_S)
+    assert not waiting.leading and waiting.consumers() == [] and waiting.background() == []
+    await asyncio.wait_for(waiting.run(), WAIT_S)
+    await waiting.close()
+    await dead.redis.aclose()
+    assert sync_redis.get(Keys(stream_prefix).scheduler_lease) == b"usurper"
