@@ -266,6 +266,12 @@ class AdapterPublished(_Message, tag="adapter_published"):
     ts: float = 0.0
 
 
+# An experiment's terminal statuses. The scheduler ends a running experiment
+# with an ``ExperimentEvent`` whose ``code`` is the status it ended in
+# (a spec refused on submission gets ``invalid_spec`` instead).
+TERMINAL_STATUSES = frozenset({"finished", "cancelled", "invalid", "failed"})
+
+
 class ExperimentEvent(_Message, tag="experiment_event"):
     """Stream ``events``: something a user should see about an experiment.
     ``code`` is machine-readable (``invalid_spec``, ``reward_failed``,

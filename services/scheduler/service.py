@@ -320,17 +320,18 @@ class SchedulerService(Service):
             message = f"experiment is already {status}" if status else "unknown experiment"
             self._event(pipe, experiment_id, "warning", "cancel_ignored", message)
             return
-        self._end(view, pipe, "cancelled", code="cancelled", message=f"cancelled at step {view.version}")
+        self._end(view, pipe, "cancelled", message=f"cancelled at step {view.version}")
 
-    def _end(self, view: ExperimentView, pipe, status: str, *, code: str, message: str,
+    def _end(self, view: ExperimentView, pipe, status: str, *, message: str,
              level: str = "info", **fields: Any) -> None:
-        """Move an experiment to a terminal status; its last version stays."""
+        """Move an experiment to a terminal status, announced by an event whose
+        code is that status (``TERMINAL_STATUSES``); its last version stays."""
         experiment_id = view.experiment_id
         self.store.set_fields(pipe, experiment_id, status=status, finished_at=messages.now(),
                               final_adapter=view.adapter_path, **fields)
         pipe.srem(self.store.keys.active, experiment_id)
         pipe.zrem(self.store.keys.queue, experiment_id)
-        self._event(pipe, experiment_id, level, code, message)
+        self._event(pipe, experiment_id, level, status, message)
         view.status = status
         self.views.pop(experiment_id, None)
         if experiment_id in self.queue:
@@ -378,7 +379,7 @@ class SchedulerService(Service):
             self._mark_ready(view, pipe)
             self._finish_if_done(view, pipe)
         except ExperimentFailure as exc:
-            self._end(view, pipe, "failed", code="failed", message=str(exc), level="error", error=str(exc))
+            self._end(view, pipe, "failed", message=str(exc), level="error", error=str(exc))
 
     def _issue_due_steps(self, view: ExperimentView, pipe) -> None:
         spec = view.spec
@@ -440,7 +441,7 @@ class SchedulerService(Service):
         summary = f"finished {spec.steps} steps"
         if final is not None:
             summary += f"; held-out accuracy {start:.3f} -> {final:.3f}"
-        self._end(view, pipe, "finished", code="finished", message=summary,
+        self._end(view, pipe, "finished", message=summary,
                   start_accuracy=start, final_accuracy=final)
 
     def _dispatch(self, pipe) -> None:

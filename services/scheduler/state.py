@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from shared.messages import (
+    TERMINAL_STATUSES,
     ExperimentSpec,
     Prompt,
     ScoredCompletion,
@@ -46,7 +47,6 @@ from shared.messages import (
     stream_for,
 )
 
-TERMINAL_STATUSES = frozenset({"finished", "cancelled", "invalid", "failed"})
 STATUSES = ("queued", "running", *sorted(TERMINAL_STATUSES))
 DONE_STEP_TTL_S = 3600  # a trained step's groups stay readable this long
 

@@ -54,11 +54,10 @@ from shared.bus import Entry, PermanentError
 from shared.config import TrainerConfig
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
-from shared.messages import AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
+from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
 from shared.runtime import Service
 
 CONSUMER_GROUP = "trainer"
-ENDED_EVENT_CODES = frozenset({"finished", "cancelled", "failed"})  # the scheduler's end-of-experiment events
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
 PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
 
@@ -313,7 +312,7 @@ class TrainerService(Service):
         """An experiment that ended releases its adapter and Adam state from
         memory (its versions and checkpoints stay on disk: a late job for it
         restores them, as after a restart)."""
-        if event.code in ENDED_EVENT_CODES and self.core.bank.has(event.experiment_id):
+        if event.code in TERMINAL_STATUSES and self.core.bank.has(event.experiment_id):
             await self._in_model_thread(self.core.bank.forget, event.experiment_id)
             self.log.info("tenant_released", experiment_id=event.experiment_id, reason=event.code)
 
@@ -339,4 +338,4 @@ class TrainerService(Service):
 
 
 __all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
-           "CONSUMER_GROUP", "ENDED_EVENT_CODES", "MICRO_BATCH_TOKENS"]
+           "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]

@@ -56,15 +56,17 @@ def build_char_tokenizer():
                                    unk_token="<unk>", padding_side="left")
 
 
-def build_tiny_model(tokenizer):
+def build_tiny_model(tokenizer, **sizes):
+    """A seeded random 2-layer Qwen3 for ``tokenizer``; ``sizes`` override its dimensions."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    dimensions = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+                  "head_dim": 16, "max_position_embeddings": 128, **sizes}
     torch.manual_seed(0)
     return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=128,
-        initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), num_hidden_layers=2, initializer_range=0.1, tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id, **dimensions,
     ))
 
 

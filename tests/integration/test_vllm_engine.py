@@ -19,20 +19,13 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm")
 
 from services.rollout.vllm_engine import VLLMEngine  # noqa: E402
-from tests.integration.test_rollout_service import TARGETS, build_char_tokenizer  # noqa: E402
+from tests.integration.test_rollout_service import TARGETS, build_char_tokenizer, build_tiny_model  # noqa: E402
 
 
 def build_gpu_friendly_model(tokenizer):
     """Like the CPU tests' tiny Qwen3, with a head size vLLM's kernels support."""
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    return Qwen3ForCausalLM(Qwen3Config(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, head_dim=64, max_position_embeddings=256,
-        initializer_range=0.1, tie_word_embeddings=True, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-    ))
+    return build_tiny_model(tokenizer, hidden_size=128, intermediate_size=256, num_attention_heads=2,
+                            num_key_value_heads=1, head_dim=64, max_position_embeddings=256)
 
 
 @pytest.fixture(scope="module")
