@@ -36,6 +36,7 @@ class BaseConfig:
     reclaim_idle_s: float = 30.0
     drain_timeout_s: float = 20.0
     heartbeat_ttl_s: float = 10.0
+    max_entry_bytes: int = 16 * 1024 * 1024  # larger stream entries are dead-lettered unread
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
 
@@ -59,7 +60,26 @@ class LoraConfig:
 
 
 @dataclass
-class SchedulerConfig(BaseConfig, LoraConfig):
+class RewardLimits:
+    """What one experiment's reward may cost the shared reward service; the
+    scheduler refuses specs over them, the reward service enforces them."""
+
+    max_reward_timeout_s: float = 60.0  # largest reward.timeout_s
+    max_reward_attempts: int = 5  # largest reward.max_attempts
+    max_reward_budget_s: float = 120.0  # largest reward.timeout_s x reward.max_attempts
+
+
+@dataclass
+class TrainBudget:
+    """What one train job may cost the trainer; the scheduler refuses specs
+    over it, the trainer refuses jobs over it."""
+
+    max_train_tokens: int = 1_000_000  # prompt + completion tokens of one train job
+    max_packed_row_tokens: int = 16_384  # one group packed behind its prompt (attention mask ~ its square)
+
+
+@dataclass
+class SchedulerConfig(BaseConfig, LoraConfig, RewardLimits, TrainBudget):
     max_concurrent: int = 8
     num_trainer_shards: int = 1
     train_queue_depth: int = 2  # outstanding train jobs per shard
@@ -67,6 +87,7 @@ class SchedulerConfig(BaseConfig, LoraConfig):
     max_tokens_limit: int = 4096  # largest max_tokens an experiment may ask for
     lease_ttl_s: float = 30.0  # one scheduler at a time: a standby takes over this long after the leader died
     model_dir: str = DEFAULT_MODEL_DIR  # for the tokenizer-free checks only
+    ended_ttl_s: float = 7 * 24 * 3600.0  # an ended experiment's step data expires after this; its summary stays
 
 
 @dataclass
@@ -86,20 +107,22 @@ class RolloutConfig(BaseConfig, LoraConfig):
 
 
 @dataclass
-class RewardConfig(BaseConfig):
+class RewardConfig(BaseConfig, RewardLimits):
     http_allowlist: str = ""  # comma-separated URL prefixes allowed for http rewards
     max_inflight: int = 64
+    max_inflight_per_experiment: int = 16  # scoring slots one experiment may hold; a slow reward slows only itself
     retry_backoff_s: float = 0.5
 
 
 @dataclass
-class TrainerConfig(BaseConfig, LoraConfig):
+class TrainerConfig(BaseConfig, LoraConfig, TrainBudget):
     model_dir: str = DEFAULT_MODEL_DIR
     device: str = "auto"
     dtype: str = "auto"
     shard: int = 0
     num_shards: int = 1
     torch_threads: int = 1  # intra-op threads for model work (0: torch default)
+    adapter_retain_versions: int = 4  # versions kept on disk per experiment (plus what off-policy steps need)
 
 
 @dataclass
