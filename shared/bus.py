@@ -12,8 +12,15 @@
   keep flowing; a delivery is counted by Redis (the pending entry list), so
   the count survives crashes; past ``max_deliveries`` the entry goes to the
   dead-letter stream with the reason, then is acked;
-- a payload that does not decode, or ``PermanentError``, is dead-lettered at
-  once;
+- an entry that is not one ``msg`` field, is larger than ``max_entry_bytes``
+  (the dead letter keeps a bounded prefix and says the size), does not
+  decode, or whose handler raises ``PermanentError``, is dead-lettered at once;
+- Redis being unreachable is never fatal: every call retries with a capped
+  backoff (and a log line) until it succeeds or the consumer is stopped; a
+  handler that failed only because Redis was unreachable is retried without
+  that attempt counting towards ``max_deliveries``; a failure to ack or to
+  dead-letter leaves the entry pending for a later retry instead of killing
+  the consumer;
 - entries left idle longer than ``reclaim_idle_s`` by a dead consumer are
   taken over (``XAUTOCLAIM``); a live consumer renews the lease of the entries
   it is handling, so a slow handler is not handed to a second consumer;
@@ -52,13 +59,18 @@ SUFFIXED_STREAMS = frozenset({"train_jobs", "reward"})
 READ_BLOCK_MS = 500  # longest wait for new entries before re-checking stop/retries
 RETRY_BACKOFF_S = 0.2  # first retry of a failed handler; doubles per delivery
 MAX_RETRY_BACKOFF_S = 5.0
-REDIS_RETRY_BUDGET_S = 60.0  # how long a consumer rides out an unreachable Redis
-MAX_REDIS_RETRY_DELAY_S = 2.0
+MAX_REDIS_RETRY_DELAY_S = 2.0  # an unreachable Redis is retried this often at most, until stop
 CANCEL_GRACE_S = 2.0  # how long cancelled handlers get to unwind
 SETTLE_TIMEOUT_S = 5.0  # bound on the final acks after a drain
 MAX_REASON_CHARS = 2000
+DEFAULT_MAX_ENTRY_BYTES = 16 * 1024 * 1024
+OVERSIZED_PAYLOAD_KEPT_BYTES = 1024  # what a dead letter keeps of an entry over max_entry_bytes
+MAX_FIELD_NAMES_SHOWN = 5
 
 RETRYABLE_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+# Replies of a server that is up but cannot serve yet (loading its data,
+# a failover, memory pressure): worth waiting for, like a dropped connection.
+TRANSIENT_REPLY_PREFIXES = ("LOADING", "BUSY", "TRYAGAIN", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "OOM", "MISCONF")
 
 
 class PermanentError(Exception):
@@ -100,6 +112,22 @@ def _is_nogroup(exc: ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
+def is_redis_outage(exc: BaseException) -> bool:
+    """True for errors that mean "Redis is not reachable or not serving now",
+    which a loop waits out (retrying) instead of dying on."""
+    if isinstance(exc, ResponseError):
+        return str(exc).startswith(TRANSIENT_REPLY_PREFIXES)
+    return isinstance(exc, RETRYABLE_REDIS_ERRORS)
+
+
+def _is_connection_failure(exc: BaseException) -> bool:
+    """A handler error caused by Redis being away (not the handler's own
+    ``OSError``s, such as a missing file, which must count as failures)."""
+    return isinstance(exc, (RedisConnectionError, RedisTimeoutError)) or (
+        isinstance(exc, ResponseError) and str(exc).startswith(TRANSIENT_REPLY_PREFIXES)
+    )
+
+
 class StreamBus:
     """Publishes messages and builds consumers for one key prefix."""
 
@@ -135,11 +163,12 @@ class StreamBus:
         concurrency: int = 1,
         retry_backoff_s: float = RETRY_BACKOFF_S,
         drain_timeout_s: float = 20.0,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
     ) -> StreamConsumer:
         return StreamConsumer(
             self, stream, group, handler, consumer_name=consumer_name, max_deliveries=max_deliveries,
             reclaim_idle_s=reclaim_idle_s, batch_size=batch_size, concurrency=concurrency,
-            retry_backoff_s=retry_backoff_s, drain_timeout_s=drain_timeout_s,
+            retry_backoff_s=retry_backoff_s, drain_timeout_s=drain_timeout_s, max_entry_bytes=max_entry_bytes,
         )
 
     async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
@@ -155,15 +184,16 @@ class StreamBus:
     async def dead_letter(
         self, stream: str, entry_id: str, group: str, consumer: str, deliveries: int, reason: str, payload: bytes
     ) -> None:
-        """Write the entry to ``<prefix>dead_letters`` and ack it, atomically."""
+        """Write the entry to ``<prefix>dead_letters``, then ack it. Not one
+        MULTI: a MULTI runs the ack even when the write fails (Redis does not
+        roll back), and the entry would be lost. A crash between the two
+        leaves the entry pending: it is dead-lettered again (at least once)."""
         fields = {
             "stream": stream, "entry_id": entry_id, "group": group, "consumer": consumer,
             "deliveries": str(deliveries), "reason": reason[:MAX_REASON_CHARS], "payload": payload,
         }
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.key(DEAD_LETTER_STREAM), fields, maxlen=self.maxlen, approximate=True)
-            pipe.xack(self.key(stream), group, entry_id)
-            await pipe.execute()
+        await self.redis.xadd(self.key(DEAD_LETTER_STREAM), fields, maxlen=self.maxlen, approximate=True)
+        await self.redis.xack(self.key(stream), group, entry_id)
 
     async def dead_letters(self, stream: str | None = None) -> list[DeadLetter]:
         """Every dead letter (oldest first), only those of ``stream`` when given."""
@@ -221,9 +251,10 @@ class StreamConsumer:
         concurrency: int,
         retry_backoff_s: float,
         drain_timeout_s: float,
+        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
     ) -> None:
-        if concurrency < 1 or batch_size < 1 or max_deliveries < 1:
-            raise ValueError("concurrency, batch_size and max_deliveries must be >= 1")
+        if concurrency < 1 or batch_size < 1 or max_deliveries < 1 or max_entry_bytes < 1:
+            raise ValueError("concurrency, batch_size, max_deliveries and max_entry_bytes must be >= 1")
         if reclaim_idle_s <= 0:
             raise ValueError("reclaim_idle_s must be > 0")
         if not consumer_name:
@@ -240,6 +271,7 @@ class StreamConsumer:
         self.concurrency = concurrency
         self.retry_backoff_s = retry_backoff_s
         self.drain_timeout_s = drain_timeout_s
+        self.max_entry_bytes = max_entry_bytes
         self.key = bus.key(stream)
         self._redis = bus.redis
         self._log = log.bind(stream=stream, group=group, consumer=consumer_name)
@@ -247,6 +279,8 @@ class StreamConsumer:
         self._inflight: dict[str, asyncio.Task] = {}
         self._settling: set[asyncio.Task] = set()
         self._retry_due: dict[str, float] = {}  # entry id -> monotonic time of the next attempt
+        self._uncounted: dict[str, int] = {}  # entry id -> delivery count to keep (failed over a Redis outage)
+        self._stop: asyncio.Event = asyncio.Event()
         self._backlog_cursor: str | None = "0"  # own pending entries still to re-read; None: done
         self._autoclaim_cursor = "0-0"
         self._next_autoclaim_at = 0.0
@@ -272,14 +306,21 @@ class StreamConsumer:
     async def run(self, stop: asyncio.Event, drain_timeout_s: float | None = None) -> None:
         """Consume until ``stop`` is set, then drain in-flight handlers for at most
         ``drain_timeout_s`` (default: the consumer's own) and return.
-        Raises when Redis stays unreachable or acking fails unexpectedly."""
+        An unreachable Redis is waited for (not an error); raises only on an
+        unexpected Redis reply or a bug."""
         self._reset()
+        self._stop = stop
         await self._redis_call(lambda: self.bus.ensure_group(self.stream, self.group))
         self._log.info("consumer_started", concurrency=self.concurrency, max_deliveries=self.max_deliveries)
         stop_waiter = asyncio.create_task(stop.wait(), name=f"stop-waiter:{self.key}:{self.consumer_name}")
         lease_renewal = asyncio.create_task(self._renew_leases(), name=f"lease-renewal:{self.key}:{self.consumer_name}")
         try:
             await self._consume(stop, stop_waiter, lease_renewal)
+        except RETRYABLE_REDIS_ERRORS:
+            if not stop.is_set():
+                await self._abandon_inflight()
+                raise
+            # stopped while Redis was away: nothing more to read; drain below
         except BaseException:
             await self._abandon_inflight()
             raise
@@ -294,6 +335,7 @@ class StreamConsumer:
     def _reset(self) -> None:
         self._inflight.clear()
         self._retry_due.clear()
+        self._uncounted.clear()
         self._backlog_cursor = "0"
         self._autoclaim_cursor = "0-0"
         self._next_autoclaim_at = 0.0
@@ -397,9 +439,19 @@ class StreamConsumer:
         for entry_id in entry_ids:
             del self._retry_due[entry_id]
         min_idle_ms = int(self.retry_backoff_s * 1000 / 2)
-        claimed = await self._redis_call(
-            lambda: self._redis.xclaim(self.key, self.group, self.consumer_name, min_idle_ms, entry_ids)
-        )
+        counted = [i for i in entry_ids if i not in self._uncounted]
+        claimed = []
+        if counted:
+            claimed += await self._redis_call(
+                lambda: self._redis.xclaim(self.key, self.group, self.consumer_name, min_idle_ms, counted)
+            )
+        for entry_id in [i for i in entry_ids if i in self._uncounted]:
+            # RETRYCOUNT: an attempt that failed only because Redis was away is not a delivery
+            kept = self._uncounted.pop(entry_id)
+            claimed += await self._redis_call(
+                lambda: self._redis.xclaim(self.key, self.group, self.consumer_name, min_idle_ms, [entry_id],
+                                           retrycount=kept)
+            )
         return await self._with_delivery_counts([(_text(i), f) for i, f in claimed])
 
     async def _with_delivery_counts(self, entries: list[tuple[str, dict | None]]) -> list[_Delivery]:
@@ -414,30 +466,39 @@ class StreamConsumer:
         return deliveries
 
     async def _redis_call(self, call: Callable[[], Awaitable]):
-        """Run one Redis command: recreate the group on NOGROUP, ride out a
-        short Redis outage, raise after ``REDIS_RETRY_BUDGET_S``."""
-        deadline = None
+        """Run one Redis command: recreate the group on NOGROUP; while Redis is
+        unreachable (or not serving yet), retry with a capped backoff for as
+        long as the consumer is not stopping. Once it is, the outage error is
+        raised, so a stop ends the consumer promptly even without Redis."""
         delay_s = 0.1
         recreate_group = False
+        outage_since: float | None = None
         while True:
             try:
                 if recreate_group:
                     await self.bus.ensure_group(self.stream, self.group)
                     recreate_group = False
-                return await call()
+                result = await call()
             except ResponseError as exc:
-                if not _is_nogroup(exc):
+                if _is_nogroup(exc):
+                    self._log.warning("consumer_group_missing_recreating")
+                    recreate_group = True
+                    continue
+                if not is_redis_outage(exc):
                     raise
-                self._log.warning("consumer_group_missing_recreating")
-                recreate_group = True
+                error: BaseException = exc
             except RETRYABLE_REDIS_ERRORS as exc:
-                now = time.monotonic()
-                deadline = deadline or now + REDIS_RETRY_BUDGET_S
-                if now >= deadline:
-                    raise
-                self._log.warning("redis_unavailable_retrying", error=repr(exc), retry_in_s=delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, MAX_REDIS_RETRY_DELAY_S)
+                error = exc
+            else:
+                if outage_since is not None:
+                    self._log.info("redis_reachable_again", outage_s=round(time.monotonic() - outage_since, 2))
+                return result
+            if self._stop.is_set():
+                raise error if isinstance(error, RETRYABLE_REDIS_ERRORS) else RedisConnectionError(str(error))
+            outage_since = outage_since or time.monotonic()
+            self._log.warning("redis_unavailable_retrying", error=repr(error), retry_in_s=delay_s)
+            await _wait_for(self._stop, delay_s)
+            delay_s = min(delay_s * 2, MAX_REDIS_RETRY_DELAY_S)
 
     # ------------------------------------------------------------ handling
 
@@ -447,12 +508,11 @@ class StreamConsumer:
         with structlog.contextvars.bound_contextvars(stream=self.stream, entry_id=entry.entry_id):
             if not delivery.fields:
                 self._log.warning("pending_entry_was_trimmed")
-                await self._redis_call(lambda: self._redis.xack(self.key, self.group, entry.entry_id))
+                await self._settle_ack(entry)
                 return
-            payload = delivery.fields.get(PAYLOAD_FIELD.encode())
-            if payload is None:
-                fields = sorted(_text(k) for k in delivery.fields)
-                await self._dead_letter(entry, f"entry has no {PAYLOAD_FIELD!r} field (fields: {fields})", b"")
+            refusal, payload = entry_refusal(delivery.fields, self.max_entry_bytes)
+            if refusal is not None:
+                await self._dead_letter(entry, refusal, payload)
                 return
             try:
                 message = messages.decode(payload, self.stream)
@@ -478,19 +538,23 @@ class StreamConsumer:
         with structlog.contextvars.bound_contextvars(stream=entry.stream, entry_id=entry.entry_id, kind=kind):
             started = time.monotonic()
             error: str | None = None
-            permanent = False
+            outcome = "ok"
             try:
                 await self.handler(message, entry)
             except asyncio.CancelledError:
                 raise
             except PermanentError as exc:
-                error, permanent = f"permanent error: {exc}", True
+                error, outcome = f"permanent error: {exc}", "permanent"
                 self._log.warning("handler_permanent_error", error=str(exc))
             except Exception as exc:
-                error = f"{type(exc).__name__}: {exc}"
-                self._log.warning("handler_failed", deliveries=entry.deliveries, exc_info=True)
+                error, outcome = f"{type(exc).__name__}: {exc}", "failed"
+                if _is_connection_failure(exc):
+                    outcome = "redis_outage"
+                    self._log.warning("handler_failed_redis_unavailable", error=repr(exc))
+                else:
+                    self._log.warning("handler_failed", deliveries=entry.deliveries, exc_info=True)
             settle = asyncio.create_task(
-                self._settle(entry, payload, error, permanent, time.monotonic() - started),
+                self._settle_logged(entry, payload, error, outcome, time.monotonic() - started),
                 name=f"settle:{self.key}:{entry.entry_id}",
             )
             self._settling.add(settle)
@@ -498,27 +562,60 @@ class StreamConsumer:
             # A stop that cancels this handler now must not lose the ack.
             await asyncio.shield(settle)
 
-    async def _settle(self, entry: Entry, payload: bytes, error: str | None, permanent: bool, took_s: float) -> None:
+    async def _settle_logged(self, entry: Entry, payload: bytes, error: str | None, outcome: str,
+                             took_s: float) -> None:
+        """``_settle``; a failure to settle leaves the entry pending (it is
+        retried later) and never takes the consumer down."""
+        try:
+            await self._settle(entry, payload, error, outcome, took_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._log.error("settle_failed", error=repr(exc), exc_info=not is_redis_outage(exc))
+            self._retry_later(entry.entry_id, MAX_RETRY_BACKOFF_S)
+
+    async def _settle(self, entry: Entry, payload: bytes, error: str | None, outcome: str, took_s: float) -> None:
         if error is None:
             await self._redis_call(lambda: self._redis.xack(self.key, self.group, entry.entry_id))
             self.handled += 1
             self._log.debug("message_handled", took_s=round(took_s, 4))
             return
         self.failed += 1
-        if permanent:
+        if outcome == "permanent":
             await self._dead_letter(entry, error, payload)
+        elif outcome == "redis_outage":
+            self._uncounted[entry.entry_id] = entry.deliveries
+            self._retry_later(entry.entry_id, self.retry_backoff_s)
         elif entry.deliveries >= self.max_deliveries:
             await self._dead_letter(entry, f"failed {entry.deliveries} deliveries; last error: {error}", payload)
         else:
             backoff_s = min(self.retry_backoff_s * 2 ** (entry.deliveries - 1), MAX_RETRY_BACKOFF_S)
-            self._retry_due[entry.entry_id] = time.monotonic() + backoff_s
+            self._retry_later(entry.entry_id, backoff_s)
+
+    def _retry_later(self, entry_id: str, backoff_s: float) -> None:
+        if not self._stop.is_set():  # after a stop the entry stays pending for the next run
+            self._retry_due[entry_id] = time.monotonic() + backoff_s
+
+    async def _settle_ack(self, entry: Entry) -> None:
+        try:
+            await self._redis_call(lambda: self._redis.xack(self.key, self.group, entry.entry_id))
+        except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+            self._log.error("ack_failed", error=repr(exc))
+            self._retry_later(entry.entry_id, MAX_RETRY_BACKOFF_S)
 
     async def _dead_letter(self, entry: Entry, reason: str, payload: bytes) -> None:
-        await self._redis_call(
-            lambda: self.bus.dead_letter(
-                entry.stream, entry.entry_id, self.group, self.consumer_name, entry.deliveries, reason, payload
+        """Dead-letter and ack; when that fails (an odd reply, Redis gone at
+        stop), the entry stays pending and is tried again later."""
+        try:
+            await self._redis_call(
+                lambda: self.bus.dead_letter(
+                    entry.stream, entry.entry_id, self.group, self.consumer_name, entry.deliveries, reason, payload
+                )
             )
-        )
+        except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+            self._log.error("dead_letter_failed", entry_id=entry.entry_id, reason=reason, error=repr(exc))
+            self._retry_later(entry.entry_id, MAX_RETRY_BACKOFF_S)
+            return
         self.dead_lettered += 1
         self._log.error("message_dead_lettered", entry_id=entry.entry_id, deliveries=entry.deliveries, reason=reason)
 
@@ -533,12 +630,10 @@ class StreamConsumer:
                 continue
             try:
                 await self._redis.xclaim(self.key, self.group, self.consumer_name, 0, entry_ids, justid=True)
-            except RETRYABLE_REDIS_ERRORS as exc:
+            except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+                # Redis away, or the group gone (the main loop recreates it):
+                # the lease lapses at worst, and the next renewal tries again.
                 self._log.warning("lease_renewal_failed", error=repr(exc))
-            except ResponseError as exc:
-                if not _is_nogroup(exc):
-                    raise
-                # the main loop recreates the group on its next read
 
     # ------------------------------------------------------------ stopping
 
@@ -590,3 +685,48 @@ def _stream_entries(response) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
     if isinstance(response, dict):
         return next(iter(response.values()))[0] if response else []
     return response[0][1]
+
+
+async def _wait_for(event: asyncio.Event, timeout_s: float) -> None:
+    """Sleep ``timeout_s``, or less when ``event`` is set meanwhile."""
+    try:
+        await asyncio.wait_for(event.wait(), timeout_s)
+    except TimeoutError:
+        pass
+
+
+def entry_refusal(fields: dict, max_entry_bytes: int) -> tuple[str | None, bytes]:
+    """Why a stream entry cannot be a message, before decoding it (None: it
+    may be one), and the payload its dead letter keeps. One rule for every
+    reader of a stream, group consumer or not."""
+    size = sum(_byte_size(k) + _byte_size(v) for k, v in fields.items())
+    payload = fields.get(PAYLOAD_FIELD.encode())
+    if size > max_entry_bytes:
+        kept = _as_bytes(payload if payload is not None else b"")[:OVERSIZED_PAYLOAD_KEPT_BYTES]
+        return (f"entry is {size} bytes, over the limit of {max_entry_bytes} bytes (max_entry_bytes); "
+                f"not decoded; this dead letter keeps its first {len(kept)} payload bytes"), kept
+    names = _field_names(fields)
+    if payload is None:
+        return f"entry has no {PAYLOAD_FIELD!r} field (fields: {names})", b""
+    if len(fields) > 1:
+        return f"entry has fields other than {PAYLOAD_FIELD!r} (fields: {names})", _as_bytes(payload)
+    if not isinstance(payload, bytes):
+        return f"payload is {type(payload).__name__}, not bytes", _as_bytes(payload)
+    return None, payload
+
+
+def _byte_size(value) -> int:
+    return len(value) if isinstance(value, (bytes, str)) else len(repr(value))
+
+
+def _as_bytes(value) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return value.encode(errors="replace") if isinstance(value, str) else repr(value).encode()
+
+
+def _field_names(fields: dict) -> list[str]:
+    """A bounded, printable list of an entry's field names (they are hostile input)."""
+    names = sorted(repr(k.decode(errors="replace") if isinstance(k, bytes) else k)[:40] for k in fields)
+    shown = names[:MAX_FIELD_NAMES_SHOWN]
+    return shown + [f"... {len(names) - len(shown)} more"] if len(names) > len(shown) else shown

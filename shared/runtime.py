@@ -14,6 +14,11 @@ Heartbeat: key ``<prefix>heartbeat:<service>:<consumer_name>`` holds a
 msgpack map (``service``, ``consumer``, ``pid``, ``host``, ``started_at``,
 ``ts``, ``status``), refreshed every ``heartbeat_ttl_s / 3`` with a TTL of
 ``heartbeat_ttl_s``; deleted on a clean stop. ``clora check`` reads it.
+
+Redis outages: setup waits for Redis for as long as the service is not
+stopped, and no loop of the runtime (heartbeat, consumers) ends because Redis
+went away: each retries with a capped backoff and a log line, so a Redis
+restart needs no manual step. A stop still ends the service promptly.
 """
 
 from __future__ import annotations
@@ -32,14 +37,17 @@ import msgspec
 import redis.asyncio as aioredis
 import structlog
 
-from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer
+from redis.exceptions import AuthenticationError, ResponseError
+
+from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer, is_redis_outage
 
 if TYPE_CHECKING:  # shared.config pulls in the engine interface; keep the runtime light
     from shared.config import BaseConfig
 
 log = structlog.get_logger(__name__)
 
-CONNECT_TIMEOUT_S = 30.0  # how long setup waits for Redis (compose starts it alongside)
+CONNECT_RETRY_MAX_DELAY_S = 2.0  # setup waits for Redis (compose starts it alongside), retrying at most this often
+HEARTBEAT_REMOVAL_TIMEOUT_S = 2.0  # a stop does not wait longer for an unreachable Redis
 DRAIN_MARGIN_S = 5.0  # on top of drain_timeout_s: final acks and task unwinding
 HEARTBEAT_KEY_PART = "heartbeat"
 
@@ -92,11 +100,11 @@ class Service:
     # ------------------------------------------------------------ to override
 
     async def setup(self) -> None:
-        """Connect to Redis (waiting up to ``CONNECT_TIMEOUT_S``) and build the bus."""
+        """Connect to Redis (waiting for it until stopped) and build the bus."""
         if not self.config.redis_url:
             raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
         self.redis = aioredis.Redis.from_url(self.config.redis_url)
-        await _wait_for_redis(self.redis, self.config.redis_url)
+        await _wait_for_redis(self.redis, self.config.redis_url, self.stopping)
         self.bus = StreamBus(self.redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
 
     def consumers(self) -> list[StreamConsumer]:
@@ -118,13 +126,15 @@ class Service:
 
     def consumer(self, stream: str, group: str, handler: Handler, **options: Any) -> StreamConsumer:
         """``bus.consumer`` with this service's consumer name and the config's
-        ``max_deliveries``, ``reclaim_idle_s`` and ``drain_timeout_s``;
-        ``options`` override them or add ``batch_size``/``concurrency``."""
+        ``max_deliveries``, ``reclaim_idle_s``, ``drain_timeout_s`` and
+        ``max_entry_bytes``; ``options`` override them or add
+        ``batch_size``/``concurrency``."""
         defaults = {
             "consumer_name": self.consumer_name,
             "max_deliveries": self.config.max_deliveries,
             "reclaim_idle_s": self.config.reclaim_idle_s,
             "drain_timeout_s": self.config.drain_timeout_s,
+            "max_entry_bytes": self.config.max_entry_bytes,
         }
         return self.bus.consumer(stream, group, handler, **{**defaults, **options})
 
@@ -209,9 +219,11 @@ class Service:
         while True:
             try:
                 await self.redis.set(key, msgspec.msgpack.encode(self._heartbeat_value()), px=ttl_ms)
-            except RETRYABLE_REDIS_ERRORS as exc:
-                # Not fatal: the key lapses and healthchecks report it; consumers
-                # fail on their own if Redis stays away.
+            except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+                if not is_redis_outage(exc):
+                    raise
+                # Not fatal: the key lapses and healthchecks report it until
+                # Redis is back; the next beat writes it again.
                 self.log.warning("heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
 
@@ -230,9 +242,9 @@ class Service:
         key = heartbeat_key(self.config.stream_prefix, self.name, self.consumer_name)
         try:
             removal = asyncio.create_task(self.redis.delete(key), name=f"heartbeat-removal:{self.name}")
-            await asyncio.shield(removal)
-        except RETRYABLE_REDIS_ERRORS as exc:
-            self.log.warning("heartbeat_not_removed", error=repr(exc))
+            await asyncio.wait_for(asyncio.shield(removal), HEARTBEAT_REMOVAL_TIMEOUT_S)
+        except (TimeoutError, ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+            self.log.warning("heartbeat_not_removed", error=repr(exc))  # it expires on its own
 
 
 def _task_error(task: asyncio.Task) -> BaseException | None:
@@ -249,17 +261,27 @@ async def _cancel_and_wait(tasks: set[asyncio.Task]) -> None:
         await asyncio.wait(pending)
 
 
-async def _wait_for_redis(client: aioredis.Redis, url: str) -> None:
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+async def _wait_for_redis(client: aioredis.Redis, url: str, stopping: asyncio.Event) -> None:
+    """Wait until Redis answers, for as long as the service is not stopped
+    (a wrong password is not waited for: it never fixes itself)."""
+    delay_s = 0.25
     while True:
         try:
             await client.ping()
             return
-        except RETRYABLE_REDIS_ERRORS as exc:
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"Redis at {redact_url(url)} unreachable for {CONNECT_TIMEOUT_S:.0f} s") from exc
-            log.warning("redis_not_ready", url=redact_url(url), error=repr(exc))
-            await asyncio.sleep(1.0)
+        except AuthenticationError:
+            raise
+        except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+            if not is_redis_outage(exc):
+                raise
+            if stopping.is_set():
+                raise RuntimeError(f"stopped before Redis at {redact_url(url)} was reachable") from exc
+            log.warning("redis_not_ready", url=redact_url(url), error=repr(exc), retry_in_s=delay_s)
+        try:
+            await asyncio.wait_for(stopping.wait(), delay_s)
+        except TimeoutError:
+            pass
+        delay_s = min(delay_s * 2, CONNECT_RETRY_MAX_DELAY_S)
 
 
 # ---------------------------------------------------------------- entry point

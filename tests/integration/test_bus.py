@@ -372,3 +372,178 @@ def test_sigkilled_consumer_entry_is_handled_once_by_another(workers, sync_redis
     assert sync_redis.get(effects_key) == b"1"
     assert entry_id not in [d["message_id"].decode() for d in sync_redis.xpending_range(
         f"{stream_prefix}experiments", WORKER_GROUP, "-", "+", 10)]
+
+
+# ---------------------------------------------------------------- hostile entries (issue 12)
+
+
+async def test_entries_over_max_entry_bytes_are_dead_lettered_with_size_and_a_bounded_prefix(bus, async_redis):
+    handled: list[str] = []
+
+    async def handler(message, entry):
+        handled.append(message.experiment_id)
+
+    cap = 4096
+    big_but_valid = messages.encode(cancel("x" * (cap + 10)))  # would decode fine: refused for its size alone
+    big_garbage_field = {"msg": messages.encode(cancel("small")), "pad": b"z" * (cap * 4)}
+    big_id = (await async_redis.xadd(bus.key(STREAM), {"msg": big_but_valid})).decode()
+    garbage_id = (await async_redis.xadd(bus.key(STREAM), big_garbage_field)).decode()
+    await bus.publish(cancel("fits"))
+    consumer = bus.consumer(STREAM, GROUP, handler, consumer_name="c1", max_entry_bytes=cap)
+    async with running(consumer) as task:
+        letters = await eventually(lambda: _at_least(bus.dead_letters(STREAM), 2), what="2 dead letters")
+        await eventually(lambda: handled == ["fits"], what="the entry under the cap")
+        assert not task.done()
+    by_id = {d.entry_id: d for d in letters}
+    big = by_id[big_id]
+    assert f"entry is {len(big_but_valid) + 3} bytes" in big.reason and f"limit of {cap} bytes" in big.reason
+    assert "max_entry_bytes" in big.reason
+    assert big.payload == big_but_valid[:1024]
+    assert "limit of 4096 bytes" in by_id[garbage_id].reason
+    assert len(by_id[garbage_id].payload) <= 1024
+    assert await pending_count(bus) == 0
+
+
+async def test_odd_entries_are_dead_lettered_with_a_reason(bus, async_redis):
+    handled: list[str] = []
+
+    async def handler(message, entry):
+        handled.append(message.experiment_id)
+
+    odd_entries = {
+        "extra_field": {"msg": messages.encode(cancel("extra")), "trace": b"abc"},
+        "binary_field_name": {b"\xff\xfe\x00": b"x"},
+        "many_fields": {f"f{i}": b"v" for i in range(50)},
+        "empty_msg": {"msg": b""},
+        "deep_nesting": {"msg": b"\x81\xa1a" * 100_000 + b"\xc0"},
+        "hostile_id": {"msg": msgpack.packb({"kind": "experiment_cancel", "experiment_id": "victim:s0\n",
+                                             "schema": 1, "x": [1] * 10})},
+    }
+    ids = {name: (await async_redis.xadd(bus.key(STREAM), fields)).decode() for name, fields in odd_entries.items()}
+    async with running(bus.consumer(STREAM, GROUP, handler, consumer_name="c1")) as task:
+        letters = await eventually(lambda: _at_least(bus.dead_letters(STREAM), len(ids)), what="dead letters")
+        await bus.publish(cancel("fine"))
+        await eventually(lambda: handled == ["fine"], what="the good message")
+        assert not task.done()
+    reasons = {name: next(d.reason for d in letters if d.entry_id == entry_id) for name, entry_id in ids.items()}
+    assert "fields other than 'msg'" in reasons["extra_field"] and "'trace'" in reasons["extra_field"]
+    assert "no 'msg' field" in reasons["binary_field_name"]
+    assert "no 'msg' field" in reasons["many_fields"] and "45 more" in reasons["many_fields"]
+    assert len(reasons["many_fields"]) < 300
+    assert reasons["empty_msg"].startswith("cannot decode message")
+    assert "nested too deeply" in reasons["deep_nesting"]
+    assert "unknown field `x`" in reasons["hostile_id"]
+    assert await pending_count(bus) == 0
+
+
+@pytest.mark.parametrize("error", [RecursionError("deep"), MemoryError(), KeyError("k"), ValueError("v"),
+                                   ZeroDivisionError("z"), AssertionError("a")],
+                         ids=lambda e: type(e).__name__)
+async def test_any_handler_exception_is_retried_then_dead_lettered_never_fatal(bus, error):
+    attempts: list[int] = []
+
+    async def handler(message, entry):
+        if message.experiment_id == "bad":
+            attempts.append(entry.deliveries)
+            raise error
+
+    await bus.publish(cancel("bad"))
+    consumer = bus.consumer(STREAM, GROUP, handler, consumer_name="c1", max_deliveries=2, retry_backoff_s=0.05)
+    async with running(consumer) as task:
+        [letter] = await eventually(lambda: bus.dead_letters(STREAM), what="a dead letter")
+        assert not task.done()
+    assert attempts == [1, 2]
+    assert type(error).__name__ in letter.reason
+
+
+async def test_a_failing_dead_letter_write_leaves_the_entry_pending_and_the_consumer_alive(bus, async_redis):
+    """Dead-lettering itself can fail (here: the dead-letter key holds the
+    wrong type); the consumer keeps serving and dead-letters it later."""
+    handled: list[str] = []
+
+    async def handler(message, entry):
+        handled.append(message.experiment_id)
+
+    await async_redis.set(bus.key(DEAD_LETTER_STREAM), b"not a stream")
+    garbage_id = (await async_redis.xadd(bus.key(STREAM), {"msg": b"\xc1"})).decode()
+    consumer = bus.consumer(STREAM, GROUP, handler, consumer_name="c1", reclaim_idle_s=0.5)
+    async with running(consumer) as task:
+        await bus.publish(cancel("after"))
+        await eventually(lambda: handled == ["after"], what="the entry after the failed dead letter")
+        assert await pending_count(bus) == 1  # the garbage entry: still pending, not lost
+        assert consumer.dead_lettered == 0
+        await async_redis.delete(bus.key(DEAD_LETTER_STREAM))
+        [letter] = await eventually(lambda: bus.dead_letters(STREAM), what="the dead letter on a later try")
+        assert not task.done()
+    assert letter.entry_id == garbage_id and "cannot decode" in letter.reason
+    assert await pending_count(bus) == 0
+
+
+# ---------------------------------------------------------------- a Redis restart (issue 12)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own, so that it can be killed and restarted."""
+    from shared.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_consumer_rides_out_a_redis_restart_and_an_outage_failure_is_not_a_delivery(own_redis, stream_prefix):
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(own_redis.url)
+    bus = StreamBus(client, prefix=stream_prefix)
+    handled: list[tuple[str, int]] = []
+    outage = asyncio.Event()
+
+    async def handler(message, entry):
+        if message.experiment_id == "during":
+            await outage.wait()
+            await client.incr(stream_prefix + "effect")  # fails while Redis is down
+        handled.append((message.experiment_id, entry.deliveries))
+
+    await bus.publish(cancel("before"))
+    await bus.publish(cancel("during"))
+    consumer = bus.consumer(STREAM, GROUP, handler, consumer_name="c1", max_deliveries=1, retry_backoff_s=0.05)
+    async with running(consumer) as task:
+        await eventually(lambda: handled == [("before", 1)] and consumer.in_flight == 1, what="first entry")
+        own_redis.kill()
+        outage.set()
+        await eventually(lambda: consumer.failed >= 1, what="the handler failing on the outage")
+        await asyncio.sleep(1.0)  # the consumer keeps retrying meanwhile
+        assert not task.done()
+        own_redis.start()  # same port, same data
+        await eventually(lambda: ("during", 1) in handled, timeout_s=30, what="the entry handled after the restart")
+        await bus.publish(cancel("after"))
+        await eventually(lambda: ("after", 1) in handled, timeout_s=30, what="a new entry after the restart")
+        assert not task.done()
+    # max_deliveries=1, yet the entry that failed over the outage was retried, not dead-lettered
+    assert await bus.dead_letters(STREAM) == []
+    assert await client.get(stream_prefix + "effect") == b"1"
+    await client.aclose()
+
+
+async def test_stop_ends_a_consumer_promptly_while_redis_is_down(own_redis, stream_prefix):
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(own_redis.url)
+    bus = StreamBus(client, prefix=stream_prefix)
+
+    async def handler(message, entry):
+        return None
+
+    consumer = bus.consumer(STREAM, GROUP, handler, consumer_name="c1")
+    stop = asyncio.Event()
+    task = asyncio.create_task(consumer.run(stop), name="consumer-under-outage")
+    await eventually(lambda: client.exists(bus.key(STREAM)), what="the group and its stream")
+    own_redis.kill()
+    await asyncio.sleep(1.5)  # several failed reads: still running, retrying
+    assert not task.done()
+    stop.set()
+    await asyncio.wait_for(task, timeout=EVENTUALLY_S)  # returns (no error) although Redis is still down
+    await client.aclose()

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import replace
 
 import msgpack
@@ -114,6 +115,120 @@ async def test_a_background_task_that_returns_early_is_not_a_failure(redis_url, 
         service.stop()
         await asyncio.wait_for(task, EVENTUALLY_S)
         await service.close()
+
+
+class Recorder(Service):
+    """A service with one consumer (``experiments``) that records what it handled."""
+
+    name = "recorder"
+
+    def __init__(self, config) -> None:
+        super().__init__(config)
+        self.handled: list[str] = []
+
+    def consumers(self):
+        return [self.consumer("experiments", "recorders", self.handle)]
+
+    async def handle(self, message, entry) -> None:
+        self.handled.append(message.experiment_id)
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of this test's own, so that it can be killed and restarted."""
+    from shared.redis_server import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def _now(value):
+    return value
+
+
+async def _publish_cancel(url: str, prefix: str, experiment_id: str) -> None:
+    import redis.asyncio as aioredis
+
+    from shared.bus import StreamBus
+    from shared.messages import ExperimentCancel
+
+    client = aioredis.Redis.from_url(url)
+    try:
+        await StreamBus(client, prefix=prefix).publish(ExperimentCancel(experiment_id=experiment_id))
+    finally:
+        await client.aclose()
+
+
+async def test_service_rides_out_a_redis_restart_heartbeat_and_consumer_resume(own_redis, stream_prefix):
+    """Issue 12: a Redis restart mid-run needs no manual step."""
+    import redis.asyncio as aioredis
+
+    service = Recorder(base_config(own_redis.url, stream_prefix, heartbeat_ttl_s=0.6))
+    key = heartbeat_key(stream_prefix, "recorder", service.consumer_name)
+    task = await run_in_task(service)
+    observer = aioredis.Redis.from_url(own_redis.url)
+    try:
+        await _publish_cancel(own_redis.url, stream_prefix, "before")
+        await wait_async(lambda: _now(service.handled == ["before"]))
+        own_redis.kill()
+        await asyncio.sleep(2.0)  # several heartbeats and reads fail meanwhile
+        assert not task.done()
+        restarted_at = time.time()
+        own_redis.start()  # same port, same data
+        beat_after = decode_heartbeat(await wait_async(lambda: observer.get(key)))["ts"]
+        await _publish_cancel(own_redis.url, stream_prefix, "after")
+        await wait_async(lambda: _now(service.handled == ["before", "after"]))
+        assert not task.done()
+        assert beat_after >= restarted_at  # the beat that expired during the outage is written again
+    finally:
+        service.stop()
+        await asyncio.wait_for(task, EVENTUALLY_S)  # a clean stop: no ServiceTaskDied
+        await service.close()
+        await observer.aclose()
+
+
+async def test_stop_ends_a_service_promptly_while_redis_is_down(own_redis, stream_prefix):
+    service = Recorder(base_config(own_redis.url, stream_prefix))
+    task = await run_in_task(service)
+    await asyncio.sleep(0.5)
+    own_redis.kill()
+    await asyncio.sleep(1.0)
+    assert not task.done()
+    service.stop()
+    # well within drain_timeout_s + the drain margin, the bound the runtime would cancel at
+    await asyncio.wait_for(task, timeout=4.0)
+    await service.close()
+
+
+async def test_setup_waits_for_redis_until_it_comes_up(own_redis, stream_prefix):
+    url = own_redis.url
+    own_redis.kill()
+    service = Recorder(base_config(url, stream_prefix))
+    setup = asyncio.create_task(service.setup(), name="setup-under-test")
+    await asyncio.sleep(1.5)
+    assert not setup.done()  # still waiting, not failed
+    own_redis.start()
+    await asyncio.wait_for(setup, EVENTUALLY_S)
+    task = asyncio.create_task(service.run(), name="service-under-test")
+    await _publish_cancel(url, stream_prefix, "late")
+    await wait_async(lambda: _now(service.handled == ["late"]))
+    service.stop()
+    await asyncio.wait_for(task, EVENTUALLY_S)
+    await service.close()
+
+
+async def test_setup_gives_up_when_stopped_while_redis_is_away(own_redis, stream_prefix):
+    url = own_redis.url
+    own_redis.kill()
+    service = Recorder(base_config(url, stream_prefix))
+    setup = asyncio.create_task(service.setup(), name="setup-under-test")
+    await asyncio.sleep(0.5)
+    service.stop()
+    with pytest.raises(RuntimeError, match="stopped before Redis"):
+        await asyncio.wait_for(setup, EVENTUALLY_S)
+    await service.close()
 
 
 def test_run_service_exit_codes(redis_url, stream_prefix):
