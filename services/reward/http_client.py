@@ -43,6 +43,7 @@ from urllib.parse import SplitResult, urlsplit
 import structlog
 
 from services.reward.scoring import RewardError, check_reward_value
+from shared.deployment import port_of, refusal_reason
 from shared.messages import Completion, RewardSpec
 
 log = structlog.get_logger(__name__)
@@ -51,7 +52,6 @@ MAX_REPLY_BYTES = 1 << 20
 MAX_HEADER_LINES = 100
 MAX_BACKOFF_S = 30.0
 RETRYABLE_STATUSES = frozenset({408, 429})
-DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 @dataclass
@@ -60,48 +60,6 @@ class HttpReward:
     metrics: dict[str, float] = field(default_factory=dict)
     correct: bool | None = None
 
-
-# ---------------------------------------------------------------- allowlist
-
-
-def parse_allowlist(text: str) -> list[str]:
-    """``"http://a:1/score, https://b/"`` -> the list of prefixes."""
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
-def refusal_reason(url: str, allowlist: Sequence[str]) -> str | None:
-    """None when ``url`` may be called, else why not."""
-    target = urlsplit(url)
-    try:
-        target.port  # noqa: B018 (raises ValueError for a malformed port)
-    except ValueError:
-        return f"reward url {url!r} is not a valid URL (bad port)"
-    if target.scheme not in DEFAULT_PORTS or not target.hostname:
-        return f"reward url {url!r} is not an http(s) URL"
-    if target.username or target.password:
-        return f"reward url {url!r} must not carry credentials"
-    if not allowlist:
-        return "http rewards are disabled: the reward service's allowlist (CLORA_HTTP_ALLOWLIST) is empty"
-    if any(_under_prefix(target, urlsplit(prefix)) for prefix in allowlist):
-        return None
-    return f"reward url {url!r} is not on the reward service's allowlist {list(allowlist)}"
-
-
-def _under_prefix(target: SplitResult, allowed: SplitResult) -> bool:
-    try:
-        allowed.port  # noqa: B018
-    except ValueError:
-        return False  # a malformed allowlist entry allows nothing
-    if (target.scheme, target.hostname, _port(target)) != (allowed.scheme, allowed.hostname, _port(allowed)):
-        return False
-    base = allowed.path or "/"
-    path = target.path or "/"
-    # Match at a path-segment boundary: "/score" allows "/score/x", not "/scoreboard".
-    return path == base or path.startswith(base if base.endswith("/") else base + "/")
-
-
-def _port(parts: SplitResult) -> int | None:
-    return parts.port or DEFAULT_PORTS.get(parts.scheme)
 
 
 # ---------------------------------------------------------------- protocol
@@ -167,7 +125,7 @@ async def post_json(url: str, payload: dict) -> tuple[int, bytes]:
     data = json.dumps(payload).encode("utf-8")
     try:
         reader, writer = await asyncio.open_connection(
-            parts.hostname, _port(parts), ssl=ssl.create_default_context() if parts.scheme == "https" else None,
+            parts.hostname, port_of(parts), ssl=ssl.create_default_context() if parts.scheme == "https" else None,
         )
     except OSError as exc:
         raise RewardError(f"cannot connect to {parts.netloc}: {exc.strerror or exc}", retryable=True) from None

@@ -8,16 +8,21 @@ measures the task while the policy is pushed away from it.
 
 A scorer that cannot score (unknown family, missing answer, bad pattern)
 raises ``RewardError`` with a reason a user can act on.
+
+Regex rewards are a user's pattern: they run through
+``shared.patterns.compile_pattern`` (RE2, matching time linear in the text),
+never Python's backtracking ``re``, which holds the GIL for as long as one
+pattern backtracks and so would freeze every tenant's scoring. A pattern RE2
+cannot take fails the group with RE2's reason.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import re
 from dataclasses import dataclass, field
 
 from shared.messages import RewardSpec
+from shared.patterns import PatternError, compile_pattern
 
 BUILTIN_TYPES = ("family", "exact_match", "regex")
 
@@ -57,12 +62,17 @@ def apply_invert(score: SampleScore, invert: bool) -> SampleScore:
 
 
 def check_reward_value(value: object) -> float:
-    """A reward a service replied with, as a finite float (bools count as 0/1)."""
+    """A reward a service replied with, as a finite float (bools count as 0/1).
+    NaN and infinities are refused: one of them would turn the group's
+    advantages, and so the whole train step, into NaN."""
     if isinstance(value, bool):
         return float(value)
     if not isinstance(value, (int, float)):
         raise RewardError(f"reward must be a number, got {type(value).__name__}")
-    reward = float(value)
+    try:
+        reward = float(value)
+    except OverflowError:  # an integer too large for a float, e.g. JSON 1 followed by 400 zeros
+        raise RewardError("reward must be finite, got an integer too large for a float") from None
     if not math.isfinite(reward):
         raise RewardError(f"reward must be finite, got {reward}")
     return reward
@@ -93,13 +103,9 @@ def _score_exact_match(text: str, answer: str | None) -> SampleScore:
 def _score_regex(pattern: str | None, text: str) -> SampleScore:
     if not pattern:
         raise RewardError("reward type 'regex' needs reward.pattern")
-    matched = compile_pattern(pattern).search(text) is not None
-    return SampleScore(reward=float(matched), correct=matched)
-
-
-@functools.lru_cache(maxsize=256)
-def compile_pattern(pattern: str) -> re.Pattern[str]:
     try:
-        return re.compile(pattern)
-    except re.error as exc:
+        compiled = compile_pattern(pattern)  # RE2, cached: see the module doc
+    except PatternError as exc:
         raise RewardError(f"invalid regex {pattern!r}: {exc}") from None
+    matched = compiled.search(text) is not None
+    return SampleScore(reward=float(matched), correct=matched)

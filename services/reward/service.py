@@ -1,19 +1,39 @@
 """The reward service: scores every completion with its experiment's reward.
 
-Consumes ``completions`` (group ``reward``) with up to ``max_inflight``
-completions scored at once, so one experiment's slow or failing reward
-(per-call timeouts, bounded retries) never delays another's. Publishes one
-``ScoredCompletion`` per completion to ``scored``; when scoring fails the
-result carries ``reward_error`` (zero rewards, not to be trained on) and an
-``ExperimentEvent(code="reward_failed")`` says why. The service itself never
-stops over a reward.
+Consumes ``completions`` (group ``reward``) and publishes one
+``ScoredCompletion`` per completion to ``scored``; when scoring fails (the
+reward failed, timed out, or replied with something that is not a finite
+number) the result carries ``reward_error`` (zero rewards, not to be trained
+on) and an ``ExperimentEvent(code="reward_failed")`` says why. The service
+itself never stops over a reward.
+
+Fair scoring. Every scoring call (one HTTP request per sample, one forward to
+a reward worker, one built-in scoring of a completion) holds a slot of
+``ScoringSlots``: at most ``max_inflight`` calls at once, at most
+``max_inflight_per_experiment`` of one experiment, whose excess waits on the
+experiment's own slots (see ``services.reward.limits``). Each call's
+``timeout_s`` and ``max_attempts`` are clamped to the ``RewardLimits`` and the
+whole call (retries and backoff included) to ``max_reward_budget_s``.
+
+A handler waiting for its experiment's slots still occupies a consumer slot,
+and the consumer reads an entry only when one is free. So the consumer reads
+``READ_AHEAD_PER_SLOT`` times more completions than there are scoring slots:
+a slow tenant's waiting completions fill at most ``max_inflight_per_experiment``
+scoring slots while the read-ahead lets the completions behind them (other
+tenants') be read and scored. The read-ahead bounds memory (waiting
+completions are held decoded) and is the limit of the guarantee: a slow
+tenant's backlog larger than the read-ahead, all of it ahead of another
+tenant's completions on the stream, delays that tenant until the backlog
+shrinks below it. Entries waiting here stay pending in Redis (their lease is
+renewed), so a crash loses none.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
-from services.reward.http_client import HttpReward, HttpRewardClient, parse_allowlist, request_body
+from services.reward.http_client import HttpReward, HttpRewardClient, request_body
 from services.reward.scoring import (
     BUILTIN_TYPES,
     RewardError,
@@ -21,12 +41,17 @@ from services.reward.scoring import (
     apply_invert,
     score_builtin,
 )
+from services.reward.limits import ScoringSlots, bounded_spec
 from services.reward.worker import WorkerReplies, combine_scores, failed_result
+from shared.bus import RETRYABLE_REDIS_ERRORS
 from shared.config import RewardConfig
-from shared.messages import Completion, ExperimentEvent, ScoredCompletion, now
+from shared.deployment import parse_allowlist, read_allowlist_async
+from shared.messages import Completion, ExperimentEvent, RewardSpec, ScoredCompletion, now
 from shared.runtime import Service
 
 CONSUMER_GROUP = "reward"
+READ_AHEAD_PER_SLOT = 8  # completions read (in flight or waiting) per scoring slot: see the module doc
+ALLOWLIST_REFRESH_S = 2.0  # how soon `clora allowlist add|remove` takes effect
 
 
 class RewardService(Service):
@@ -34,21 +59,49 @@ class RewardService(Service):
 
     def __init__(self, config: RewardConfig) -> None:
         super().__init__(config)
-        self.http = HttpRewardClient(parse_allowlist(config.http_allowlist), backoff_s=config.retry_backoff_s)
+        self.configured_allowlist = parse_allowlist(config.http_allowlist)
+        self.http = HttpRewardClient(self.configured_allowlist, backoff_s=config.retry_backoff_s)
+        self.slots = ScoringSlots(max(1, config.max_inflight), max(1, config.max_inflight_per_experiment))
         self.worker_replies: WorkerReplies | None = None  # set in setup (needs the bus)
 
     async def setup(self) -> None:
         await super().setup()
-        self.worker_replies = WorkerReplies(self.bus, self.redis)
+        self.worker_replies = WorkerReplies(self.bus, self.redis, consumer_name=self.consumer_name,
+                                            max_entry_bytes=self.config.max_entry_bytes)
         await self.worker_replies.start()
-        self.log.info("reward_allowlist", prefixes=self.http.allowlist)
+        await self._refresh_allowlist()
 
     def consumers(self):
-        return [self.consumer("completions", CONSUMER_GROUP, self.on_completion,
-                              concurrency=max(1, self.config.max_inflight))]
+        read_ahead = self.slots.total * READ_AHEAD_PER_SLOT
+        return [self.consumer("completions", CONSUMER_GROUP, self.on_completion, concurrency=read_ahead)]
 
     def background(self):
-        return [self.worker_replies.run(self.stopping)]
+        return [self.worker_replies.run(self.stopping), self.watch_allowlist()]
+
+    async def watch_allowlist(self) -> None:
+        """Follow the operator's allow-list (``shared.deployment.allowlist_key``)
+        while running; the configured prefixes always stay."""
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), ALLOWLIST_REFRESH_S)
+                return
+            except TimeoutError:
+                pass
+            try:
+                await self._refresh_allowlist()
+            except RETRYABLE_REDIS_ERRORS as exc:
+                self.log.warning("reward_allowlist_refresh_failed", error=repr(exc))  # keep the last one
+
+    async def _refresh_allowlist(self) -> None:
+        added = await read_allowlist_async(self.redis, self.config.stream_prefix)
+        allowlist = [*self.configured_allowlist, *sorted(set(added) - set(self.configured_allowlist))]
+        if allowlist != self.http.allowlist or not self.http.allowlist:
+            self.http.allowlist = allowlist
+            self.log.info("reward_allowlist", prefixes=allowlist)
+
+    def status(self) -> dict[str, Any]:
+        replies_dead_lettered = self.worker_replies.dead_lettered if self.worker_replies else 0
+        return {"scoring_slots": self.slots.status(), "reward_replies_dead_lettered": replies_dead_lettered}
 
     async def on_completion(self, completion: Completion, entry) -> None:
         scored = await self.score(completion)
@@ -62,31 +115,33 @@ class RewardService(Service):
         """Score every sample of ``completion`` (never raises for a bad reward)."""
         if completion.error is not None:
             return failed_result(completion, f"generation failed: {completion.error}")
-        spec = completion.reward
+        spec = bounded_spec(completion.reward, self.config)
         if spec.type in BUILTIN_TYPES:
             scored = await self._score_builtin(completion)
         elif spec.type == "http":
-            scored = await self._score_http(completion)
+            scored = await self._score_http(completion, spec)
         elif spec.type == "worker":
-            scored = await self._score_worker(completion)
+            scored = await self._score_worker(completion, spec)
         else:
             scored = failed_result(completion, f"unknown reward type {spec.type!r}")
         return _inverted(scored) if spec.invert and scored.reward_error is None else scored
 
     async def _score_builtin(self, completion: Completion) -> ScoredCompletion:
-        # A thread, because a user's regex may backtrack for a long time.
+        # A thread keeps the loop free for long completions; user regexes are
+        # RE2 (linear time), so no pattern can hold the thread, or the GIL, for long.
         def score_all() -> list[SampleScore]:
             return [score_builtin(completion.reward, sample.text, completion.prompt.answer)
                     for sample in completion.samples]
 
         try:
-            return combine_scores(completion, await asyncio.to_thread(score_all))
+            async with self.slots.hold(completion.experiment_id):
+                return combine_scores(completion, await asyncio.to_thread(score_all))
         except RewardError as exc:
             return failed_result(completion, exc.reason)
 
-    async def _score_http(self, completion: Completion) -> ScoredCompletion:
+    async def _score_http(self, completion: Completion, spec: RewardSpec) -> ScoredCompletion:
         outcomes = await asyncio.gather(*(
-            self._score_http_sample(completion, index) for index in range(len(completion.samples))
+            self._score_http_sample(completion, spec, index) for index in range(len(completion.samples))
         ))
         errors = [outcome for outcome in outcomes if isinstance(outcome, RewardError)]
         if errors:
@@ -96,16 +151,30 @@ class RewardService(Service):
             SampleScore(reward=o.reward, correct=o.correct, metrics=o.metrics) for o in outcomes
         ])
 
-    async def _score_http_sample(self, completion: Completion, index: int) -> HttpReward | RewardError:
-        try:
-            return await self.http.score(completion.reward, request_body(completion, index))
-        except RewardError as exc:
-            return exc
+    async def _score_http_sample(self, completion: Completion, spec: RewardSpec,
+                                 index: int) -> HttpReward | RewardError:
+        async with self.slots.hold(completion.experiment_id):
+            try:
+                async with asyncio.timeout(self.config.max_reward_budget_s):
+                    return await self.http.score(spec, request_body(completion, index))
+            except TimeoutError:  # the client turns its own per-attempt timeouts into RewardError
+                return RewardError(self._over_budget(spec))
+            except RewardError as exc:
+                return exc
 
-    async def _score_worker(self, completion: Completion) -> ScoredCompletion:
-        if not completion.reward.worker:
+    async def _score_worker(self, completion: Completion, spec: RewardSpec) -> ScoredCompletion:
+        if not spec.worker:
             return failed_result(completion, "reward type 'worker' needs reward.worker")
-        return await self.worker_replies.score(completion.reward, completion)
+        async with self.slots.hold(completion.experiment_id):
+            try:
+                async with asyncio.timeout(self.config.max_reward_budget_s):
+                    return await self.worker_replies.score(spec, completion)
+            except TimeoutError:
+                return failed_result(completion, self._over_budget(spec))
+
+    def _over_budget(self, spec: RewardSpec) -> str:
+        return (f"scoring took longer than the reward budget of {self.config.max_reward_budget_s:g}s "
+                f"({spec.max_attempts} attempt(s) of {spec.timeout_s:g}s with backoff)")
 
     async def _report_failure(self, completion: Completion, reason: str) -> None:
         self.log.warning("reward_failed", experiment_id=completion.experiment_id,

@@ -6,8 +6,11 @@ Protocol: for an experiment whose reward is ``{"type": "worker", "worker":
 several worker processes share the load) scores every sample and publishes a
 ``ScoredCompletion`` (same ``completion``, one reward per sample) to
 ``<prefix>reward_replies``. The reward service matches replies by
-``request_id`` and waits ``RewardSpec.timeout_s`` per attempt, forwarding
-again up to ``RewardSpec.max_attempts`` times.
+experiment id and ``request_id`` and waits ``RewardSpec.timeout_s`` per
+attempt, forwarding again up to ``RewardSpec.max_attempts`` times (both within
+the operator's ``RewardLimits``). A reply whose rewards or metrics are not
+finite numbers, or whose reward count is not the sample count, fails the
+group with the reason.
 
 A user turns a plain function into a worker in a few lines::
 
@@ -37,15 +40,21 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
+from redis.exceptions import ResponseError
 
 from services.reward.scoring import RewardError, SampleScore, check_reward_value
+from shared.bus import RETRYABLE_REDIS_ERRORS, entry_refusal
 from shared.messages import Completion, MessageDecodeError, RewardSpec, ScoredCompletion, decode
 
 log = structlog.get_logger(__name__)
 
 REPLIES_STREAM = "reward_replies"
+REPLIES_READER = "reward-replies-reader"  # the dead letters' group: replies are read by XREAD, not a group
 REPLY_READ_BLOCK_MS = 1000
 REPLY_READ_COUNT = 100
+REPLY_RETRY_FIRST_DELAY_S = 0.1  # Redis unreachable: first retry, doubling up to the next
+REPLY_RETRY_MAX_DELAY_S = 2.0
+DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 RewardFn = Callable[[str, str, "str | None"], Any]
 
@@ -199,48 +208,88 @@ def reward_worker(worker: str) -> Callable[[RewardFn], RewardWorker]:
 
 class WorkerReplies:
     """The reward service's side: forward a completion to a worker stream and
-    await the reply with the same ``request_id``.
+    await the reply with the same experiment and ``request_id``.
 
     Replies are read with plain ``XREAD`` from the stream's end at start-up, so
     every reward service replica sees every reply and keeps the ones it waits
     for (a replica that restarts forwards again: its completions were not acked).
+
+    Anyone who can write ``reward_replies`` can write garbage there, so the
+    reader never dies of an entry: one without ``msg``, too large or that does
+    not decode is logged and written to the dead-letter stream with the reason
+    (group ``REPLIES_READER``: there is no consumer group, nothing is acked);
+    a reply nobody here waits for is skipped (another replica may wait for it).
+    An unreachable Redis is retried with capped backoff for as long as the
+    service runs; the reader resumes after the last entry it handled.
     """
 
-    def __init__(self, bus, redis) -> None:
+    def __init__(self, bus, redis, *, consumer_name: str = "reward",
+                 max_entry_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
         self.bus = bus
         self.redis = redis
-        self._waiters: dict[str, set[asyncio.Future]] = {}
+        self.consumer_name = consumer_name
+        self.max_entry_bytes = max_entry_bytes
+        self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # (experiment, request) -> futures
         self._last_id = "0-0"
+        self.dead_lettered = 0  # for status
 
     async def start(self) -> None:
         """Remember where the replies stream ends now (before any forward)."""
         newest = await self.redis.xrevrange(self.bus.key(REPLIES_STREAM), count=1)
         if newest:
-            entry_id = newest[0][0]
-            self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+            self._last_id = _text(newest[0][0])
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch replies to waiters until ``stop`` is set and nobody waits
         (handlers still draining after a stop keep getting their replies)."""
-        key = self.bus.key(REPLIES_STREAM)
+        delay_s = REPLY_RETRY_FIRST_DELAY_S
         while not (stop.is_set() and not self._waiters):
-            batches = await self.redis.xread({key: self._last_id}, count=REPLY_READ_COUNT,
-                                             block=REPLY_READ_BLOCK_MS)
-            for _stream, entries in batches or []:
-                for entry_id, fields in entries:
-                    self._last_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-                    self._dispatch(fields)
+            try:
+                await self._read_and_dispatch()
+                delay_s = REPLY_RETRY_FIRST_DELAY_S
+            except (*RETRYABLE_REDIS_ERRORS, ResponseError) as exc:
+                # Waiters time out on their own meanwhile; when Redis is back we
+                # resume after the last entry handled, so no reply is skipped.
+                log.warning("reward_replies_read_retrying", error=repr(exc), retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, REPLY_RETRY_MAX_DELAY_S)
 
-    def _dispatch(self, fields: dict) -> None:
-        payload = fields.get(b"msg", fields.get("msg"))
-        try:
-            reply = decode(payload, REPLIES_STREAM)
-        except MessageDecodeError as exc:
-            log.warning("reward_reply_invalid", reason=str(exc))
+    async def _read_and_dispatch(self) -> None:
+        key = self.bus.key(REPLIES_STREAM)
+        batches = await self.redis.xread({key: self._last_id}, count=REPLY_READ_COUNT, block=REPLY_READ_BLOCK_MS)
+        for _stream, entries in _stream_batches(batches):
+            for entry_id, fields in entries:
+                entry_id = _text(entry_id)
+                try:
+                    await self._dispatch(entry_id, fields or {})
+                except (*RETRYABLE_REDIS_ERRORS, ResponseError):
+                    raise  # the run loop retries this entry once Redis is back
+                except Exception:  # one hostile entry must never stop the replies of every tenant
+                    log.exception("reward_reply_skipped", entry_id=entry_id)
+                self._last_id = entry_id  # after the dead letter, if any, is written
+
+    async def _dispatch(self, entry_id: str, fields: dict) -> None:
+        problem, payload = entry_refusal(fields, self.max_entry_bytes)
+        if problem is None:
+            try:
+                reply = decode(payload, REPLIES_STREAM)
+            except MessageDecodeError as exc:
+                problem = f"cannot decode message: {exc}"
+        if problem is not None:
+            await self._dead_letter(entry_id, problem, payload)
             return
-        for waiter in self._waiters.pop(reply.completion.request_id, set()):
+        echo = reply.completion
+        waiters = self._waiters.pop((echo.experiment_id, echo.request_id), set())
+        if not waiters:
+            log.debug("reward_reply_unclaimed", experiment_id=echo.experiment_id, request_id=echo.request_id)
+        for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(reply)
+
+    async def _dead_letter(self, entry_id: str, reason: str, payload: bytes) -> None:
+        log.warning("reward_reply_invalid", entry_id=entry_id, reason=reason)
+        await self.bus.dead_letter(REPLIES_STREAM, entry_id, REPLIES_READER, self.consumer_name, 1, reason, payload)
+        self.dead_lettered += 1
 
     async def score(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion:
         """The worker's result, or a failed result after ``max_attempts`` timeouts."""
@@ -256,25 +305,56 @@ class WorkerReplies:
 
     async def _forward_once(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion | None:
         waiter = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(completion.request_id, set()).add(waiter)
+        key = (completion.experiment_id, completion.request_id)
+        self._waiters.setdefault(key, set()).add(waiter)
         try:
             await self.bus.publish(completion, stream=reward_stream(spec.worker))
             return await asyncio.wait_for(asyncio.shield(waiter), spec.timeout_s)
         except TimeoutError:
             return None
         finally:
-            waiters = self._waiters.get(completion.request_id)
+            waiters = self._waiters.get(key)
             if waiters is not None:
                 waiters.discard(waiter)
                 if not waiters:
-                    del self._waiters[completion.request_id]
+                    del self._waiters[key]
 
     @staticmethod
     def _checked(reply: ScoredCompletion, completion: Completion, worker: str | None) -> ScoredCompletion:
-        if reply.reward_error is None and len(reply.rewards) != len(completion.samples):
-            return failed_result(completion, f"reward worker {worker!r} replied with {len(reply.rewards)} "
-                                             f"rewards for {len(completion.samples)} samples")
+        """The reply on our own copy of the completion (the reply's is the
+        worker's echo), or a failed result saying what is wrong with it."""
+        if reply.reward_error is not None:
+            return failed_result(completion, reply.reward_error)
+        problem = _reply_problem(reply, len(completion.samples))
+        if problem is not None:
+            return failed_result(completion, f"reward worker {worker!r} {problem}")
         correct = reply.correct if len(reply.correct) == len(reply.rewards) else [None] * len(reply.rewards)
-        # Keep our own copy of the completion: the reply's is the worker's echo.
         return ScoredCompletion(completion=completion, rewards=list(reply.rewards), correct=correct,
-                                reward_metrics=dict(reply.reward_metrics), reward_error=reply.reward_error)
+                                reward_metrics=dict(reply.reward_metrics))
+
+
+def _reply_problem(reply: ScoredCompletion, sample_count: int) -> str | None:
+    """None for a usable reply, else what the worker got wrong."""
+    if len(reply.rewards) != sample_count:
+        return f"replied with {len(reply.rewards)} rewards for {sample_count} samples"
+    values = [(f"sample {index}", reward) for index, reward in enumerate(reply.rewards)]
+    values += [(f"metric {name!r}", value) for name, value in reply.reward_metrics.items()]
+    for where, value in values:
+        try:
+            check_reward_value(value)
+        except RewardError as exc:
+            return f"replied with an unusable value for {where}: {exc.reason}"
+    return None
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _stream_batches(response) -> list:
+    """(stream, entries) pairs of an XREAD reply (RESP2 list or RESP3 dict)."""
+    if not response:
+        return []
+    if isinstance(response, dict):
+        return [(name, value[0]) for name, value in response.items()]
+    return response

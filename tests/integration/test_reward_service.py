@@ -9,6 +9,7 @@ import contextlib
 import socket
 import threading
 
+import msgspec
 import pytest
 
 from services.reward import example_http
@@ -16,7 +17,7 @@ from services.reward.service import RewardService
 from services.reward.worker import reward_worker
 from shared.bus import StreamBus
 from shared.config import RewardConfig
-from shared.messages import Completion, Prompt, RewardSpec, Sample, decode
+from shared.messages import Completion, Prompt, RewardSpec, Sample, ScoredCompletion, decode, encode
 
 RESULT_WAIT_S = 60.0  # a guard against hanging, never an assertion
 
@@ -227,3 +228,147 @@ async def test_reward_worker_written_with_the_helper(redis_url, stream_prefix, a
     assert "did not reply" in scored["nobody"].reward_error
     assert {e.experiment_id for e in events} == {"broken", "nobody"}
     assert reward("p", "ab", None) == 1.0  # still a plain function
+
+
+# ---------------------------------------------------------------- hostile input
+
+
+async def test_backtracking_regex_does_not_stop_a_bystander(redis_url, stream_prefix, async_redis):
+    # (\w+\s?)+$ on 64 word characters and a '!' backtracks for ages in Python's
+    # re (27 characters took 24 s with the GIL held, freezing every tenant).
+    hostile = RewardSpec(type="regex", pattern=r"(\w+\s?)+$")
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        for index in range(3):
+            await bus.publish(completion("hostile", hostile, ["a" * 64 + "!"] * 4 + ["a" * 64 + " b"],
+                                         request_id=f"hostile:s0:p{index}"))
+        for index in range(5):
+            await bus.publish(completion("bystander", RewardSpec(type="exact_match"), ["42", "7"],
+                                         request_id=f"bystander:s0:p{index}"))
+        scored = await read_messages(async_redis, stream_prefix + "scored", 8)
+    hostile_results = [s for s in scored if s.completion.experiment_id == "hostile"]
+    bystander_results = [s for s in scored if s.completion.experiment_id == "bystander"]
+    assert len(hostile_results) == 3 and len(bystander_results) == 5
+    assert all(s.rewards == [0.0, 0.0, 0.0, 0.0, 1.0] and s.reward_error is None for s in hostile_results)
+    assert all(s.rewards == [1.0, 0.0] for s in bystander_results)
+
+
+async def test_a_pattern_re2_refuses_fails_the_group_with_the_reason(redis_url, stream_prefix, async_redis):
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        await StreamBus(async_redis, prefix=stream_prefix).publish(
+            completion("backref", RewardSpec(type="regex", pattern=r"(a)\1"), ["aa"]))
+        scored = await read_messages(async_redis, stream_prefix + "scored", 1)
+        events = await read_messages(async_redis, stream_prefix + "events", 1)
+    assert "RE2" in scored[0].reward_error and scored[0].rewards == [0.0]
+    assert events[0].code == "reward_failed" and "RE2" in events[0].message
+
+
+async def test_http_rewards_that_are_not_finite_numbers_fail_the_group(redis_url, stream_prefix, async_redis):
+    replies = {b"/nan": b'{"reward": NaN}', b"/inf-text": b'{"reward": "inf"}',
+               b"/infinity": b'{"reward": Infinity}', b"/nan-metric": b'{"reward": 1.0, "metrics": {"m": NaN}}'}
+
+    async def answer_by_path(reader, writer):
+        head = await reader.readuntil(b"\r\n\r\n")
+        path = head.split(b" ")[1]
+        body = replies.get(path, b'{"reward": 0.5}')
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        writer.close()
+
+    async with raw_server(answer_by_path) as base_url:
+        root = base_url.removesuffix("/score")
+        service = RewardService(config(redis_url, stream_prefix, [root + "/"]))
+        async with running(service):
+            bus = StreamBus(async_redis, prefix=stream_prefix)
+            for name in ("nan", "inf-text", "infinity", "nan-metric", "fine"):
+                await bus.publish(completion(name, RewardSpec(type="http", url=f"{root}/{name}"), ["42", "7"]))
+            scored = by_experiment(await read_messages(async_redis, stream_prefix + "scored", 5))
+            events = await read_messages(async_redis, stream_prefix + "events", 4)
+    assert scored["fine"].reward_error is None and scored["fine"].rewards == [0.5, 0.5]
+    failed = ("nan", "inf-text", "infinity", "nan-metric")
+    for name in failed:
+        assert scored[name].rewards == [0.0, 0.0] and scored[name].reward_error is not None, name
+    assert "finite" in scored["nan"].reward_error and "finite" in scored["infinity"].reward_error
+    assert "number" in scored["inf-text"].reward_error and "metrics" in scored["nan-metric"].reward_error
+    assert {e.experiment_id for e in events} == set(failed)
+    assert all(e.code == "reward_failed" for e in events)
+
+
+async def _serve_raw_worker(bus: StreamBus, worker: str, reply_for, stop: asyncio.Event) -> None:
+    """A reward worker written against the protocol, without the helper (which
+    would refuse NaN itself): ``reply_for(completion)`` -> ScoredCompletion."""
+    async def handle(message: Completion, entry) -> None:
+        await bus.publish(reply_for(message), stream="reward_replies")
+
+    await bus.consumer(f"reward:{worker}", f"reward-worker-{worker}", handle, consumer_name=worker).run(stop)
+
+
+async def test_worker_replies_that_are_not_finite_numbers_fail_the_group(redis_url, stream_prefix, async_redis):
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    nan = float("nan")
+    replies = {
+        "nan": lambda c: ScoredCompletion(completion=c, rewards=[1.0, nan]),
+        "inf": lambda c: ScoredCompletion(completion=c, rewards=[float("inf"), 0.0]),
+        "nan-metric": lambda c: ScoredCompletion(completion=c, rewards=[1.0, 0.0], reward_metrics={"m": nan}),
+        "fine": lambda c: ScoredCompletion(completion=c, rewards=[1.0, 0.25], reward_metrics={"m": 2.0}),
+    }
+    stop_workers = asyncio.Event()
+    workers = [asyncio.create_task(_serve_raw_worker(bus, name, reply, stop_workers))
+               for name, reply in replies.items()]
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        for name in replies:
+            await bus.publish(completion(name, RewardSpec(type="worker", worker=name), ["42", "7"]))
+        scored = by_experiment(await read_messages(async_redis, stream_prefix + "scored", 4))
+        events = await read_messages(async_redis, stream_prefix + "events", 3)
+    stop_workers.set()
+    await asyncio.wait_for(asyncio.gather(*workers), 30)
+    assert scored["fine"].reward_error is None and scored["fine"].rewards == [1.0, 0.25]
+    assert scored["fine"].reward_metrics == {"m": 2.0}
+    assert "finite" in scored["nan"].reward_error and "sample 1" in scored["nan"].reward_error
+    assert "finite" in scored["inf"].reward_error and "sample 0" in scored["inf"].reward_error
+    assert "metric 'm'" in scored["nan-metric"].reward_error
+    for name in ("nan", "inf", "nan-metric"):
+        assert scored[name].rewards == [0.0, 0.0]
+    assert {e.experiment_id for e in events} == {"nan", "inf", "nan-metric"}
+    assert all(e.code == "reward_failed" and "finite" in e.message for e in events)
+
+
+async def test_malformed_worker_replies_are_dead_lettered_and_replies_keep_flowing(
+        redis_url, stream_prefix, async_redis):
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    replies_key = stream_prefix + "reward_replies"
+    deep = b"\x81\xa1k" * 100_000 + b"\xc0"  # 100,000 nested maps
+
+    async def handle(message: Completion, entry) -> None:  # garbage first, then the reply
+        await async_redis.xadd(replies_key, {"x": "y"})  # no msg
+        await async_redis.xadd(replies_key, {"msg": b"\xff\x00 not msgpack"})
+        await async_redis.xadd(replies_key, {"msg": deep})
+        await async_redis.xadd(replies_key, {"msg": encode(message)})  # a kind this stream does not carry
+        # the same request id under another experiment: nobody here waits for it
+        forged = msgspec.structs.replace(message, experiment_id="intruder")
+        await bus.publish(ScoredCompletion(completion=forged, rewards=[1.0, 1.0]), stream="reward_replies")
+        await bus.publish(ScoredCompletion(completion=message, rewards=[0.25, 0.75]), stream="reward_replies")
+
+    stop_worker = asyncio.Event()
+    worker = asyncio.create_task(
+        bus.consumer("reward:echo", "reward-worker-echo", handle, consumer_name="echo").run(stop_worker))
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service) as service_task:
+        for index in range(2):
+            await bus.publish(completion("victim", RewardSpec(type="worker", worker="echo"), ["42", "7"],
+                                         request_id=f"victim:s0:p{index}"))
+        scored = await read_messages(async_redis, stream_prefix + "scored", 2)
+        dead = await bus.dead_letters("reward_replies")
+        assert not service_task.done()
+    stop_worker.set()
+    await asyncio.wait_for(worker, 30)
+    assert [s.rewards for s in scored] == [[0.25, 0.75], [0.25, 0.75]]
+    assert all(s.reward_error is None for s in scored)
+    assert len(dead) == 8  # four bad entries before each reply
+    reasons = [d.reason for d in dead]
+    assert sum("no 'msg' field" in r for r in reasons) == 2
+    assert sum("cannot decode" in r for r in reasons) == 6
+    assert all(d.payload for d in dead if "no 'msg'" not in d.reason)  # the bytes are kept for inspection

@@ -7,8 +7,9 @@ import asyncio
 
 import pytest
 
-from services.reward.http_client import parse_allowlist, parse_reply, refusal_reason, request_body
-from services.reward.scoring import RewardError, SampleScore, apply_invert, score_builtin
+from services.reward.http_client import parse_reply, request_body
+from shared.deployment import parse_allowlist, refusal_reason
+from services.reward.scoring import RewardError, SampleScore, apply_invert, check_reward_value, score_builtin
 from services.reward.worker import combine_scores, score_with_function, to_sample_score
 from shared.messages import Completion, Prompt, RewardSpec, Sample
 
@@ -35,6 +36,23 @@ def test_regex_searches():
     spec = RewardSpec(type="regex", pattern=r"^\d+$")
     assert score_builtin(spec, "123", None).reward == 1.0
     assert score_builtin(spec, "12a", None).reward == 0.0
+
+
+def test_regex_runs_in_linear_time_with_the_right_verdict():
+    # Python's re backtracks exponentially on this pair (27 characters took 24 s
+    # with the GIL held); RE2 answers at once, with re's verdict.
+    spec = RewardSpec(type="regex", pattern=r"(\w+\s?)+$")
+    assert score_builtin(spec, "a" * 64 + "!", None) == SampleScore(reward=0.0, correct=False)
+    assert score_builtin(spec, "a" * 64 + " b", None) == SampleScore(reward=1.0, correct=True)
+
+
+@pytest.mark.parametrize("pattern", [r"(a)\1", r"a(?=b)", r"(?<!x)a"])
+def test_regex_features_that_need_backtracking_are_refused_with_the_reason(pattern):
+    # Backreferences and lookaround are what RE2 leaves out to stay linear;
+    # a backtracking engine would accept them, so this fails if `re` came back.
+    with pytest.raises(RewardError, match="RE2") as info:
+        score_builtin(RewardSpec(type="regex", pattern=pattern), "aab", None)
+    assert repr(pattern) in info.value.reason  # the reason names the pattern
 
 
 def test_family_uses_the_task_verifier():
@@ -108,6 +126,12 @@ def test_good_reply():
     (200, b'{"score": 1}', False),
     (200, b'{"reward": "high"}', False),
     (200, b'{"reward": NaN}', False),
+    (200, b'{"reward": Infinity}', False),
+    (200, b'{"reward": -Infinity}', False),
+    (200, b'{"reward": 1e999}', False),
+    (200, b'{"reward": "inf"}', False),
+    (200, b'{"reward": 1' + b"0" * 400 + b'}', False),
+    (200, b'{"reward": 1, "metrics": {"m": NaN}}', False),
     (200, b'{"reward": 1, "metrics": [1]}', False),
     (404, b"", False),
     (429, b"slow down", True),
@@ -128,6 +152,19 @@ def test_function_results_become_scores():
     assert to_sample_score({"reward": 1, "correct": True, "metrics": {"m": 2}}).metrics == {"m": 2.0}
     with pytest.raises(RewardError):
         to_sample_score("yes")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), 10 ** 400, "1.0", None])
+def test_rewards_that_are_not_finite_numbers_are_refused(value):
+    with pytest.raises(RewardError, match="finite|number"):
+        check_reward_value(value)
+    with pytest.raises(RewardError):
+        to_sample_score({"reward": 1.0, "metrics": {"m": value}})
+
+
+def test_a_function_returning_nan_marks_the_result():
+    scored = asyncio.run(score_with_function(lambda p, c, a: float("nan"), _completion(["a"])))
+    assert scored.rewards == [0.0] and "finite" in scored.reward_error
 
 
 def test_metrics_are_averaged_over_samples():
