@@ -10,9 +10,19 @@ A version is written into a temporary directory, renamed into place, then
 marked complete by its ``DIGEST`` file (sha256 over the other files, name and
 bytes, in name order). Readers only trust a directory that has a ``DIGEST``
 matching its files, so a crash at any moment leaves either nothing or an
-incomplete directory that the next writer replaces. Versions are immutable:
-writing a version that is already complete is a no-op that returns the
-existing digest. Version 0 is the base model and has no files.
+incomplete directory that the next writer replaces. Every file and directory
+entry is fsynced before the rename that publishes it, so a power loss cannot
+leave a ``DIGEST`` naming files that never reached the disk. Versions are
+immutable: writing a version that is already complete is a no-op that returns
+the existing digest. Version 0 is the base model and has no files.
+
+Retention: ``prune(tenant, keep_newest, keep)`` deletes a tenant's versions
+older than its newest ``keep_newest`` (never the newest, never one in
+``keep``). A pruned version is first renamed out of the ``v<n>`` namespace,
+so a reader sees it complete or not at all.
+
+Tenant names are experiment ids (``[a-z0-9][a-z0-9_-]{0,63}``, the whole
+string): they become directory names, so nothing else may reach a path.
 
 Tensor names are PEFT's saved names, e.g.
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ``[r, in]``
@@ -32,20 +42,21 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from shared.engine import LoraSignature
+from shared.messages import EXPERIMENT_ID_PATTERN, is_experiment_id
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 DIGEST_FILE = "DIGEST"
 HASHED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_VERSION_DIR = re.compile(r"^v(\d+)$")
-# Tenant names become directory names: no separators, no leading dot.
-_TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,127}$")
+_VERSION_DIR = re.compile(r"v(\d+)")  # fullmatch: "v3\n" is not a version
+_PRUNED_PREFIX = ".pruned-"
 _HASH_CHUNK_BYTES = 1 << 20
 
 
@@ -103,8 +114,10 @@ def recorded_digest(path: Path) -> str | None:
 
 
 def check_tenant_name(tenant: str) -> str:
-    if not _TENANT_NAME.match(tenant):
-        raise AdapterStoreError(f"tenant name {tenant!r} cannot be a directory name")
+    """``tenant`` if it is a valid experiment id, else ``AdapterStoreError``."""
+    if not is_experiment_id(tenant):
+        raise AdapterStoreError(f"tenant name {tenant!r} is not an experiment id "
+                                f"({EXPERIMENT_ID_PATTERN.pattern}) and cannot be a directory name")
     return tenant
 
 
@@ -148,6 +161,16 @@ class AdapterStore(abc.ABC):
     def load_tensors(self, path: Path | str, verify: bool = True) -> dict[str, torch.Tensor]:
         """The PEFT-named tensors of a version directory (on CPU)."""
 
+    @abc.abstractmethod
+    def versions(self, tenant: str) -> list[int]:
+        """The complete versions of ``tenant``, oldest first."""
+
+    @abc.abstractmethod
+    def prune(self, tenant: str, keep_newest: int, keep: Iterable[int] = ()) -> list[int]:
+        """Delete the versions of ``tenant`` older than its newest
+        ``keep_newest`` (at least 1: the newest always stays), except those in
+        ``keep``; return the versions deleted."""
+
     def digest(self, tenant: str, version: int) -> str:
         """The recorded digest of a complete version."""
         digest = recorded_digest(self.path(tenant, version))
@@ -175,7 +198,7 @@ class DirectoryAdapterStore(AdapterStore):
         existing = recorded_digest(final)
         if existing is not None:
             return final, existing
-        final.parent.mkdir(parents=True, exist_ok=True)
+        _make_durable_dir(final.parent)
         staging = final.parent / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
         try:
             _write_files(staging, tensors, peft_config_dict(signature, base_model))
@@ -183,11 +206,11 @@ class DirectoryAdapterStore(AdapterStore):
             if final.exists():  # a crashed earlier write: incomplete, so never read
                 shutil.rmtree(final)
             os.rename(staging, final)
+            fsync_dir(final.parent)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        _write_atomic(final / DIGEST_FILE, digest.encode())
-        _fsync_dir(final.parent)
+        write_durable(final / DIGEST_FILE, digest.encode())  # last: only now is the version complete
         return final, digest
 
     def verify(self, path: Path | str) -> str:
@@ -201,15 +224,38 @@ class DirectoryAdapterStore(AdapterStore):
         return actual
 
     def latest_version(self, tenant: str) -> int:
+        return max(self.versions(tenant), default=0)
+
+    def versions(self, tenant: str) -> list[int]:
+        return sorted(version for version, entry in self._version_dirs(tenant) if recorded_digest(entry) is not None)
+
+    def prune(self, tenant: str, keep_newest: int, keep: Iterable[int] = ()) -> list[int]:
+        complete = self.versions(tenant)
+        if not complete:
+            return []
+        # Incomplete directories below the newest complete version are crashed writes: garbage too.
+        cutoff = complete[-max(1, keep_newest):][0]
+        protected = set(keep)
+        doomed = [(version, entry) for version, entry in self._version_dirs(tenant)
+                  if version < cutoff and version not in protected]
+        for version, entry in doomed:
+            # Out of the v<n> namespace first (one atomic rename), then delete at leisure.
+            graveyard = entry.with_name(f"{_PRUNED_PREFIX}v{version}-{uuid.uuid4().hex[:8]}")
+            os.rename(entry, graveyard)
+            shutil.rmtree(graveyard)
+        tenant_dir = self.root / tenant
+        for leftover in tenant_dir.glob(_PRUNED_PREFIX + "*"):  # a prune that crashed mid-delete
+            shutil.rmtree(leftover, ignore_errors=True)
+        if doomed:
+            fsync_dir(tenant_dir)
+        return sorted(version for version, _ in doomed)
+
+    def _version_dirs(self, tenant: str) -> list[tuple[int, Path]]:
         tenant_dir = self.root / check_tenant_name(tenant)
         if not tenant_dir.is_dir():
-            return 0
-        versions = [
-            int(match.group(1))
-            for entry in tenant_dir.iterdir()
-            if (match := _VERSION_DIR.match(entry.name)) and recorded_digest(entry) is not None
-        ]
-        return max(versions, default=0)
+            return []
+        return [(int(match.group(1)), entry) for entry in tenant_dir.iterdir()
+                if (match := _VERSION_DIR.fullmatch(entry.name)) and int(match.group(1)) >= 1]
 
     def load_tensors(self, path: Path | str, verify: bool = True) -> dict[str, torch.Tensor]:
         path = Path(path)
@@ -219,28 +265,37 @@ class DirectoryAdapterStore(AdapterStore):
 
 
 def _write_files(staging: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
+    """Both files of a version, each fsynced, and the staging directory's
+    entries fsynced, so the rename that follows publishes durable files."""
     staging.mkdir()
     cpu_tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     save_file(cpu_tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-    _write_atomic(staging / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True).encode())
-    _fsync_file(staging / WEIGHTS_FILE)
+    fsync_file(staging / WEIGHTS_FILE)
+    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
+    fsync_file(staging / CONFIG_FILE)
+    fsync_dir(staging)
 
 
-def _write_atomic(path: Path, payload: bytes) -> None:
+def write_durable(path: Path, payload: bytes) -> None:
+    """Write ``path`` atomically (temp file, fsync, rename) and fsync its
+    directory, so after return the file is whole on disk or a crash left the
+    old one."""
     partial = path.with_name(path.name + ".partial")
     with open(partial, "wb") as handle:
         handle.write(payload)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
+    fsync_dir(path.parent)
 
 
-def _fsync_file(path: Path) -> None:
+def fsync_file(path: Path) -> None:
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Persist a directory's entries (files created or renamed in it)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -248,8 +303,17 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _make_durable_dir(path: Path) -> None:
+    """``mkdir -p`` whose new entries survive a power loss."""
+    if path.is_dir():
+        return
+    _make_durable_dir(path.parent)
+    path.mkdir(exist_ok=True)
+    fsync_dir(path.parent)
+
+
 __all__ = [
     "AdapterStore", "DirectoryAdapterStore", "AdapterStoreError", "IncompleteAdapter",
     "DigestMismatch", "peft_config_dict", "files_digest", "recorded_digest",
-    "check_tenant_name", "CONFIG_FILE", "WEIGHTS_FILE", "DIGEST_FILE",
+    "check_tenant_name", "write_durable", "fsync_file", "fsync_dir", "CONFIG_FILE", "WEIGHTS_FILE", "DIGEST_FILE",
 ]

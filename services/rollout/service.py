@@ -10,14 +10,21 @@ publishes one ``Completion`` (token ids, behaviour logprobs, text, the adapter
 version that produced it, timings).
 
 Adapters: version 0 is the base model; version v is ``AdapterKey(experiment,
-v)``, registered from the request's ``adapter_path`` the first time it is
-needed. Announcements on ``adapters`` (a private consumer group per worker,
-so every worker sees every announcement) preload new versions in the
-background; loading never pauses decode (the engine loads beside its decode
-loop) and only the requests that need that version wait for it. A version
-is retired once no request uses it and it is not one of the newest
-``adapter_keep_versions`` of its tenant. A request whose version cannot be
-loaded gets a ``Completion`` with ``error`` and an
+v)``, addressed by (experiment, version) only: its directory comes from the
+adapter store (``AdapterStore(config.adapter_dir).path``), never from a
+message, and it is registered only after its files hash to their ``DIGEST``
+(``store.verify``), the first time it is needed. ``RolloutRequest.adapter_path``
+is ignored. Announcements on ``adapters`` (a private consumer group per
+worker, so every worker sees every announcement) preload new versions in the
+background; an announcement whose ``path`` or ``digest`` is not the store's
+for that (experiment, version) is refused with an
+``ExperimentEvent(code="adapter_rejected", level="error")`` and changes
+nothing (a forged one cannot make this worker serve another tenant's weights
+under the victim's name). Loading never pauses decode (the engine loads
+beside its decode loop) and only the requests that need that version wait
+for it. A version is retired once no request uses it and it is not one of
+the newest ``adapter_keep_versions`` of its tenant. A request whose version
+cannot be loaded gets a ``Completion`` with ``error`` and an
 ``ExperimentEvent(code="rollout_failed")``; the service carries on.
 """
 
@@ -32,6 +39,7 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from shared.adapters import AdapterStore, AdapterStoreError, check_tenant_name
 from shared.config import RolloutConfig
 from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GenerationResult
 from shared.messages import (
@@ -70,8 +78,9 @@ class AdapterSet:
     use them, and which can go. All bookkeeping happens on the event loop; the
     engine does the loading off it."""
 
-    def __init__(self, engine: Engine, keep_versions: int, log) -> None:
+    def __init__(self, engine: Engine, store: AdapterStore, keep_versions: int, log) -> None:
         self.engine = engine
+        self.store = store
         self.keep_versions = max(1, keep_versions)
         self.log = log
         self.registered: set[AdapterKey] = set()
@@ -81,14 +90,14 @@ class AdapterSet:
         self._retiring: dict[AdapterKey, asyncio.Task] = {}
 
     @asynccontextmanager
-    async def use(self, key: AdapterKey | None, path: str | None):
+    async def use(self, key: AdapterKey | None):
         """Hold ``key`` loaded for the duration of the block (None: base)."""
         if key is None:
             yield
             return
         self.in_use[key] += 1  # counted before loading, so no retirement can slip in after it
         try:
-            await self.ensure_loaded(key, path)
+            await self.ensure_loaded(key)
             yield
         finally:
             self.in_use[key] -= 1
@@ -96,26 +105,26 @@ class AdapterSet:
                 del self.in_use[key]
             await self.retire_stale(key.tenant)
 
-    async def ensure_loaded(self, key: AdapterKey, path: str | None) -> None:
-        """Register ``key`` unless it is; concurrent callers share one load."""
-        self.note_version(key)
+    async def ensure_loaded(self, key: AdapterKey) -> None:
+        """Register ``key`` from the store unless it is; concurrent callers
+        share one load."""
         while key in self._retiring:  # let a retirement in progress finish, then load again
             await asyncio.shield(self._retiring[key])
         if key in self.registered:
             if self.engine.has_adapter(key):
                 return
             self.registered.discard(key)  # the engine evicted it to make room: load it again
-        if not path:
-            raise AdapterLoadError(key, "no adapter_path given and the version is not loaded on this worker")
         task = self._loading.get(key)
         if task is None:
-            task = asyncio.create_task(self._register(key, Path(path)), name=f"adapter-load:{key.name}")
+            task = asyncio.create_task(self._register(key), name=f"adapter-load:{key.name}")
             self._loading[key] = task
             task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
         await asyncio.shield(task)  # one caller cancelled must not cancel the others' load
 
-    async def _register(self, key: AdapterKey, path: Path) -> None:
+    async def _register(self, key: AdapterKey) -> None:
         started = time.monotonic()
+        path = await asyncio.to_thread(self.verified_path, key)
+        self.note_version(key)  # only a version that exists counts towards retiring older ones
         try:
             await self.engine.register_adapter(key, path=path)
         except asyncio.CancelledError:
@@ -125,6 +134,16 @@ class AdapterSet:
         self.registered.add(key)
         self.log.info("adapter_ready", adapter=key.name, path=str(path),
                       took_s=round(time.monotonic() - started, 4))
+
+    def verified_path(self, key: AdapterKey) -> Path:
+        """The store's directory of ``key`` once its files match its DIGEST
+        (hashes the files: call it off the event loop)."""
+        try:
+            path = self.store.path(key.tenant, key.version)
+            self.store.verify(path)
+        except (AdapterStoreError, OSError) as exc:
+            raise AdapterLoadError(key, f"not loadable from the adapter store: {exc}") from exc
+        return path
 
     def note_version(self, key: AdapterKey) -> None:
         self.newest[key.tenant] = max(self.newest.get(key.tenant, 0), key.version)
@@ -175,6 +194,8 @@ class RolloutService(Service):
     def __init__(self, config: RolloutConfig, engine: Engine | None = None) -> None:
         super().__init__(config)
         self.engine = engine  # built in setup() from config.engine unless given (tests)
+        # Where every adapter version comes from: messages name (experiment, version), never a path.
+        self.store = AdapterStore(Path(config.adapter_dir).resolve())
         self.adapters: AdapterSet | None = None
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
@@ -190,13 +211,14 @@ class RolloutService(Service):
             self.engine = build_engine(self.config)
         await self.engine.start()
         keep = self.config.adapter_keep_versions
-        self.adapters = AdapterSet(self.engine, keep, self.log)
+        self.adapters = AdapterSet(self.engine, self.store, keep, self.log)
         # This worker's private announcement group, from the stream's end:
         # versions announced before it started are loaded on demand instead.
         self._watch_group = f"rollout-watch-{self.consumer_name}"
         await self.bus.ensure_group("adapters", self._watch_group, start_id="$")
         self.log.info("rollout_ready", capacity_rows=self.engine.capacity_rows,
-                      request_concurrency=self.request_concurrency(), keep_versions=keep)
+                      request_concurrency=self.request_concurrency(), keep_versions=keep,
+                      adapter_dir=str(self.store.root))
 
     def request_concurrency(self) -> int:
         typical_n = self.config.typical_group_size
@@ -273,7 +295,7 @@ class RolloutService(Service):
         """Generate under ``key``; (submission time, result). The engine may
         evict an idle adapter between our load and the submission: load again."""
         for attempt in range(1, ADAPTER_NOT_LOADED_RETRIES + 2):
-            async with self.adapters.use(key, request.adapter_path):
+            async with self.adapters.use(key):  # from the store: request.adapter_path is not trusted
                 submitted = time.time()
                 try:
                     return submitted, await self.engine.generate(prompt_ids, key, request.sampling)
@@ -330,8 +352,13 @@ class RolloutService(Service):
     # -------------------------------------------------------------- announcements
 
     async def on_adapter_published(self, announcement: AdapterPublished, entry) -> None:
-        """Note the new version and preload it in the background; the newest
-        announcement per tenant wins if several arrive during one load."""
+        """Check the announcement against the store, note the new version and
+        preload it in the background; the newest announcement per tenant wins
+        if several arrive during one load."""
+        refusal = await asyncio.to_thread(self._announcement_problem, announcement)
+        if refusal is not None:
+            await self._reject_announcement(announcement, refusal)
+            return
         key = AdapterKey(announcement.experiment_id, announcement.version)
         self.adapters.note_version(key)
         self._preload_wanted[key.tenant] = announcement
@@ -342,6 +369,37 @@ class RolloutService(Service):
             task = asyncio.create_task(self._preload(key.tenant), name=f"adapter-preload:{key.tenant}")
             self._preloads[key.tenant] = task
             task.add_done_callback(self._forget_preload)
+
+    def _announcement_problem(self, announcement: AdapterPublished) -> str | None:
+        """Why the announcement is not the store's version, None if it is.
+        Reads the recorded DIGEST only: the files are hashed when loaded."""
+        tenant, version = announcement.experiment_id, announcement.version
+        try:
+            expected_path = self.store.path(tenant, version)
+        except AdapterStoreError as exc:
+            return f"no such version in the adapter store: {exc}"
+        if Path(announcement.path) != expected_path:
+            return (f"announced path {announcement.path!r} is not the store's {str(expected_path)!r} "
+                    f"for version {version}")
+        try:
+            recorded = self.store.digest(tenant, version)
+        except AdapterStoreError as exc:
+            return f"version {version} is not in the adapter store: {exc}"
+        if announcement.digest != recorded:
+            return f"announced digest {announcement.digest[:16]!r} differs from the store's {recorded[:16]!r}"
+        return None
+
+    async def _reject_announcement(self, announcement: AdapterPublished, reason: str) -> None:
+        self.log.warning("adapter_rejected", experiment_id=announcement.experiment_id,
+                         version=announcement.version, reason=reason)
+        try:
+            check_tenant_name(announcement.experiment_id)
+        except AdapterStoreError:
+            return  # not an experiment id: there is no experiment to tell
+        await self.bus.publish(ExperimentEvent(
+            experiment_id=announcement.experiment_id, level="error", code="adapter_rejected",
+            message=f"adapter_published for version {announcement.version} refused: {reason}", ts=now(),
+        ))
 
     def _forget_preload(self, task: asyncio.Task) -> None:
         tenant = task.get_name().removeprefix("adapter-preload:")
@@ -355,7 +413,7 @@ class RolloutService(Service):
             if key.version < self.adapters.newest.get(tenant, 0) - self.adapters.keep_versions + 1:
                 continue  # already superseded: loading it would only be retired again
             try:
-                await self.adapters.ensure_loaded(key, announcement.path)
+                await self.adapters.ensure_loaded(key)
             except AdapterLoadError as exc:
                 # Requests for this version will try again and report it on the experiment.
                 self.log.warning("adapter_preload_failed", adapter=key.name, reason=exc.reason)

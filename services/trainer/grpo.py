@@ -44,12 +44,15 @@ class GroupAdvantages:
 @dataclass
 class SequenceExample:
     """One completion to learn from. ``behaviour_logprobs`` has one entry per
-    completion token: its log-probability under the policy that sampled it."""
+    completion token: its log-probability under the policy that sampled it.
+    Examples with the same ``group`` and prompt share one packed row, so a
+    row is never longer than one group (the trainer's row budget)."""
 
     prompt_ids: Sequence[int]
     completion_ids: Sequence[int]
     behaviour_logprobs: Sequence[float]
     advantage: float
+    group: int = 0
 
 
 @dataclass
@@ -159,14 +162,14 @@ def group_advantages(rewards_per_group: Sequence[Sequence[float]], normalize_std
 
 
 def build_batch(examples: Sequence[SequenceExample], pad_id: int = 0) -> TrainBatch:
-    """Pack examples into rows by shared prompt (see ``TrainBatch``)."""
+    """Pack examples into rows by group and shared prompt (see ``TrainBatch``)."""
     if not examples:
         raise ValueError("build_batch needs at least one example")
-    by_prompt: dict[tuple[int, ...], list[SequenceExample]] = {}
+    by_prompt: dict[tuple[int, tuple[int, ...]], list[SequenceExample]] = {}
     for example in examples:
         _check_example(example)
-        by_prompt.setdefault(tuple(example.prompt_ids), []).append(example)
-    rows = [_pack_row(prompt, group) for prompt, group in by_prompt.items()]
+        by_prompt.setdefault((example.group, tuple(example.prompt_ids)), []).append(example)
+    rows = [_pack_row(prompt, group) for (_, prompt), group in by_prompt.items()]
     B, L = len(rows), max(len(row.input_ids) for row in rows)
     input_ids_B_L = torch.full((B, L), pad_id, dtype=torch.long)
     position_ids_B_L = torch.zeros((B, L), dtype=torch.long)

@@ -4,11 +4,21 @@ Consumes ``train_jobs:<shard>`` (group ``trainer``), one job at a time. The
 model work runs in one dedicated thread (``TrainerCore``); the event loop only
 moves messages. For a job updating version v of tenant T to v+1:
 
+- the experiment id is not one (it would name a directory): a dead letter.
 - v+1 already complete in the store: a redelivery of a job already done;
   re-announce it (``AdapterPublished``) and ack. Nothing is trained twice.
-- ``lora_rank`` differs from the deployment's signature, or v is behind the
-  tenant's state although v+1 is missing (inconsistent): an
-  ``ExperimentEvent`` and a dead letter (``PermanentError``).
+  v+1 older than the store's newest version but pruned: a very late
+  duplicate; ack it, announce nothing.
+- a job that can never succeed: ``lora_rank`` differs from the deployment's
+  signature; a token id outside the model's vocabulary, behaviour logprobs
+  not one per completion token, completions without a prompt or of another
+  experiment (``train_job_invalid``); more prompt + completion tokens than
+  ``max_train_tokens``, or a group (its prompt + all its completions, one
+  packed row) longer than ``max_packed_row_tokens``
+  (``train_job_over_budget``); v behind the tenant's state although v+1 is
+  missing (inconsistent): an ``ExperimentEvent`` (level error) and a dead
+  letter (``PermanentError`` with the reason). The scheduler ends the
+  experiment as ``failed`` when its train job is dead-lettered.
 - v is ahead of the tenant's state (an earlier job is still being retried):
   an event and a retryable error, so the bus redelivers it after the earlier
   one succeeds rather than losing a step. (The brief allowed dead-lettering;
@@ -18,7 +28,10 @@ moves messages. For a job updating version v of tenant T to v+1:
   scoring are dropped, groups with identical rewards are skipped (all
   counted in ``TrainStats.skipped_groups``); swap the tenant in; clipped
   GRPO loss; gradient clipping; Adam step; write v+1 to the store;
-  checkpoint every ``hyper.checkpoint_every`` versions; announce; ack.
+  checkpoint every ``hyper.checkpoint_every`` versions; delete the tenant's
+  versions older than its newest ``max(adapter_retain_versions,
+  max_off_policy_steps + 2)``, except those its checkpoints belong to;
+  announce; ack.
 
 A NaN or inf loss or gradient norm skips the optimizer step, raises an
 ``ExperimentEvent(code="nan_loss")`` and still publishes v+1, with weights
@@ -49,9 +62,9 @@ import torch
 
 from services.trainer import grpo
 from services.trainer.tenants import TenantBank
-from shared.adapters import AdapterStore, DirectoryAdapterStore
+from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
-from shared.config import TrainerConfig
+from shared.config import TrainBudget, TrainerConfig
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
 from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
@@ -60,6 +73,9 @@ from shared.runtime import Service
 CONSUMER_GROUP = "trainer"
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
 PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
+DEFAULT_RETAIN_VERSIONS = 4
+
+log = structlog.get_logger(__name__)
 
 
 class VersionGap(RuntimeError):
@@ -71,10 +87,11 @@ class JobOutcome:
     """What the model thread decided; the loop publishes it.
 
     ``kind``: "published" (trained, v+1 written), "republished" (v+1 was
-    already complete), "rejected" (dead-letter with ``reason``), "gap"
-    (retry later with ``reason``)."""
+    already complete), "superseded" (v+1 was done, then pruned: ack only),
+    "rejected" (dead-letter with ``reason``), "gap" (retry later with
+    ``reason``)."""
 
-    kind: Literal["published", "republished", "rejected", "gap"]
+    kind: Literal["published", "republished", "superseded", "rejected", "gap"]
     version: int = 0
     path: str = ""
     digest: str = ""
@@ -109,12 +126,16 @@ class TrainerCore:
     """The model, the tenants and the store; every method runs in the model thread."""
 
     def __init__(self, model, store: AdapterStore, checkpoint_root: Path, signature: LoraSignature,
-                 base_model: str, micro_batch_tokens: int = MICRO_BATCH_TOKENS) -> None:
+                 base_model: str, micro_batch_tokens: int = MICRO_BATCH_TOKENS, budget: TrainBudget | None = None,
+                 retain_versions: int = DEFAULT_RETAIN_VERSIONS) -> None:
         self.model = model
         self.store = store
         self.signature = signature
         self.base_model = base_model
         self.micro_batch_tokens = micro_batch_tokens
+        self.budget = budget if budget is not None else TrainBudget()
+        self.retain_versions = max(1, retain_versions)
+        self.vocab_size = model_vocab_size(model)
         self.bank = TenantBank(model, store, checkpoint_root)
         self.device = self.bank.device
 
@@ -124,18 +145,31 @@ class TrainerCore:
             torch.set_num_threads(config.torch_threads)
         model = load_policy_model(config.model_dir, config.signature, config.device, config.dtype)
         checkpoint_root = Path(config.data_dir) / "checkpoints"
-        return cls(model, store, checkpoint_root, config.signature, config.model_dir)
+        budget = TrainBudget(max_train_tokens=config.max_train_tokens,
+                             max_packed_row_tokens=config.max_packed_row_tokens)
+        return cls(model, store, checkpoint_root, config.signature, config.model_dir, budget=budget,
+                   retain_versions=config.adapter_retain_versions)
 
     # ------------------------------------------------------------ one job
 
     def handle(self, job: TrainJob) -> JobOutcome:
         tenant, target = job.experiment_id, job.base_version + 1
+        try:  # before any path is built from it
+            check_tenant_name(tenant)
+        except AdapterStoreError as exc:
+            return JobOutcome("rejected", reason=f"train_job_invalid: {exc}")  # no event: no experiment to tell
         if self.store.is_complete(tenant, target):
             path = self.store.path(tenant, target)
             return JobOutcome("republished", target, str(path), self.store.digest(tenant, target))
         if job.lora_rank != self.signature.rank:
             return _rejected(f"job rank {job.lora_rank} differs from the deployment's LoRA rank {self.signature.rank}",
                              "rank_mismatch")
+        problem = job_problem(job, self.vocab_size, self.budget)
+        if problem is not None:
+            return _rejected(problem[1], problem[0])
+        if target < self.store.latest_version(tenant):
+            # Done long ago (the scheduler moved on) and since pruned by retention: nothing to redo or announce.
+            return JobOutcome("superseded", target, reason=f"version {target} was superseded and pruned")
         state = self.bank.ensure(tenant, job.hyper.seed)
         if job.base_version > state.version:
             reason = f"job updates version {job.base_version} but {tenant} is at version {state.version}"
@@ -159,8 +193,22 @@ class TrainerCore:
         self.bank.set_version(tenant, target)
         if target % max(job.hyper.checkpoint_every, 1) == 0:
             self.bank.checkpoint(tenant)
+        self._prune_versions(tenant, job.hyper.max_off_policy_steps)
         stats.train_s = time.perf_counter() - started
         return JobOutcome("published", target, str(path), digest, stats, events)
+
+    def _prune_versions(self, tenant: str, max_off_policy_steps: int) -> None:
+        """Delete old versions; the new one is durable already, so a failure
+        here is logged, never a reason to redo the step."""
+        # Off-policy rollouts may still ask for the versions they were sampled from, plus one in flight.
+        keep_newest = max(self.retain_versions, max(0, max_off_policy_steps) + 2)
+        try:
+            removed = self.store.prune(tenant, keep_newest, keep=self.bank.checkpoint_versions(tenant))
+        except (OSError, AdapterStoreError) as exc:
+            log.warning("adapter_prune_failed", experiment_id=tenant, error=f"{type(exc).__name__}: {exc}")
+            return
+        if removed:
+            log.debug("adapter_versions_pruned", experiment_id=tenant, versions=removed)
 
     def train_step(self, job: TrainJob) -> tuple[TrainStats, list[tuple[str, str, str]]]:
         """One GRPO update of the job's tenant (swapped in), unless there is no
@@ -230,7 +278,66 @@ class TrainerCore:
 
 
 def _rejected(reason: str, code: str) -> JobOutcome:
-    return JobOutcome("rejected", reason=reason, events=[("error", code, reason)])
+    """A refusal for good: the event tells the experiment, the dead letter keeps ``code: reason``."""
+    return JobOutcome("rejected", reason=f"{code}: {reason}", events=[("error", code, reason)])
+
+
+def model_vocab_size(model) -> int:
+    """The number of token ids the model can embed and predict."""
+    sizes = [model.get_input_embeddings().weight.shape[0]]
+    output = model.get_output_embeddings()
+    if output is not None:
+        sizes.append(output.weight.shape[0])
+    return min(sizes)
+
+
+def job_problem(job: TrainJob, vocab_size: int, budget: TrainBudget) -> tuple[str, str] | None:
+    """Why ``job`` can never be trained, as ``(event code, reason)``; None
+    when it can. Checks every group, used or not: the job is refused whole.
+    Token costs: each group is one packed row, its prompt once plus all its
+    completion tokens; the job costs the sum of its rows."""
+    if job.base_version < 0:
+        return "train_job_invalid", f"base_version {job.base_version} is negative"
+    total_tokens = 0
+    for index, scored in enumerate(job.groups):
+        problem = _group_problem(job.experiment_id, scored.completion, vocab_size)
+        if problem is not None:
+            return "train_job_invalid", f"group {index}: {problem}"
+        row_tokens = len(scored.completion.prompt_token_ids) + sum(
+            len(sample.token_ids) for sample in scored.completion.samples)
+        if row_tokens > budget.max_packed_row_tokens:
+            return "train_job_over_budget", (
+                f"group {index} packs {row_tokens} tokens (prompt + all its completions) in one row, over the "
+                f"trainer's max_packed_row_tokens {budget.max_packed_row_tokens}")
+        total_tokens += row_tokens
+    if total_tokens > budget.max_train_tokens:
+        return "train_job_over_budget", (
+            f"the job has {total_tokens} prompt + completion tokens, over the trainer's max_train_tokens "
+            f"{budget.max_train_tokens}")
+    return None
+
+
+def _group_problem(experiment_id: str, completion, vocab_size: int) -> str | None:
+    if completion.experiment_id != experiment_id:
+        return f"completion of experiment {completion.experiment_id!r} in a job of {experiment_id!r}"
+    if bad := _out_of_vocabulary(completion.prompt_token_ids, vocab_size):
+        return f"prompt token id {bad} outside the model's vocabulary [0, {vocab_size})"
+    for number, sample in enumerate(completion.samples):
+        if bad := _out_of_vocabulary(sample.token_ids, vocab_size):
+            return f"sample {number}: token id {bad} outside the model's vocabulary [0, {vocab_size})"
+        if len(sample.logprobs) != len(sample.token_ids):
+            return (f"sample {number}: {len(sample.logprobs)} behaviour logprobs for "
+                    f"{len(sample.token_ids)} completion tokens")
+        if sample.token_ids and not completion.prompt_token_ids:
+            return f"sample {number} has completion tokens but the group has no prompt tokens"
+    return None
+
+
+def _out_of_vocabulary(token_ids: list[int], vocab_size: int) -> str:
+    """The first token id outside ``[0, vocab_size)`` as text, '' if none."""
+    if token_ids and (min(token_ids) < 0 or max(token_ids) >= vocab_size):
+        return str(next(t for t in token_ids if not 0 <= t < vocab_size))
+    return ""
 
 
 def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
@@ -239,7 +346,7 @@ def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
     oldest_version = job.base_version - job.hyper.max_off_policy_steps
     examples: list[grpo.SequenceExample] = []
     skipped = stale = 0
-    for scored in job.groups:
+    for group_index, scored in enumerate(job.groups):
         completion = scored.completion
         if completion.adapter_version < oldest_version:
             stale += 1
@@ -252,9 +359,9 @@ def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
             skipped += 1
             continue
         for sample, advantage in zip(completion.samples, advantages_N.tolist()):
-            if sample.token_ids:
+            if sample.token_ids:  # one packed row per group (see ``job_problem``'s row budget)
                 examples.append(grpo.SequenceExample(
-                    completion.prompt_token_ids, sample.token_ids, sample.logprobs, advantage))
+                    completion.prompt_token_ids, sample.token_ids, sample.logprobs, advantage, group=group_index))
     return examples, skipped, stale
 
 
@@ -303,6 +410,9 @@ class TrainerService(Service):
                 raise PermanentError(outcome.reason)
             if outcome.kind == "gap":
                 raise VersionGap(outcome.reason)
+            if outcome.kind == "superseded":
+                self.log.info("train_job_superseded", version=outcome.version, reason=outcome.reason)
+                return
             self._count(outcome)
             await self.bus.publish(AdapterPublished(
                 experiment_id=job.experiment_id, version=outcome.version, step=job.step, path=outcome.path,
@@ -338,4 +448,4 @@ class TrainerService(Service):
 
 
 __all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
-           "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]
+           "job_problem", "model_vocab_size", "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]

@@ -11,17 +11,25 @@ touches another's.
 
 A new tenant starts from PEFT's default init (A ~ kaiming-uniform, B = 0, so
 version 0 is exactly the base model), seeded by tenant name and seed so a
-run is reproducible. Checkpoints (``checkpoint``) hold the optimizer state:
-``<checkpoint_root>/<tenant>/v<version>/optimizer.safetensors`` + a JSON
-sidecar ``state.json`` (step count, version); never pickle. ``restore``
-rebuilds a tenant after a restart: adapter weights exactly from the latest
-complete version in the store, Adam moments from the latest checkpoint (with
-``checkpoint_every`` > 1 these may be a few steps older than the weights:
-a documented approximation that only affects the moment estimates).
+run is reproducible. Checkpoints (``checkpoint``) hold the optimizer state
+only, not the adapter weights (those are the store's version of the same
+number): ``<checkpoint_root>/<tenant>/v<version>/optimizer.safetensors`` + a
+JSON sidecar ``state.json`` (step count, version, sha256 of the tensors
+file); never pickle. Both files and the directory are fsynced before the
+rename that makes a checkpoint visible; the newest ``CHECKPOINTS_KEPT`` of a
+tenant stay. ``restore`` rebuilds a tenant after a restart: adapter weights
+exactly from the latest complete version in the store, Adam moments from the
+newest checkpoint that validates (sidecar readable, digest matching, every
+tensor present with its shape); a torn or corrupt one is logged, renamed
+aside (``.unusable-v<n>-*``) and the one before it used; with none usable the
+moments start fresh. With ``checkpoint_every`` > 1, or after such a fallback,
+the moments may be a few steps older than the weights: a documented
+approximation that only affects the moment estimates.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -34,9 +42,10 @@ from pathlib import Path
 
 import structlog
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from shared.adapters import AdapterStore, check_tenant_name
+from shared.adapters import AdapterStore, check_tenant_name, fsync_dir, fsync_file
 
 log = structlog.get_logger(__name__)
 
@@ -44,9 +53,15 @@ ADAM_BETAS = (0.9, 0.95)  # as in tinker-cookbook's RL loop: faster second-momen
 ADAM_EPS = 1e-8
 CHECKPOINT_WEIGHTS_FILE = "optimizer.safetensors"
 CHECKPOINT_STATE_FILE = "state.json"
-CHECKPOINT_FORMAT = 1
-_CHECKPOINT_DIR = re.compile(r"^v(\d+)$")
+CHECKPOINT_FORMAT = 2  # 2: the sidecar records the tensors file's sha256 (1: it does not)
+CHECKPOINTS_KEPT = 2  # per tenant: the newest, and one to fall back to if it is torn
+_CHECKPOINT_DIR = re.compile(r"v(\d+)")  # fullmatch
+_HASH_CHUNK_BYTES = 1 << 20
 _ADAPTER_NAME = "default"
+
+
+class CheckpointInvalid(ValueError):
+    """A checkpoint that cannot be used; the message says why."""
 
 
 @dataclass
@@ -203,7 +218,7 @@ class TenantBank:
 
     def checkpoint(self, tenant: str) -> Path:
         """Write the tenant's optimizer state for its current version (temp dir,
-        rename), then drop its older checkpoints."""
+        fsync, rename), then drop all but its newest ``CHECKPOINTS_KEPT``."""
         state = self.tenants[tenant]
         moments, adam_step = self.optimizer_tensors(tenant)
         tenant_dir = self.checkpoint_root / check_tenant_name(tenant)
@@ -213,28 +228,39 @@ class TenantBank:
         try:
             cpu_moments = {n: t.detach().to("cpu").contiguous() for n, t in moments.items()}
             save_file(cpu_moments, str(staging / CHECKPOINT_WEIGHTS_FILE), metadata={"format": "pt"})
-            sidecar = {"format": CHECKPOINT_FORMAT, "tenant": tenant, "version": state.version, "adam_step": adam_step}
+            fsync_file(staging / CHECKPOINT_WEIGHTS_FILE)
+            sidecar = {"format": CHECKPOINT_FORMAT, "tenant": tenant, "version": state.version, "adam_step": adam_step,
+                       "sha256": _file_sha256(staging / CHECKPOINT_WEIGHTS_FILE)}
             (staging / CHECKPOINT_STATE_FILE).write_text(json.dumps(sidecar))
+            fsync_file(staging / CHECKPOINT_STATE_FILE)
+            fsync_dir(staging)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(staging, final)
+            fsync_dir(tenant_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-        self._prune_checkpoints(tenant_dir, keep=final)
+        self._prune_checkpoints(tenant)
         return final
 
-    def latest_checkpoint(self, tenant: str) -> Path | None:
+    def checkpoints(self, tenant: str) -> list[tuple[int, Path]]:
+        """The tenant's checkpoints as ``(version, directory)``, newest first
+        (whether or not they validate)."""
         tenant_dir = self.checkpoint_root / check_tenant_name(tenant)
         if not tenant_dir.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), entry) for entry in tenant_dir.iterdir()
-                 if (m := _CHECKPOINT_DIR.match(entry.name)) and (entry / CHECKPOINT_STATE_FILE).exists()]
-        return max(found)[1] if found else None
+                 if (m := _CHECKPOINT_DIR.fullmatch(entry.name))]
+        return sorted(found, reverse=True)
+
+    def checkpoint_versions(self, tenant: str) -> list[int]:
+        """The adapter versions the tenant's checkpoints belong to (the store keeps them)."""
+        return [version for version, _ in self.checkpoints(tenant)]
 
     def restore(self, tenant: str) -> TenantState | None:
-        """Rebuild a tenant from the store (weights, exact) and its latest
-        checkpoint (moments); None when the store has no version of it."""
+        """Rebuild a tenant from the store (weights, exact) and its newest
+        valid checkpoint (moments); None when the store has no version of it."""
         version = self.store.latest_version(tenant)
         if version == 0:
             return None
@@ -250,25 +276,61 @@ class TenantBank:
     # ------------------------------------------------------------ internals
 
     def _load_checkpoint(self, state: TenantState) -> int | None:
-        path = self.latest_checkpoint(state.tenant)
-        if path is None:
-            return None
-        sidecar = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
-        if sidecar.get("format") != CHECKPOINT_FORMAT or sidecar["version"] > state.version:
-            # Moments from a version the store does not have (store reset?): start them fresh.
-            log.warning("checkpoint_ignored", tenant=state.tenant, path=str(path), version=state.version)
-            return None
-        moments = load_file(str(path / CHECKPOINT_WEIGHTS_FILE), device="cpu")
-        for name in self.params:
-            state.exp_avg[name].copy_(moments[f"exp_avg/{name}"])
-            state.exp_avg_sq[name].copy_(moments[f"exp_avg_sq/{name}"])
-        state.adam_step = int(sidecar["adam_step"])
-        return int(sidecar["version"])
+        """Moments and step count from the newest checkpoint that validates;
+        the checkpoint's version, or None (moments stay zero)."""
+        for version, path in self.checkpoints(state.tenant):
+            try:
+                moments, sidecar = self._read_checkpoint(path, state)
+            except CheckpointInvalid as exc:
+                log.warning("checkpoint_unusable", tenant=state.tenant, path=str(path), reason=str(exc))
+                self._set_aside(path)
+                continue
+            for name in self.params:
+                state.exp_avg[name].copy_(moments[f"exp_avg/{name}"])
+                state.exp_avg_sq[name].copy_(moments[f"exp_avg_sq/{name}"])
+            state.adam_step = int(sidecar["adam_step"])
+            return version
+        return None
 
-    def _prune_checkpoints(self, tenant_dir: Path, keep: Path) -> None:
-        for entry in tenant_dir.iterdir():
-            if entry != keep and _CHECKPOINT_DIR.match(entry.name):
-                shutil.rmtree(entry, ignore_errors=True)
+    def _read_checkpoint(self, path: Path, state: TenantState) -> tuple[dict[str, torch.Tensor], dict]:
+        """The moments and sidecar of one checkpoint, or ``CheckpointInvalid``."""
+        try:
+            sidecar = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointInvalid(f"unreadable {CHECKPOINT_STATE_FILE}: {exc}") from exc
+        if not isinstance(sidecar, dict) or sidecar.get("format") not in (1, CHECKPOINT_FORMAT):
+            raise CheckpointInvalid(f"{CHECKPOINT_STATE_FILE} is not a checkpoint sidecar of a known format")
+        if sidecar.get("tenant") != state.tenant or not isinstance(sidecar.get("adam_step"), int):
+            raise CheckpointInvalid("sidecar names another tenant or has no integer adam_step")
+        if sidecar.get("version") != int(path.name[1:]) or sidecar["version"] > state.version:
+            # Moments from a version the store does not have (store reset?): not these.
+            raise CheckpointInvalid(f"sidecar version {sidecar.get('version')} for a tenant at version {state.version}")
+        weights_path = path / CHECKPOINT_WEIGHTS_FILE
+        try:
+            if "sha256" in sidecar and _file_sha256(weights_path) != sidecar["sha256"]:
+                raise CheckpointInvalid(f"{CHECKPOINT_WEIGHTS_FILE} does not match the sha256 in its sidecar")
+            moments = load_file(str(weights_path), device="cpu")
+        except (OSError, SafetensorError) as exc:
+            raise CheckpointInvalid(f"unreadable {CHECKPOINT_WEIGHTS_FILE}: {type(exc).__name__}: {exc}") from exc
+        for name, param in self.params.items():
+            for kind in ("exp_avg", "exp_avg_sq"):
+                tensor = moments.get(f"{kind}/{name}")
+                if tensor is None or tensor.shape != param.shape:
+                    raise CheckpointInvalid(f"{kind}/{name} missing or of the wrong shape")
+        return moments, sidecar
+
+    def _set_aside(self, path: Path) -> None:
+        """Move an unusable checkpoint out of the ``v<n>`` namespace (kept for
+        inspection), so it no longer counts as one of the newest kept."""
+        aside = path.with_name(f".unusable-{path.name}-{uuid.uuid4().hex[:8]}")
+        try:
+            os.rename(path, aside)
+        except OSError as exc:
+            log.warning("checkpoint_set_aside_failed", path=str(path), error=str(exc))
+
+    def _prune_checkpoints(self, tenant: str) -> None:
+        for _, entry in self.checkpoints(tenant)[CHECKPOINTS_KEPT:]:
+            shutil.rmtree(entry, ignore_errors=True)
 
     def _init_optimizer_state(self) -> None:
         """Create Adam's state tensors once (as Adam itself would lazily), so
@@ -305,5 +367,13 @@ class TenantBank:
             torch.cuda.synchronize(self.device)
 
 
-__all__ = ["TenantBank", "TenantState", "lora_parameters", "peft_key", "tenant_seed",
-           "ADAM_BETAS", "CHECKPOINT_WEIGHTS_FILE", "CHECKPOINT_STATE_FILE"]
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["TenantBank", "TenantState", "CheckpointInvalid", "lora_parameters", "peft_key", "tenant_seed",
+           "ADAM_BETAS", "CHECKPOINT_WEIGHTS_FILE", "CHECKPOINT_STATE_FILE", "CHECKPOINTS_KEPT"]

@@ -229,3 +229,11 @@ def test_kl_to_base_is_zero_for_a_fresh_adapter_and_positive_after_a_change():
                              grpo.reference_logprobs(model, batch), kl_coef=1.0)
     assert terms.kl > 0.0
     assert torch.equal(grpo.reference_logprobs(model, batch), ref_K)  # disabling the adapter gives the base back
+
+
+def test_groups_with_the_same_prompt_get_rows_of_their_own():
+    """A packed row never holds more than one group (the trainer's row budget)."""
+    same_prompt = [grpo.SequenceExample([5, 6], [7, 8], [-0.5, -0.5], advantage=1.0, group=g) for g in (0, 1)]
+    batch = grpo.build_batch(same_prompt)
+    assert batch.input_ids_B_L.tolist() == [[5, 6, 7], [5, 6, 7]]
+    assert batch.row_lengths == [3, 3] and batch.num_tokens == 4
