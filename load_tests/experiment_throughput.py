@@ -234,7 +234,7 @@ class ExperimentOutcome:
     final_accuracy: float | None
     rollout_step_s: list[float]
     train_step_s: list[float]
-    step_wall_s: float | None  # (last step's metrics - admitted) / steps
+    step_wall_s: float | None  # (last step's metrics - admitted) / steps (those follow the final eval)
     reward_first: float | None
     reward_last: float | None
     finished_at: float | None
@@ -641,21 +641,21 @@ class ThroughputBenchmark:
 
     @staticmethod
     def _connect(cluster):
-        import redis
+        """(a ``CloraClient`` on the cluster, its ``Keys``: only for the completions stream)."""
+        from shared.client import CloraClient
 
-        from services.scheduler.state import Keys
-
-        return redis.Redis.from_url(cluster.url), Keys(cluster.stream_prefix)
+        client = CloraClient.connect(cluster.url, cluster.stream_prefix)
+        return client, client.keys
 
     @staticmethod
     def _submit(client, keys, specs: Sequence) -> dict[str, float]:
-        from services.cli.experiments import publish
-        from shared.messages import ExperimentSubmit, encode, now
+        """Submit through the client (validated as ``clora submit`` does); id -> when sent."""
+        from shared.messages import now
 
         submitted = {}
         for spec in specs:
             submitted[spec.experiment_id] = now()
-            publish(client, keys, "experiments", encode(ExperimentSubmit(spec=spec, ts=submitted[spec.experiment_id])))
+            client.submit(spec)
         return submitted
 
     def _wait(self, cluster, client, keys, experiment_ids: list[str]) -> bool:
@@ -672,14 +672,12 @@ class ThroughputBenchmark:
             cluster.check_alive()
             return False
 
-        records = watch_until_done(client, keys, experiment_ids, interval_s=POLL_S, timeout_s=timeout_s,
+        records = watch_until_done(client, None, experiment_ids, interval_s=POLL_S, timeout_s=timeout_s,
                                    display=_QuietDisplay(), should_stop=should_stop)
         return all(r is not None and r.terminal for r in records)
 
     def _collect(self, client, keys, specs: Sequence, submitted: dict[str, float],
                  startup_s: float = 0.0) -> tuple[list[ExperimentOutcome], list[float]]:
-        from services.scheduler.state import read_experiment, read_metrics
-
         outcomes = []
         for spec in specs:
             if spec.experiment_id not in submitted:
@@ -687,7 +685,7 @@ class ThroughputBenchmark:
                 continue
             outcomes.append(experiment_outcome(
                 spec.experiment_id, spec.seed, submitted[spec.experiment_id],
-                read_experiment(client, keys, spec.experiment_id), read_metrics(client, keys, spec.experiment_id),
+                client.experiment(spec.experiment_id), client.metrics(spec.experiment_id),
                 startup_s))
         return outcomes, [o.finished_at for o in outcomes if o.finished_at is not None]
 
@@ -700,7 +698,8 @@ class ThroughputBenchmark:
         stream = keys.stream("completions")
         intervals, start = [], f"{int(since * 1000)}-0" if since > 0 else "-"
         while True:
-            page = client.xrange(stream, min=start, max="+", count=COMPLETIONS_PAGE)
+            # the engines' own timings: a service stream, read raw (the client has no reader for it)
+            page = client.redis.xrange(stream, min=start, max="+", count=COMPLETIONS_PAGE)
             for entry_id, fields in page:
                 completion = decode(fields[b"msg"], "completions")
                 intervals.append(completion_interval(entry_id.decode(), completion.timings.time_to_first_token_s,

@@ -88,6 +88,7 @@ class SchedulerConfig(BaseConfig, LoraConfig, RewardLimits, TrainBudget):
     lease_ttl_s: float = 30.0  # one scheduler at a time: a standby takes over this long after the leader died
     model_dir: str = DEFAULT_MODEL_DIR  # for the tokenizer-free checks only
     ended_ttl_s: float = 7 * 24 * 3600.0  # an ended experiment's step data expires after this; its summary stays
+    http_allowlist: str = ""  # the reward service's configured URL prefixes (same CLORA_HTTP_ALLOWLIST): refused at submit otherwise
 
 
 @dataclass
@@ -100,7 +101,8 @@ class RolloutConfig(BaseConfig, LoraConfig):
     max_loras: int = 32  # adapter slots: >= adapter_keep_versions x live tenants, or versions churn
     max_cpu_loras: int = 64  # vllm only
     gpu_memory_utilization: float = 0.85  # vllm only
-    max_model_len: int = 4096  # vllm only
+    max_model_len: int = 0  # vllm only; 0: the model's max_position_embeddings
+    cpu_kv_cache_gib: float = 1.0  # vllm on CPU: KV-cache size (never a share of system RAM)
     torch_threads: int = 1  # intra-op threads for model work (0: torch default); services share the cores
     typical_group_size: int = 8  # request concurrency = max_rows // typical_group_size (backpressure)
     adapter_keep_versions: int = 2  # newest versions kept per tenant; >= max_off_policy_steps + 1

@@ -20,7 +20,14 @@ from typing import Literal, Union
 import msgspec
 
 SCHEMA_VERSION = 1
-EXPERIMENT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# An experiment id becomes part of Redis keys and of directory names: no ':',
+# no '/', no '.', no newline. Always ``fullmatch`` (``$`` would accept "id\n").
+EXPERIMENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+def is_experiment_id(value: object) -> bool:
+    """True for an id that keys and paths may be built from."""
+    return isinstance(value, str) and EXPERIMENT_ID_PATTERN.fullmatch(value) is not None
 
 
 class MessageDecodeError(ValueError):
@@ -272,10 +279,20 @@ class AdapterPublished(_Message, tag="adapter_published"):
 TERMINAL_STATUSES = frozenset({"finished", "cancelled", "invalid", "failed"})
 
 
+# Every ``ExperimentEvent.code`` a service sends (the README lists them).
+EVENT_CODES = frozenset({
+    "queued", "admitted", "invalid_spec", "duplicate_experiment", "waiting_for_prompts", "tasks_ignored",
+    "cancel_ignored", "reward_failed", "rollout_failed", "nan_loss", "adapter_rejected", "stalled",
+    "stale_samples_dropped", "train_job_out_of_order", "rank_mismatch", "train_job_invalid",
+    "train_job_over_budget", "train_job_stale", "finished", "cancelled", "failed",
+})
+
+
 class ExperimentEvent(_Message, tag="experiment_event"):
     """Stream ``events``: something a user should see about an experiment.
-    ``code`` is machine-readable (``invalid_spec``, ``reward_failed``,
-    ``nan_loss``, ``rollout_failed``, ``admitted``, ``finished``...)."""
+    ``code`` is machine-readable (``EVENT_CODES``); a terminal one (a status
+    of ``TERMINAL_STATUSES``, or ``invalid_spec``) is the scheduler's last
+    word on the experiment."""
 
     experiment_id: str
     level: Literal["info", "warning", "error"]
@@ -286,18 +303,34 @@ class ExperimentEvent(_Message, tag="experiment_event"):
 
 class StepMetrics(_Message, tag="step_metrics"):
     """Stream ``metrics``: one finished step of one experiment.
-    ``accuracy`` is the fraction of correct train samples (None without a
-    verifier); ``eval_accuracy`` is held-out greedy accuracy when measured."""
+
+    - ``adapter_version``: the version that sampled the step's completions
+      (the oldest one, off-policy; = ``step`` on-policy);
+      ``produced_version``: the version the step's update produced
+      (``step + 1``; None from senders that predate the field).
+    - ``reward_mean`` / ``accuracy``: over the samples of the groups that were
+      scored; None when none was (``failed_groups`` == ``groups``), so a
+      reward service that is down never reads as a reward of 0.0. ``accuracy``
+      is also None without a verifier.
+    - ``groups``: groups (prompts) the step sampled; ``failed_groups``: those
+      whose rollout or scoring failed, left out of training and of the means.
+    - ``eval_accuracy``: held-out greedy accuracy of ``produced_version`` when
+      measured (the last step's, measured before ``finished``), else None;
+      ``start_eval_accuracy``: that of version 0 once measured, else None."""
 
     experiment_id: str
     step: int
     adapter_version: int
-    reward_mean: float
+    reward_mean: float | None
     accuracy: float | None
     rollout_s: float
     train_s: float
     eval_accuracy: float | None = None
     ts: float = 0.0
+    produced_version: int | None = None
+    groups: int = 0
+    failed_groups: int = 0
+    start_eval_accuracy: float | None = None
 
 
 # ---------------------------------------------------------------- streams
@@ -364,22 +397,37 @@ def base_stream(stream: str) -> str:
 
 def decode(payload: bytes, stream: str | None = None) -> Message:
     """Decode and validate; raise ``MessageDecodeError`` with a readable reason.
-    With ``stream`` given, only that stream's kinds are accepted."""
+    With ``stream`` given, only that stream's kinds are accepted.
+
+    No other exception escapes: a payload is hostile input, and a consumer
+    that died on one would read it again after every restart."""
     decoder = _ANY_DECODER if stream is None else _DECODERS.get(base_stream(stream))
     if decoder is None:
         raise MessageDecodeError(f"unknown stream {stream!r}")
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise MessageDecodeError(f"payload is {type(payload).__name__}, not msgpack bytes")
+    try:
+        _check_schema(payload)
+        return decoder.decode(payload)
+    except MessageDecodeError:
+        raise
+    except msgspec.DecodeError as exc:
+        raise MessageDecodeError(_explain(exc, stream)) from exc
+    except RecursionError as exc:
+        raise MessageDecodeError("payload is nested too deeply to be a message") from exc
+    except Exception as exc:  # whatever else the decoder may raise on hostile bytes
+        raise MessageDecodeError(f"payload cannot be decoded ({type(exc).__name__}: {exc})") from exc
+
+
+def _check_schema(payload: bytes) -> None:
     try:
         schema = _ENVELOPE_DECODER.decode(payload).schema
     except msgspec.DecodeError:
-        schema = SCHEMA_VERSION  # not even a map: the strict decode below says why
+        return  # not even a map: the strict decode says why
     if schema > SCHEMA_VERSION:
         raise MessageDecodeError(
             f"schema {schema} is newer than this service understands ({SCHEMA_VERSION})"
         )
-    try:
-        return decoder.decode(payload)
-    except msgspec.DecodeError as exc:
-        raise MessageDecodeError(_explain(exc, stream)) from exc
 
 
 def _explain(exc: msgspec.DecodeError, stream: str | None) -> str:

@@ -2,8 +2,9 @@
 
 ``shared.messages`` already guarantees the *types* of a decoded spec; this
 module checks what types cannot say (ranges, exactly one task source, a known
-task family, a reward that can actually be computed, a rank the deployment
-can serve). Every rule yields one readable reason that starts with the field
+task family, a reward that can actually be computed within the operator's
+limits, a rank the deployment can serve, a train job within the trainer's
+token budget). Every rule yields one readable reason that starts with the field
 it is about, e.g. ``"lora_rank: 16 is over the deployment's rank 8"``.
 
 ``load_spec_file`` reads a YAML or JSON file for ``clora submit`` and turns
@@ -14,9 +15,10 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,9 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared.messages import EXPERIMENT_ID_PATTERN, ExperimentSpec, Prompt, RewardSpec
+from shared.deployment import refusal_reason
+from shared.messages import EXPERIMENT_ID_PATTERN, ExperimentSpec, Prompt, RewardSpec, is_experiment_id
+from shared.patterns import PatternError, compile_pattern
 
 MAX_STEPS = 100_000
 MAX_GROUP_SIZE = 1024
@@ -32,6 +36,10 @@ MAX_PROMPTS_PER_STEP = 4096
 MAX_EVAL_SIZE = 10_000
 MAX_OFF_POLICY_STEPS = 16
 WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+MAX_PROMPT_CHARS = 8192  # longest prompt text, inline or pushed
+# The built-in families' prompts are a few operands ("57+68=", "sort: 3 1 2"),
+# far under this; tests/unit/test_spec.py checks every family against it.
+FAMILY_PROMPT_BYTES_BOUND = 64
 
 
 class SpecInvalid(ValueError):
@@ -52,12 +60,25 @@ class SpecLimits:
 
     deployment_rank: int = 8
     max_tokens_limit: int = 4096
+    max_prompt_chars: int = MAX_PROMPT_CHARS
+    # the trainer's budget (shared.config.TrainBudget)
+    max_train_tokens: int = 1_000_000
+    max_packed_row_tokens: int = 16_384
+    # what one experiment's reward may cost (shared.config.RewardLimits)
+    max_reward_timeout_s: float = 60.0
+    max_reward_attempts: int = 5
+    max_reward_budget_s: float = 120.0
 
 
 def limits_from_config(config: Any) -> SpecLimits:
     return SpecLimits(
         deployment_rank=int(config.lora_rank),
         max_tokens_limit=config.max_tokens_limit,
+        max_train_tokens=config.max_train_tokens,
+        max_packed_row_tokens=config.max_packed_row_tokens,
+        max_reward_timeout_s=config.max_reward_timeout_s,
+        max_reward_attempts=config.max_reward_attempts,
+        max_reward_budget_s=config.max_reward_budget_s,
     )
 
 
@@ -71,13 +92,13 @@ def _default_families() -> Collection[str]:
 
 
 def _check_id(spec: ExperimentSpec) -> list[str]:
-    if EXPERIMENT_ID_PATTERN.match(spec.experiment_id):
+    if is_experiment_id(spec.experiment_id):
         return []
     return [f"experiment_id: {spec.experiment_id!r} must match {EXPERIMENT_ID_PATTERN.pattern} "
             "(lowercase letters, digits, '-' and '_', at most 64 characters)"]
 
 
-def _check_task(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
+def _check_task(spec: ExperimentSpec, families: Collection[str], limits: SpecLimits) -> list[str]:
     task = spec.task
     given = [name for name, present in (("family", task.family is not None),
                                         ("prompts", task.prompts is not None),
@@ -88,20 +109,31 @@ def _check_task(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
     if task.family is not None and task.family not in families:
         return [f"task.family: unknown family {task.family!r} (known: {', '.join(sorted(families))})"]
     if task.prompts is not None:
-        return _check_prompts(task.prompts)
+        return _check_prompts(task.prompts, limits)
     return []
 
 
-def _check_prompts(prompts: list[Prompt]) -> list[str]:
+def _check_prompts(prompts: list[Prompt], limits: SpecLimits) -> list[str]:
     if not prompts:
         return ["task.prompts: the list is empty"]
-    empty = [i for i, prompt in enumerate(prompts) if not prompt.text]
-    if empty:
-        return [f"task.prompts: prompt {empty[0]} has an empty text"]
+    for index, prompt in enumerate(prompts):
+        problem = prompt_problem(prompt, limits)
+        if problem is not None:
+            return [f"task.prompts: prompt {index} {problem}"]
     return []
 
 
-def _check_reward(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
+def prompt_problem(prompt: Prompt, limits: SpecLimits) -> str | None:
+    """Why one prompt (inline or pushed) cannot be used, or None."""
+    if not prompt.text:
+        return "has an empty text"
+    if len(prompt.text) > limits.max_prompt_chars:
+        return f"is {len(prompt.text)} characters long, over the limit of {limits.max_prompt_chars}"
+    return None
+
+
+def _check_reward(spec: ExperimentSpec, families: Collection[str], limits: SpecLimits,
+                  allowlist: Sequence[str] | None) -> list[str]:
     reward = spec.reward
     reasons: list[str] = []
     if reward.type == "family":
@@ -115,26 +147,44 @@ def _check_reward(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
     elif reward.type == "http":
         if not reward.url or not reward.url.startswith(("http://", "https://")):
             reasons.append(f"reward.url: reward type 'http' needs an http:// or https:// url (got {reward.url!r})")
+        elif allowlist is not None and (refused := refusal_reason(reward.url, allowlist)) is not None:
+            reasons.append(f"reward.url: {refused} (an operator adds a prefix with `clora allowlist add URL`)")
     elif reward.type == "worker":
-        if not reward.worker or not WORKER_NAME_PATTERN.match(reward.worker):
+        if not reward.worker or not WORKER_NAME_PATTERN.fullmatch(reward.worker):
             reasons.append(f"reward.worker: reward type 'worker' needs a worker name matching "
                            f"{WORKER_NAME_PATTERN.pattern} (got {reward.worker!r})")
     elif reward.type == "exact_match":
         reasons += _check_exact_match(spec)
+    return reasons + _check_reward_cost(reward, limits)
+
+
+def _check_reward_cost(reward: RewardSpec, limits: SpecLimits) -> list[str]:
+    """A slow reward must slow only its own experiment: bound each attempt and
+    the attempts x timeout a group may hold a scoring slot."""
     if not reward.timeout_s > 0 or not math.isfinite(reward.timeout_s):
-        reasons.append(f"reward.timeout_s: must be > 0 (got {reward.timeout_s})")
+        return [f"reward.timeout_s: must be > 0 (got {reward.timeout_s})"]
+    if reward.timeout_s > limits.max_reward_timeout_s:
+        return [f"reward.timeout_s: {reward.timeout_s} is over the deployment's limit of "
+                f"{limits.max_reward_timeout_s} s per attempt"]
     if reward.max_attempts < 1:
-        reasons.append(f"reward.max_attempts: must be >= 1 (got {reward.max_attempts})")
-    return reasons
+        return [f"reward.max_attempts: must be >= 1 (got {reward.max_attempts})"]
+    if reward.max_attempts > limits.max_reward_attempts:
+        return [f"reward.max_attempts: {reward.max_attempts} is over the deployment's limit of "
+                f"{limits.max_reward_attempts}"]
+    budget_s = reward.timeout_s * reward.max_attempts
+    if budget_s > limits.max_reward_budget_s:
+        return [f"reward.timeout_s x reward.max_attempts: {reward.timeout_s} x {reward.max_attempts} = "
+                f"{budget_s:g} s is over the deployment's limit of {limits.max_reward_budget_s:g} s per group"]
+    return []
 
 
 def _check_pattern(pattern: str | None) -> list[str]:
     if not pattern:
         return ["reward.pattern: required for reward type 'regex'"]
     try:
-        re.compile(pattern)
-    except re.error as exc:
-        return [f"reward.pattern: does not compile ({exc})"]
+        compile_pattern(pattern)
+    except PatternError as exc:
+        return [f"reward.pattern: {exc}"]
     return []
 
 
@@ -182,20 +232,81 @@ def _check_ranges(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
     ]
     if s.lora_rank < 1:
         reasons.append(f"lora_rank: must be >= 1 (got {s.lora_rank})")
-    elif s.lora_rank > limits.deployment_rank:
-        reasons.append(f"lora_rank: {s.lora_rank} is over the deployment's rank {limits.deployment_rank}")
+    elif s.lora_rank != limits.deployment_rank:
+        # the trainer and the engines serve one rank until per-experiment ranks exist
+        side = "over" if s.lora_rank > limits.deployment_rank else "under"
+        reasons.append(f"lora_rank: {s.lora_rank} is {side} the deployment's rank {limits.deployment_rank}; "
+                       "it must equal it (per-experiment ranks are not supported yet)")
     return reasons
 
 
+def max_prompt_tokens(spec: ExperimentSpec, limits: SpecLimits) -> int | None:
+    """An upper bound on one prompt's token count, None for a task source
+    that is checked elsewhere. Without a tokenizer here, a prompt's UTF-8
+    length in bytes stands for its tokens: an upper bound for byte-level BPE
+    and character tokenizers (every token covers at least one byte), and the
+    rollout adds no special tokens to a prompt."""
+    task = spec.task
+    if task.prompts:
+        return max(len(p.text.encode()) for p in task.prompts)
+    if task.stream:
+        return 1  # pushed prompts are checked as they arrive against prompt_bytes_allowance
+    if task.family is not None:
+        return FAMILY_PROMPT_BYTES_BOUND
+    return None
+
+
+def prompt_bytes_allowance(spec: ExperimentSpec, limits: SpecLimits) -> int:
+    """The longest prompt (UTF-8 bytes, see ``max_prompt_tokens``) whose
+    group still fits the trainer's budget, for a pushed prompt."""
+    completion_tokens = spec.group_size * spec.max_tokens
+    return min(limits.max_packed_row_tokens - completion_tokens,
+               limits.max_train_tokens // max(1, spec.prompts_per_step) - completion_tokens)
+
+
+def pushed_prompt_problem(prompt: Prompt, spec: ExperimentSpec, limits: SpecLimits) -> str | None:
+    """Why a pushed prompt cannot feed ``spec``'s steps, or None."""
+    problem = prompt_problem(prompt, limits)
+    if problem is not None:
+        return problem
+    size, allowance = len(prompt.text.encode()), prompt_bytes_allowance(spec, limits)
+    if size > allowance:
+        return (f"is {size} bytes long; behind group_size {spec.group_size} x max_tokens {spec.max_tokens} "
+                f"the train job would exceed the trainer's budget (at most {allowance} bytes a prompt)")
+    return None
+
+
+def _check_train_budget(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
+    """Refuse a spec whose train job the trainer would refuse: a group packed
+    behind its prompt is one row of prompt + group_size x max_tokens tokens
+    (attention ~ its square), and one job holds prompts_per_step such rows."""
+    prompt_tokens = max_prompt_tokens(spec, limits)
+    if prompt_tokens is None or spec.group_size < 1 or spec.max_tokens < 1 or spec.prompts_per_step < 1:
+        return []  # reported by the task or range rules
+    row_tokens = prompt_tokens + spec.group_size * spec.max_tokens
+    row = (f"prompt <= {prompt_tokens} + group_size {spec.group_size} x max_tokens {spec.max_tokens} "
+           f"= {row_tokens} tokens")
+    if row_tokens > limits.max_packed_row_tokens:
+        return [f"group_size x max_tokens: a packed group of {row} is over the trainer's "
+                f"max_packed_row_tokens {limits.max_packed_row_tokens}"]
+    job_tokens = spec.prompts_per_step * row_tokens
+    if job_tokens > limits.max_train_tokens:
+        return [f"prompts_per_step: a train job of prompts_per_step {spec.prompts_per_step} x ({row}) = "
+                f"{job_tokens} tokens is over the trainer's max_train_tokens {limits.max_train_tokens}"]
+    return []
+
+
 def validate_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
-                  families: Collection[str] | None = None) -> list[str]:
-    """Every broken rule of ``spec``, one readable reason each; [] when valid."""
+                  families: Collection[str] | None = None, allowlist: Sequence[str] | None = None) -> list[str]:
+    """Every broken rule of ``spec``, one readable reason each; [] when valid.
+    ``allowlist``: the reward service's URL prefixes (None: not checked)."""
     families = _default_families() if families is None else families
     return [
         *_check_id(spec),
-        *_check_task(spec, families),
-        *_check_reward(spec, families),
+        *_check_task(spec, families, limits),
+        *_check_reward(spec, families, limits, allowlist),
         *_check_ranges(spec, limits),
+        *_check_train_budget(spec, limits),
     ]
 
 
@@ -205,6 +316,40 @@ def check_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
     reasons = validate_spec(spec, limits, families)
     if reasons:
         raise SpecInvalid(reasons)
+
+
+VERDICT_REWARDS = ("family", "exact_match", "regex")  # rewards that say whether a sample is right
+
+
+def held_out_size(spec: ExperimentSpec) -> int:
+    """How many held-out prompts measure the experiment's greedy accuracy
+    (0: no held-out evaluation).
+
+    - ``task.family``: ``eval_size`` prompts of the family's eval split.
+    - ``task.prompts``: ``eval_size`` of them, at most half, drawn with the
+      spec's seed (``held_out_prompts``) and never trained on.
+    - ``task.stream``: the first ``eval_size`` prompts pushed, never trained on.
+    Inline and streamed prompts are measured only under a reward that says
+    whether a sample is right (``VERDICT_REWARDS``); otherwise none is held out."""
+    task = spec.task
+    if spec.eval_size <= 0:
+        return 0
+    if task.family is not None:
+        return spec.eval_size
+    if spec.reward.type not in VERDICT_REWARDS:
+        return 0
+    if task.prompts is not None:
+        return min(spec.eval_size, len(task.prompts) // 2)
+    return spec.eval_size if task.stream else 0
+
+
+def split_inline_prompts(spec: ExperimentSpec) -> tuple[list[Prompt], list[Prompt]]:
+    """(train, held-out) of ``task.prompts``: ``held_out_size`` prompts drawn
+    with ``seed`` (the same on every restart), the rest in their given order."""
+    prompts = spec.task.prompts or []
+    held = set(random.Random(spec.seed).sample(range(len(prompts)), held_out_size(spec))) if prompts else set()
+    train = [p for i, p in enumerate(prompts) if i not in held]
+    return train, [prompts[i] for i in sorted(held)]
 
 
 def eval_family(spec: ExperimentSpec) -> str | None:

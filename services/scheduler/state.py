@@ -1,6 +1,7 @@
 """Experiment state in Redis: the scheduler's durable memory.
 
-Keys (``P`` is the stream prefix, e.g. ``clora:``):
+Keys (``P`` is the stream prefix, e.g. ``clora:``; ``<id>`` is always a
+valid experiment id, see ``Keys``):
 
 - ``P exp:<id>`` hash, one per experiment:
   ``status`` queued|running|finished|cancelled|invalid|failed, ``steps``
@@ -11,7 +12,13 @@ Keys (``P`` is the stream prefix, e.g. ``clora:``):
   s; the last: the first train group of step 0 came back), ``start_accuracy``,
   ``final_accuracy``, ``final_adapter``, ``error`` (why invalid/failed),
   ``errors`` (failed groups so far), ``reward_mean``/``accuracy`` (of the last
-  step), ``family``, ``spec`` (msgpack ``ExperimentSpec``), per open step
+  step), ``skipped_updates`` (train steps that came back without updating
+  the adapter) and ``last_skip`` (the last one's reason), ``family``,
+  ``spec`` (msgpack ``ExperimentSpec``), ``submit_entry`` (the stream entry
+  id of its submission: a redelivery of that entry changes nothing, another
+  submission of the id is a duplicate), ``final_metrics`` (msgpack
+  ``StepMetrics`` of the last step, held until the final eval is in and
+  published just before the experiment ends), per open step
   ``t<s>`` (rollouts published) and ``c<s>`` (last group scored), and
   ``ev<v>`` for every eval of version ``v`` published.
 - ``P exp_index`` zset: every experiment id, scored by submission time.
@@ -20,8 +27,18 @@ Keys (``P`` is the stream prefix, e.g. ``clora:``):
 - ``P exp:<id>:metrics`` list of msgpack ``StepMetrics``, one per step.
 - ``P exp:<id>:s<step>`` hash request_id -> msgpack ``ScoredCompletion``.
 - ``P exp:<id>:e<version>`` hash request_id -> ``1``/``0`` (eval sample correct).
-- ``P exp:<id>:tasks`` list of msgpack ``Prompt`` pushed by the user; step
-  ``s`` uses entries ``[s * prompts_per_step, (s + 1) * prompts_per_step)``.
+- ``P exp:<id>:tasks`` list of msgpack ``Prompt`` pushed by the user; the
+  first ``H`` (``spec.held_out_size(spec)``) are the held-out split, then step ``s``
+  uses entries ``[H + s * prompts_per_step, H + (s + 1) * prompts_per_step)``;
+  no two entries share a ``prompt_id`` (repeated pushes are ignored).
+
+Expiry: a trained step's ``:s<step>`` hash expires ``DONE_STEP_TTL_S`` after
+its version is announced. When an experiment ends (finished, cancelled,
+failed, invalid) everything but its summary expires after the scheduler's
+``ended_ttl_s``: ``:metrics``, ``:tasks``, the open ``:s<step>`` and the
+``:e<version>`` hashes. The ``exp:<id>`` hash (status, steps, accuracies,
+error, the final adapter and the ``spec``, which duplicate detection needs)
+and its ``exp_index`` entry stay.
 
 Every transition is one MULTI/EXEC transaction that also carries the
 messages it publishes (stream entry field ``msg`` = msgpack, as in
@@ -38,6 +55,7 @@ from typing import Any
 import msgspec
 
 from shared.messages import (
+    is_experiment_id,
     TERMINAL_STATUSES,
     ExperimentSpec,
     Prompt,
@@ -57,8 +75,30 @@ _METRICS_DECODER = msgspec.msgpack.Decoder(StepMetrics)
 _ENCODER = msgspec.msgpack.Encoder()
 
 
+class InvalidExperimentId(ValueError):
+    """An id that no key may be built from."""
+
+
+
+
+def checked_id(experiment_id: str) -> str:
+    if not is_experiment_id(experiment_id):
+        raise InvalidExperimentId(f"experiment id {experiment_id[:80]!r} is not valid: no key is built from it")
+    return experiment_id
+
+
 class Keys:
-    """Key names under one prefix."""
+    """Key names under one prefix.
+
+    Keys of different kinds never collide, whatever id is asked for: every
+    per-experiment key is built from a *validated* id (``checked_id`` raises
+    otherwise), and a valid id holds only ``[a-z0-9_-]``, never ``:``. So
+    ``exp:<id>`` ends at the id, and ``exp:<id>:metrics`` / ``:tasks`` /
+    ``:s<n>`` / ``:e<n>`` each add exactly one ``:``-separated part after
+    it: no id can make one experiment's key equal another kind's or another
+    experiment's key (``victim:s0`` is refused, never written). The fixed keys
+    (``exp_index``, ``exp_active``, ``exp_queue``, ``scheduler_lease``) use
+    ``_`` after ``exp``, so no ``exp:<id>`` equals them either."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
@@ -68,19 +108,19 @@ class Keys:
         self.scheduler_lease = f"{prefix}scheduler_lease"  # who is the one scheduler (services.scheduler.lease)
 
     def exp(self, experiment_id: str) -> str:
-        return f"{self.prefix}exp:{experiment_id}"
+        return f"{self.prefix}exp:{checked_id(experiment_id)}"
 
     def metrics(self, experiment_id: str) -> str:
-        return f"{self.prefix}exp:{experiment_id}:metrics"
+        return f"{self.exp(experiment_id)}:metrics"
 
     def step_groups(self, experiment_id: str, step: int) -> str:
-        return f"{self.prefix}exp:{experiment_id}:s{step}"
+        return f"{self.exp(experiment_id)}:s{int(step)}"
 
     def eval_results(self, experiment_id: str, version: int) -> str:
-        return f"{self.prefix}exp:{experiment_id}:e{version}"
+        return f"{self.exp(experiment_id)}:e{int(version)}"
 
     def tasks(self, experiment_id: str) -> str:
-        return f"{self.prefix}exp:{experiment_id}:tasks"
+        return f"{self.exp(experiment_id)}:tasks"
 
     def stream(self, stream: str) -> str:
         return f"{self.prefix}{stream}"
@@ -109,6 +149,7 @@ class ExperimentRecord(msgspec.Struct, kw_only=True):
     accuracy: float | None = None
     errors: int = 0
     error: str | None = None
+    skipped_updates: int = 0
 
     @property
     def terminal(self) -> bool:
@@ -149,18 +190,24 @@ def parse_record(experiment_id: str, raw: dict[bytes, bytes]) -> ExperimentRecor
         accuracy=_float(raw, "accuracy"),
         errors=_int(raw, "errors"),
         error=_text(raw, "error"),
+        skipped_updates=_int(raw, "skipped_updates"),
     )
 
 
 def read_experiment(client, keys: Keys, experiment_id: str) -> ExperimentRecord | None:
-    """Sync (redis.Redis) read of one experiment; None when unknown."""
+    """Sync (redis.Redis) read of one experiment; None when unknown (an
+    invalid id never has a record)."""
+    if not is_experiment_id(experiment_id):
+        return None
     raw = client.hgetall(keys.exp(experiment_id))
     return parse_record(experiment_id, raw) if raw else None
 
 
 def list_experiments(client, keys: Keys) -> list[ExperimentRecord]:
-    """Sync read of every experiment, oldest submission first."""
-    ids = [i.decode() for i in client.zrange(keys.index, 0, -1)]
+    """Sync read of every experiment, oldest submission first (ids written
+    before ids were validated everywhere are left out)."""
+    ids = [i.decode(errors="replace") for i in client.zrange(keys.index, 0, -1)]
+    ids = [i for i in ids if is_experiment_id(i)]
     pipe = client.pipeline(transaction=False)
     for experiment_id in ids:
         pipe.hgetall(keys.exp(experiment_id))
@@ -169,10 +216,14 @@ def list_experiments(client, keys: Keys) -> list[ExperimentRecord]:
 
 def read_metrics(client, keys: Keys, experiment_id: str, start: int = 0) -> list[StepMetrics]:
     """Sync read of an experiment's step metrics from index ``start`` on."""
+    if not is_experiment_id(experiment_id):
+        return []
     return [_METRICS_DECODER.decode(m) for m in client.lrange(keys.metrics(experiment_id), start, -1)]
 
 
 def read_spec(client, keys: Keys, experiment_id: str) -> ExperimentSpec | None:
+    if not is_experiment_id(experiment_id):
+        return None
     raw = client.hget(keys.exp(experiment_id), "spec")
     return None if raw is None else decode_spec(raw)
 
@@ -205,6 +256,8 @@ class ExperimentView:
     issued: int = 0
     train_sent: int = 0
     errors: int = 0
+    skipped_updates: int = 0  # train steps announced without an adapter update
+    last_skip: str | None = None  # why the last of them skipped
     start_accuracy: float | None = None
     issued_at: dict[int, float] = field(default_factory=dict)
     completed_at: dict[int, float] = field(default_factory=dict)
@@ -212,11 +265,23 @@ class ExperimentView:
     evals: dict[int, dict[str, bool]] = field(default_factory=dict)
     evals_issued: set[int] = field(default_factory=set)
     stream_prompts: list[Prompt] = field(default_factory=list)
+    stream_prompt_ids: set[str] = field(default_factory=set)  # of stream_prompts: pushes are deduplicated
     last_progress: float = field(default_factory=time.monotonic)
+    pending_metrics: StepMetrics | None = None  # the last step's, published when the experiment ends
+    prompt_wait_step: int | None = None  # a streamed step whose wait for prompts was announced
 
     @property
     def experiment_id(self) -> str:
         return self.spec.experiment_id
+
+    def set_stream_prompts(self, prompts: list[Prompt]) -> None:
+        self.stream_prompts = list(prompts)
+        self.stream_prompt_ids = {p.prompt_id for p in prompts}
+
+    @property
+    def never_updated(self) -> bool:
+        """Every step of the experiment came back without updating the adapter."""
+        return self.version >= self.spec.steps and self.skipped_updates >= self.spec.steps
 
     @property
     def train_outstanding(self) -> bool:
@@ -249,11 +314,26 @@ class StateStore:
         if absent:
             pipe.hdel(self.keys.exp(experiment_id), *absent)
 
+    def expire_ended(self, pipe, experiment_id: str, ttl_s: float, open_steps: range,
+                     eval_versions: set[int]) -> None:
+        """Queue the expiry of an ended experiment's data; its summary hash stays.
+        Steps before ``open_steps`` already expire (``DONE_STEP_TTL_S``)."""
+        ttl = max(1, int(ttl_s))
+        keys = [self.keys.metrics(experiment_id), self.keys.tasks(experiment_id)]
+        keys += [self.keys.step_groups(experiment_id, step) for step in open_steps]
+        keys += [self.keys.eval_results(experiment_id, version) for version in sorted(eval_versions)]
+        for key in keys:
+            pipe.expire(key, ttl)
+
     async def exists(self, experiment_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.exp(experiment_id)))
 
     async def stored_spec(self, experiment_id: str) -> bytes | None:
         return await self.redis.hget(self.keys.exp(experiment_id), "spec")
+
+    async def submit_entry(self, experiment_id: str) -> str | None:
+        raw = await self.redis.hget(self.keys.exp(experiment_id), "submit_entry")
+        return None if raw is None else raw.decode()
 
     async def status(self, experiment_id: str) -> str | None:
         raw = await self.redis.hget(self.keys.exp(experiment_id), "status")
@@ -275,7 +355,7 @@ class StateStore:
             return None
         view = _view_from_hash(raw)
         if view.spec.task.stream:
-            view.stream_prompts = await self.load_stream_prompts(experiment_id)
+            view.set_stream_prompts(await self.load_stream_prompts(experiment_id))
         for step in range(view.version, view.issued):
             groups = await self.redis.hgetall(self.keys.step_groups(experiment_id, step))
             view.groups[step] = {k.decode(): _SCORED_DECODER.decode(v) for k, v in groups.items()}
@@ -302,7 +382,10 @@ def _view_from_hash(raw: dict[bytes, bytes]) -> ExperimentView:
         issued=_int(raw, "issued"),
         train_sent=_int(raw, "train_sent"),
         errors=_int(raw, "errors"),
+        skipped_updates=_int(raw, "skipped_updates"),
+        last_skip=_text(raw, "last_skip"),
         start_accuracy=_float(raw, "start_accuracy"),
+        pending_metrics=_METRICS_DECODER.decode(raw[b"final_metrics"]) if b"final_metrics" in raw else None,
     )
     for name, value in raw.items():
         key = name.decode()

@@ -14,24 +14,20 @@ from pathlib import Path
 
 import msgspec
 import pytest
-import redis
 import torch
 
 from services.cli.experiments import ProgressDisplay, watch_until_done
 from services.cli.local import LocalCluster
-from services.scheduler.state import Keys, read_metrics
 from shared.adapters import AdapterStore
+from shared.client import CloraClient
 from shared.config import DEFAULT_MODEL_DIR
 from shared.messages import (
     AdapterPublished,
     Completion,
     ExperimentSpec,
-    ExperimentSubmit,
     RewardSpec,
     TaskSource,
     decode,
-    encode,
-    now,
 )
 from shared.runtime import heartbeat_key
 
@@ -57,32 +53,41 @@ def spec(experiment_id: str, family: str, steps: int, reward: RewardSpec | None 
                           reward=reward or RewardSpec(type="family", family=family), steps=steps, **fields)
 
 
-def submit(client: redis.Redis, keys: Keys, specs: list[ExperimentSpec]) -> None:
+def submit(client: CloraClient, specs: list[ExperimentSpec]) -> None:
     for one in specs:
-        client.xadd(keys.stream("experiments"), {"msg": encode(ExperimentSubmit(spec=one, ts=now()))})
+        client.submit(one)
 
 
-def wait_finished(cluster: LocalCluster, client: redis.Redis, keys: Keys, ids: list[str]):
+def wait_finished(cluster: LocalCluster, client: CloraClient, ids: list[str],
+                  statuses: dict[str, str] | None = None):
+    """Wait until every experiment of ``ids`` ended; each must end ``finished``
+    unless ``statuses`` names another status for it."""
+    statuses = statuses or {}
+
     def should_stop() -> bool:
         cluster.check_alive()  # a dead service fails the test with its log tail
         return False
 
-    records = watch_until_done(client, keys, ids, timeout_s=RUN_TIMEOUT_S, display=_Quiet(), should_stop=should_stop)
+    records = watch_until_done(client, None, ids, timeout_s=RUN_TIMEOUT_S, display=_Quiet(), should_stop=should_stop)
     for experiment_id, record in zip(ids, records):
-        assert record is not None and record.status == "finished", (experiment_id, record)
+        expected = statuses.get(experiment_id, "finished")
+        assert record is not None and record.status == expected, (experiment_id, record)
     return records
 
 
-def read_stream(client: redis.Redis, keys: Keys, stream: str, kind) -> list:
-    return [m for m in (decode(fields[b"msg"], stream) for _, fields in client.xrange(keys.stream(stream)))
-            if isinstance(m, kind)]
+def read_stream(client: CloraClient, stream: str, kind) -> list:
+    """Every message of ``kind`` on a stream the client has no reader for
+    (``adapters``, and the services' own ``completions``)."""
+    entries = client.redis.xrange(client.keys.stream(stream))
+    return [m for m in (decode(fields[b"msg"], stream) for _, fields in entries) if isinstance(m, kind)]
 
 
-def rollout_status_after(client: redis.Redis, keys: Keys, ts: float) -> dict:
+def rollout_status_after(client: CloraClient, ts: float) -> dict:
     """The rollout worker's heartbeat status, from a beat taken after ``ts``."""
     deadline = time.monotonic() + 30.0
     while True:
-        heartbeat = msgspec.msgpack.decode(client.get(heartbeat_key(keys.prefix, "rollout", "rollout-0")))
+        raw = client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0"))
+        heartbeat = msgspec.msgpack.decode(raw)
         if heartbeat["ts"] > ts:
             return heartbeat["status"]
         assert time.monotonic() < deadline, "no fresh rollout heartbeat"
@@ -93,12 +98,12 @@ def rollout_status_after(client: redis.Redis, keys: Keys, ts: float) -> dict:
 def cluster_factory(tmp_path):
     started: list[LocalCluster] = []
 
-    def start(**options) -> tuple[LocalCluster, redis.Redis, Keys]:
+    def start(**options) -> tuple[LocalCluster, CloraClient]:
         cluster = LocalCluster(tmp_path / f"cluster{len(started)}", env=CLUSTER_ENV, **options)
         started.append(cluster)
         cluster.start()
         cluster.wait_ready()
-        return cluster, redis.Redis.from_url(cluster.url), Keys(cluster.stream_prefix)
+        return cluster, CloraClient.connect(cluster.url, cluster.stream_prefix)
 
     yield start
     for cluster in started:
@@ -106,14 +111,15 @@ def cluster_factory(tmp_path):
 
 
 def test_opposite_rewards_learn_in_shared_batches_untrained_adapter_stays_identical(cluster_factory):
-    cluster, client, keys = cluster_factory()
+    cluster, client = cluster_factory()
     never_matches = RewardSpec(type="regex", pattern="^never-produced$")
     # 16 prompts a step at the default learning rate: steadier than 8 at 3e-3.
     learning = {"steps": 15, "prompts_per_step": 16, "learning_rate": 2e-3, "eval_size": 64}
     specs = [spec("asc", "sort", **learning), spec("desc", "sort_desc", **learning),
              spec("idle", "sort", steps=4, reward=never_matches)]
-    submit(client, keys, specs)
-    records = {r.experiment_id: r for r in wait_finished(cluster, client, keys, [s.experiment_id for s in specs])}
+    submit(client, specs)
+    ids = [s.experiment_id for s in specs]
+    records = {r.experiment_id: r for r in wait_finished(cluster, client, ids, statuses={"idle": "failed"})}
 
     # Both tenants learn their own (opposite) target: the reward of their own
     # samples (128 a step), averaged over some three consecutive steps, beats
@@ -125,15 +131,17 @@ def test_opposite_rewards_learn_in_shared_batches_untrained_adapter_stays_identi
     # wrong way round most of the time.)
     for experiment_id in ("asc", "desc"):
         record = records[experiment_id]
-        rewards = [m.reward_mean for m in read_metrics(client, keys, experiment_id)]
+        rewards = [m.reward_mean for m in client.metrics(experiment_id)]
         best = max(sum(rewards[i:i + 3]) / 3 for i in range(3, len(rewards) - 2))
         assert len(rewards) == 15 and best - sum(rewards[:3]) / 3 >= 0.2, (experiment_id, rewards)
         assert record.final_accuracy > record.start_accuracy, record
     # They shared decode steps: the rollout worker saw them in one batch.
-    status = rollout_status_after(client, keys, max(r.finished_at for r in records.values()))
+    status = rollout_status_after(client, max(r.finished_at for r in records.values()))
     assert status["shared_steps"].get("asc|desc", 0) > 0, status["shared_steps"]
-    # The tenant that never got a learning signal: every version holds the
-    # same tensors, and its B factors are zero, so it is the base model.
+    # The tenant that never got a learning signal: it does not pass for a
+    # finished experiment, every version holds the same tensors, and its B
+    # factors are zero, so it is the base model.
+    assert "none of 4 steps updated the adapter" in records["idle"].error, records["idle"]
     store = AdapterStore(cluster.data_dir / "adapters")
     versions = [store.load_tensors(store.path("idle", v)) for v in range(1, store.latest_version("idle") + 1)]
     assert len(versions) == 4
@@ -144,20 +152,20 @@ def test_opposite_rewards_learn_in_shared_batches_untrained_adapter_stays_identi
 
 
 def test_trainer_sigkill_mid_run_loses_no_step_and_applies_none_twice(cluster_factory):
-    cluster, client, keys = cluster_factory()
+    cluster, client = cluster_factory()
     steps = 8
-    submit(client, keys, [spec("crash", "sort", steps=steps, eval_size=8)])
+    submit(client, [spec("crash", "sort", steps=steps, eval_size=8)])
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while len(read_metrics(client, keys, "crash")) < 2:
+    while len(client.metrics("crash")) < 2:
         assert time.monotonic() < deadline, "no progress before the kill"
         time.sleep(0.05)
     cluster.kill("trainer")
     cluster.start_service("trainer")
-    wait_finished(cluster, client, keys, ["crash"])
+    wait_finished(cluster, client, ["crash"])
 
-    metrics = read_metrics(client, keys, "crash")
+    metrics = client.metrics("crash")
     assert [m.step for m in metrics] == list(range(steps))
-    announcements = [a for a in read_stream(client, keys, "adapters", AdapterPublished) if a.experiment_id == "crash"]
+    announcements = [a for a in read_stream(client, "adapters", AdapterPublished) if a.experiment_id == "crash"]
     digests: dict[int, set[str]] = {}
     for announcement in announcements:
         digests.setdefault(announcement.version, set()).add(announcement.digest)
@@ -169,16 +177,16 @@ def test_trainer_sigkill_mid_run_loses_no_step_and_applies_none_twice(cluster_fa
 
 
 def test_two_rollout_workers_two_trainer_shards(cluster_factory):
-    cluster, client, keys = cluster_factory(num_rollout_workers=2, num_trainer_shards=2)
+    cluster, client = cluster_factory(num_rollout_workers=2, num_trainer_shards=2)
     ids = ["shard-a", "shard-b", "shard-c", "shard-d"]
     families = ["sort", "sort_desc", "add", "sub"]
-    submit(client, keys, [spec(i, f, steps=4, eval_size=8) for i, f in zip(ids, families)])
-    wait_finished(cluster, client, keys, ids)
+    submit(client, [spec(i, f, steps=4, eval_size=8) for i, f in zip(ids, families)])
+    wait_finished(cluster, client, ids)
 
-    workers = {c.worker for c in read_stream(client, keys, "completions", Completion)}
+    workers = {c.worker for c in read_stream(client, "completions", Completion)}
     assert workers == {"rollout-0", "rollout-1"}
     trainers: dict[str, set[str]] = {}
-    for announcement in read_stream(client, keys, "adapters", AdapterPublished):
+    for announcement in read_stream(client, "adapters", AdapterPublished):
         trainers.setdefault(announcement.experiment_id, set()).add(announcement.trainer)
     for experiment_id in ids:
         assert trainers[experiment_id] == {f"trainer-{zlib.crc32(experiment_id.encode()) % 2}"}

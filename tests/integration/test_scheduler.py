@@ -5,7 +5,9 @@ rollout, reward and trainer services are stood in for by small actors in this
 file that speak the real protocol on the real streams (they consume
 ``rollout_requests`` / ``train_jobs:<k>`` through the bus and publish
 ``ScoredCompletion`` / ``AdapterPublished``), so each test controls rewards,
-timing and failures exactly. The end-to-end tests with the real services live
+timing and failures exactly. The stand-in trainer writes real (tiny) adapter
+versions into the adapter store, since the scheduler accepts an announcement
+only when the store's files check out. The end-to-end tests with the real services live
 elsewhere (they use ``services.cli.local.LocalCluster``).
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
+from functools import partial
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,8 +25,10 @@ import pytest
 from services.cli import experiments as cli
 from services.scheduler.service import SchedulerService
 from services.scheduler.state import Keys, list_experiments, read_experiment, read_metrics
+from shared.adapters import AdapterStore
 from shared.bus import StreamBus
 from shared.config import SchedulerConfig
+from shared.engine import LoraSignature
 from shared.messages import (
     SCHEMA_VERSION,
     AdapterPublished,
@@ -45,6 +50,7 @@ from shared.messages import (
 )
 
 WAIT_S = 30.0
+STANDIN_SIGNATURE = LoraSignature(rank=8, alpha=16.0, target_modules=("q_proj",))
 
 
 def make_spec(experiment_id: str, **overrides) -> ExperimentSpec:
@@ -63,12 +69,14 @@ class StandIns:
     """Stand-in rollout+reward and trainer actors on the real streams."""
 
     bus: StreamBus
+    store: AdapterStore
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     requests: list[RolloutRequest] = field(default_factory=list)
     jobs: list[TrainJob] = field(default_factory=list)
     train_delay_s: float = 0.0
     train_gate: asyncio.Event = field(default_factory=asyncio.Event)
     fail_requests: set[str] = field(default_factory=set)
+    skip_updates: bool = False  # announce versions with stats.skipped_update, as after a NaN loss
     tasks: list[asyncio.Task] = field(default_factory=list)
 
     def reward_of(self, request: RolloutRequest, sample_index: int) -> tuple[float, bool]:
@@ -101,10 +109,16 @@ class StandIns:
             await asyncio.sleep(self.train_delay_s)
         self.jobs.append(job)
         version = job.base_version + 1
+        path, digest = await asyncio.to_thread(write_version, self.store, job.experiment_id, version)
+        stats = TrainStats(train_s=0.01, skipped_update=self.skip_updates,
+                           skip_reason="nan_loss" if self.skip_updates else None)
         await self.bus.publish(AdapterPublished(
-            experiment_id=job.experiment_id, version=version, step=job.step,
-            path=f"/adapters/{job.experiment_id}/v{version}", digest="d", stats=TrainStats(train_s=0.01),
+            experiment_id=job.experiment_id, version=version, step=job.step, path=str(path), digest=digest,
+            stats=stats,
         ))
+
+    def path_of(self, experiment_id: str, version: int) -> str:
+        return str(self.store.path(experiment_id, version))
 
     def start(self, num_shards: int = 1) -> None:
         self.train_gate.set()
@@ -119,6 +133,16 @@ class StandIns:
         self.train_gate.set()
         self.stop.set()
         await asyncio.wait_for(asyncio.gather(*self.tasks), WAIT_S)
+
+
+def write_version(store: AdapterStore, experiment_id: str, version: int, value: float | None = None):
+    """A tiny but real PEFT version (``value`` fills its weights; default: the version)."""
+    import torch
+
+    fill = float(version if value is None else value)
+    tensors = {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.full((8, 4), fill),
+               "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.full((4, 8), fill)}
+    return store.write_version(experiment_id, version, tensors, STANDIN_SIGNATURE, "clora-tiny")
 
 
 class SchedulerRunner:
@@ -152,8 +176,9 @@ class SchedulerRunner:
 
 
 @pytest.fixture
-def config(redis_url, stream_prefix) -> SchedulerConfig:
+def config(redis_url, stream_prefix, tmp_path) -> SchedulerConfig:
     return SchedulerConfig(redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="scheduler-test",
+                           data_dir=str(tmp_path),
                            drain_timeout_s=2.0, reclaim_idle_s=1.0, heartbeat_ttl_s=3.0,
                            max_concurrent=8, lora_rank=8, lease_ttl_s=3.0)
 
@@ -164,8 +189,8 @@ async def bus(async_redis, stream_prefix) -> StreamBus:
 
 
 @pytest.fixture
-async def standins(bus):
-    actors = StandIns(bus)
+async def standins(bus, tmp_path):
+    actors = StandIns(bus, AdapterStore((tmp_path / "adapters").resolve()))
     yield actors
     await actors.close()
 
@@ -222,17 +247,22 @@ async def test_steps_advance_on_policy_and_record_metrics(scheduler, standins, b
     assert sorted(r.request_id for r in train) == sorted(f"exp-a:s{s}:p{i}" for s in range(3) for i in range(2))
     # on-policy: every step sampled by the version it trains, with that version's files
     assert all(r.adapter_version == r.step for r in train)
-    assert all(r.adapter_path == (None if r.step == 0 else f"/adapters/exp-a/v{r.step}") for r in train)
+    assert all(r.adapter_path == (None if r.step == 0 else standins.path_of("exp-a", r.step)) for r in train)
     assert all(r.sampling.n == 2 for r in train)
     evals = [r for r in standins.requests if r.purpose == "eval"]
     assert Counter(r.adapter_version for r in evals) == {0: 4, 3: 4}
     assert all(r.sampling.temperature == 0.0 and r.sampling.n == 1 for r in evals)
     assert (record.step, record.version, record.steps) == (3, 3, 3)
     assert (record.start_accuracy, record.final_accuracy) == (0.0, 1.0)
-    assert record.final_adapter == "/adapters/exp-a/v3"
+    assert record.final_adapter == standins.path_of("exp-a", 3)
     metrics = read_metrics(sync_redis, Keys(stream_prefix), "exp-a")
-    assert [(m.step, m.adapter_version) for m in metrics] == [(0, 1), (1, 2), (2, 3)]
+    # sampled by version s, produced version s + 1
+    assert [(m.step, m.adapter_version, m.produced_version) for m in metrics] == [(0, 0, 1), (1, 1, 2), (2, 2, 3)]
     assert all(m.reward_mean == 0.5 and m.accuracy == 0.5 and m.train_s == 0.01 for m in metrics)
+    assert all((m.groups, m.failed_groups) == (2, 0) for m in metrics)
+    # held-out numbers: the start one once measured, the final one on the last step
+    assert [m.eval_accuracy for m in metrics] == [None, None, 1.0]
+    assert metrics[-1].start_eval_accuracy == 0.0
     codes = [e.code for e in await events_of(bus, "exp-a")]
     assert codes[:2] == ["queued", "admitted"] and codes[-1] == "finished"
 
@@ -325,8 +355,6 @@ async def test_cli_refuses_bad_spec_file_and_status_lists_it(scheduler, bus, syn
     missing.write_text("experiment_id: no-reward\ntask: {family: add}\nsteps: 2\n")
     assert cli.submit([str(missing), *connection]) == 2
     assert "spec: missing required field `reward`" in capsys.readouterr().err
-    record = await wait_status(sync_redis, stream_prefix, "no-reward", ("invalid",))
-    assert "missing required field `reward`" in record.error
     good = tmp_path / "good.json"
     good.write_text(json.dumps(msgspec.to_builtins(make_spec("from-file", steps=1, eval_size=0))))
     assert cli.submit([str(good), *connection]) == 0
@@ -336,7 +364,8 @@ async def test_cli_refuses_bad_spec_file_and_status_lists_it(scheduler, bus, syn
     out = capsys.readouterr().out  # in-process service logs share stdout: find the JSON document
     document, _ = json.JSONDecoder().raw_decode(out[out.index('{\n  "experiments"'):])
     listed = {e["experiment_id"]: e for e in document["experiments"]}
-    assert listed["no-reward"]["status"] == "invalid" and listed["from-file"]["status"] == "running"
+    assert listed["from-file"]["status"] == "running"
+    assert "no-reward" not in listed  # refused by the CLI: nothing was sent
 
 
 async def test_cancel_stops_issuing(scheduler, standins, bus, sync_redis, stream_prefix):
@@ -478,7 +507,8 @@ async def test_scheduler_restart_resumes_without_losing_or_repeating_steps(how, 
         jobs = [(j.step, j.base_version) for j in standins.jobs if j.experiment_id == experiment_id]
         assert jobs == [(s, s) for s in range(steps)], jobs
         metrics = read_metrics(sync_redis, Keys(stream_prefix), experiment_id)
-        assert [m.adapter_version for m in metrics] == list(range(1, steps + 1))
+        assert [m.produced_version for m in metrics] == list(range(1, steps + 1))
+        assert [m.adapter_version for m in metrics] == list(range(steps))
     request_ids = Counter(r.request_id for r in standins.requests)
     assert max(request_ids.values()) == 1  # nothing published twice
     assert record_of(sync_redis, stream_prefix, "phoenix").final_accuracy == 1.0
@@ -492,6 +522,7 @@ async def test_local_cluster_runs_the_scheduler_process_and_restarts_it(redis_ur
     from services.cli.local import LocalCluster
 
     standins.train_delay_s = 0.05
+    standins.store = AdapterStore((tmp_path / "cluster" / "adapters").resolve())  # the scheduler process's store
     standins.start()
     cluster = LocalCluster(tmp_path / "cluster", redis_url=redis_url, stream_prefix=stream_prefix,
                            services=("scheduler",), env={"CLORA_LOG_LEVEL": "warning"})
@@ -582,3 +613,74 @@ async def test_a_dead_leaders_lease_expires_and_a_leader_that_lost_it_stops(conf
     await waiting.close()
     await dead.redis.aclose()
     assert sync_redis.get(Keys(stream_prefix).scheduler_lease) == b"usurper"
+
+
+# ---------------------------------------------------------------- protocol details (stand-ins)
+
+
+async def test_same_spec_sent_again_is_a_duplicate_but_a_redelivered_entry_is_not(scheduler, standins, bus,
+                                                                                    sync_redis, stream_prefix):
+    standins.start()
+    service = await scheduler.start()
+    spec = make_spec("twice", steps=1, eval_size=0)
+    await bus.publish(ExperimentSubmit(spec=spec))
+    await wait_status(sync_redis, stream_prefix, "twice")
+    await bus.publish(ExperimentSubmit(spec=spec))  # a second submission, not a redelivery
+    events = await wait_for(partial(_codes_with, bus, "twice", "duplicate_experiment"), what="duplicate event")
+    assert events.count("duplicate_experiment") == 1
+    # the first submission's own entry handled again (a redelivery) changes nothing
+    [(first_entry, _)] = (await bus.redis.xrange(bus.key("experiments"), count=1))
+    await service._transition(lambda pipe: service._submit(spec, pipe, first_entry.decode()))
+    assert (await events_of(bus, "twice"))[-1].code == "duplicate_experiment"
+    assert record_of(sync_redis, stream_prefix, "twice").status == "finished"
+
+
+async def _codes_with(bus, experiment_id: str, code: str) -> list[str] | None:
+    codes = [e.code for e in await events_of(bus, experiment_id)]
+    return codes if code in codes else None
+
+
+async def test_a_streamed_step_short_of_prompts_says_so_once_per_wait(scheduler, standins, bus, sync_redis,
+                                                                      stream_prefix):
+    standins.start()
+    await scheduler.start()
+    spec = make_spec("hungry", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"),
+                     steps=2, eval_size=2)
+    prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=", answer=str(i + 1)) for i in range(6)]
+    await bus.publish(ExperimentSubmit(spec=spec))
+    await wait_for(partial(_codes_with, bus, "hungry", "waiting_for_prompts"), what="a wait event")
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[:3]))  # still short of step 0's 4
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[3:5]))  # step 0 runs; step 1 needs 6
+    await wait_for(lambda: any(r.experiment_id == "hungry" and r.step == 0 and r.purpose == "train"
+                               for r in standins.requests), what="step 0")
+    await wait_for(lambda: len([e for e in standins.jobs if e.experiment_id == "hungry"]) == 1, what="step 0 trained")
+    waits = await wait_for(partial(_waits, bus, "hungry", 2), what="the wait of step 1")
+    assert waits == ["waiting for prompts: 0 pushed, step 0 needs 4",
+                     "waiting for prompts: 5 pushed, step 1 needs 6"]
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[5:]))
+    record = await wait_status(sync_redis, stream_prefix, "hungry")
+    # the first two pushed are the held-out split; training consumed the rest in order, each once
+    train = sorted((r.step, r.request_id, r.prompt.prompt_id) for r in standins.requests if r.purpose == "train")
+    assert [p for _, _, p in train] == ["q2", "q3", "q4", "q5"]
+    assert {r.prompt.prompt_id for r in standins.requests if r.purpose == "eval"} == {"q0", "q1"}
+    assert (record.start_accuracy, record.final_accuracy) == (0.0, 1.0)
+    assert len(await _waits(bus, "hungry", 0)) == 2  # one per wait
+
+
+async def _waits(bus, experiment_id: str, at_least: int) -> list[str] | None:
+    waits = [e.message.split(" (")[0] for e in await events_of(bus, experiment_id) if e.code == "waiting_for_prompts"]
+    return waits if len(waits) >= at_least else None
+
+
+async def test_failed_scoring_counts_groups_and_leaves_the_reward_nil(scheduler, standins, bus, sync_redis,
+                                                                       stream_prefix):
+    standins.fail_requests = {"no-score:s0:p0", "no-score:s0:p1", "no-score:s1:p0"}
+    standins.start()
+    await scheduler.start()
+    await bus.publish(ExperimentSubmit(spec=make_spec("no-score", steps=2, eval_size=0)))
+    record = await wait_status(sync_redis, stream_prefix, "no-score")
+    metrics = read_metrics(sync_redis, Keys(stream_prefix), "no-score")
+    assert [(m.groups, m.failed_groups) for m in metrics] == [(2, 2), (2, 1)]
+    assert metrics[0].reward_mean is None and metrics[0].accuracy is None  # nothing scored: not 0.0
+    assert metrics[1].reward_mean == 0.5
+    assert record.errors == 3

@@ -158,3 +158,109 @@ def test_decode_error_is_a_value_error_with_the_cause_kept():
     with pytest.raises(ValueError) as caught:
         m.decode(b"\xc1")
     assert isinstance(caught.value.__cause__, msgspec.DecodeError)
+
+
+# ---------------------------------------------------------------- hostile payloads (issue 12)
+
+DEEP_MAPS = b"\x81\xa1a" * 100_000 + b"\xc0"  # {"a": {"a": ... nil}} 100k levels
+DEEP_ARRAYS = b"\x91" * 100_000 + b"\xc0"
+DEEP_INSIDE_A_VALID_LOOKING_MESSAGE = (
+    b"\x82\xa4kind\xb1experiment_cancel\xadexperiment_id" + DEEP_MAPS
+)
+
+
+@pytest.mark.parametrize("payload", [DEEP_MAPS, DEEP_ARRAYS, DEEP_INSIDE_A_VALID_LOOKING_MESSAGE],
+                         ids=["maps", "arrays", "inside-a-message"])
+@pytest.mark.parametrize("stream", ["experiments", "rollout_requests", "adapters", "events", None])
+def test_deep_nesting_is_a_decode_error_not_a_recursion_error(payload, stream):
+    with pytest.raises(m.MessageDecodeError) as caught:
+        m.decode(payload, stream)
+    assert "nested too deeply" in str(caught.value) or "Expected" in str(caught.value)
+
+
+def test_deep_nesting_reason_says_what_is_wrong():
+    with pytest.raises(m.MessageDecodeError, match="nested too deeply"):
+        m.decode(DEEP_MAPS, "events")
+
+
+@pytest.mark.parametrize("payload", ["a str", None, 42, ["msg"], {"kind": "experiment_cancel"}],
+                         ids=["str", "none", "int", "list", "dict"])
+def test_a_payload_that_is_not_bytes_is_a_decode_error(payload):
+    with pytest.raises(m.MessageDecodeError, match=f"payload is {type(payload).__name__}, not msgpack bytes"):
+        m.decode(payload, "experiments")
+
+
+def test_bytes_like_payloads_still_decode():
+    cancel = ONE_OF_EACH[1]
+    assert m.decode(bytearray(m.encode(cancel)), "experiments") == cancel
+    assert m.decode(memoryview(m.encode(cancel)), "experiments") == cancel
+
+
+@pytest.mark.parametrize("payload", [
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e", "schema": 2**63}),
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e", "schema": -(2**63)}),
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e", "schema": float("nan")}),
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e", "schema": "1"}),
+    msgpack.packb({"kind": 7, "experiment_id": "e"}),
+    msgpack.packb({b"kind": b"experiment_cancel", b"experiment_id": b"e"}, use_bin_type=True),
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e"}) + b"trailing",
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e"})[:-1],
+    b"\xdf\xff\xff\xff\xff",  # a map header claiming 4 billion entries, then nothing
+    b"\xdb\xff\xff\xff\xff",  # a str header claiming 4 GiB, then nothing
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "e", 1: 2}),
+    msgpack.packb({"kind": "experiment_cancel", "experiment_id": "x" * 2_000_000, "pad": "y"}),
+], ids=["schema-huge", "schema-very-negative", "schema-nan", "schema-str", "kind-int", "bin-keys", "trailing-bytes",
+        "truncated", "map-header-lie", "str-header-lie", "int-key", "huge-string-unknown-field"])
+def test_hostile_payloads_raise_only_message_decode_error(payload):
+    try:
+        message = m.decode(payload, "experiments")
+    except m.MessageDecodeError as exc:
+        assert str(exc).strip(), "the reason must not be empty"
+    else:  # the only acceptable outcome besides a decode error: a valid, typed message
+        assert isinstance(message, m.ExperimentCancel)
+
+
+def test_random_bytes_never_raise_anything_but_message_decode_error():
+    import random
+
+    rng = random.Random(12)
+    decoded = 0
+    for _ in range(3000):
+        payload = rng.randbytes(rng.randrange(0, 64))
+        for stream in ("experiments", "completions", "train_jobs:0", "reward_replies"):
+            try:
+                m.decode(payload, stream)
+                decoded += 1
+            except m.MessageDecodeError as exc:
+                assert str(exc)
+    assert decoded == 0  # random bytes never happen to be a valid message
+
+
+def test_non_finite_floats_decode_as_floats_and_round_trip():
+    """NaN/inf are representable msgpack floats; deciding whether a value may be
+    non-finite is each consumer's job (a NaN reward is a failed sample, say)."""
+    scored = m.ScoredCompletion(completion=COMPLETION, rewards=[float("nan")])
+    decoded = m.decode(m.encode(scored), "scored")
+    assert decoded.rewards[0] != decoded.rewards[0]
+
+
+def test_step_metrics_from_an_older_sender_decodes_with_the_new_fields_defaulted():
+    old = msgpack.packb({"kind": "step_metrics", "schema": 1, "experiment_id": "exp-1", "step": 2,
+                         "adapter_version": 2, "reward_mean": 0.5, "accuracy": None, "rollout_s": 1.0,
+                         "train_s": 0.5})
+    metrics = m.decode(old, "metrics")
+    assert (metrics.produced_version, metrics.groups, metrics.failed_groups, metrics.start_eval_accuracy) == \
+        (None, 0, 0, None)
+
+
+def test_step_metrics_with_no_group_scored_carries_a_nil_reward():
+    metrics = m.StepMetrics(experiment_id="exp-1", step=0, adapter_version=0, reward_mean=None, accuracy=None,
+                            rollout_s=1.0, train_s=0.5, produced_version=1, groups=4, failed_groups=4)
+    raw = msgpack.unpackb(m.encode(metrics))
+    assert raw["reward_mean"] is None and raw["failed_groups"] == raw["groups"] == 4
+    assert m.decode(m.encode(metrics), "metrics") == metrics
+
+
+def test_every_terminal_status_but_invalid_is_an_event_code():
+    assert m.TERMINAL_STATUSES - {"invalid"} <= m.EVENT_CODES
+    assert "invalid" not in m.EVENT_CODES and "invalid_spec" in m.EVENT_CODES

@@ -90,3 +90,46 @@ def test_streams_table_names_the_kinds_each_stream_carries():
 def test_wire_format_names_the_field_and_the_tag_keys():
     text = "\n".join(protocol_lines())
     assert "single field `msg`" in text and "`kind`" in text and "`schema`" in text
+
+
+SERVICES = README.parent / "services"
+# how a service names the code of an event it sends: ("level", "code"), code="...",
+# the trainer's refusal codes, and the scheduler's terminal statuses (`_end(view, pipe, "failed"`)
+CODE_PATTERNS = [
+    re.compile(r'"(?:info|warning|error)",\s*"([a-z_]+)"'),
+    re.compile(r'\bcode="([a-z_]+)"'),
+    re.compile(r'return "([a-z_]+)", '),
+    re.compile(r'_rejected\([^()]*(?:\([^()]*\)[^()]*)*,\s*"([a-z_]+)"\)', re.S),
+    re.compile(r'self\._end\([a-z_]+, pipe, "([a-z_]+)"'),
+]
+
+
+def codes_in_services() -> set[str]:
+    codes = set()
+    for path in SERVICES.rglob("*.py"):
+        if "cli" in path.parts:
+            continue  # the CLI reads events, it sends none
+        text = path.read_text()
+        for pattern in CODE_PATTERNS:
+            codes.update(pattern.findall(text))
+    return codes
+
+
+def documented_codes() -> set[str]:
+    rows = table_after(r"^Event codes")
+    return {code.strip(" `") for row in rows for code in row[0].split(",")}
+
+
+def test_event_code_table_lists_exactly_the_codes_services_send():
+    sent = codes_in_services()
+    assert {"finished", "waiting_for_prompts", "duplicate_experiment", "train_job_over_budget"} <= sent  # the scan works
+    assert sent <= m.EVENT_CODES, sent - m.EVENT_CODES
+    assert documented_codes() == m.EVENT_CODES
+
+
+def test_the_client_example_reads_from_the_current_end_and_stops_at_every_end_code():
+    text = README.read_text()
+    code = text.split("<!-- example:submit -->", 1)[1].split("```python", 1)[1].split("```", 1)[0]
+    assert "xrevrange" in code and '"0"' not in code  # never replays the history from 0
+    for end in ("finished", "cancelled", "failed", "invalid_spec"):
+        assert f'"{end}"' in code

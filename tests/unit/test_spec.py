@@ -51,6 +51,9 @@ CASES = [
     # (overrides, the reason's start)
     (dict(experiment_id="Bad ID!"), "experiment_id: 'Bad ID!' must match"),
     (dict(experiment_id="x" * 65), "experiment_id: "),
+    (dict(experiment_id="ok\n"), "experiment_id: 'ok\\n' must match"),  # `$` alone would let it through
+    (dict(experiment_id="victim:s0"), "experiment_id: 'victim:s0' must match"),
+    (dict(experiment_id="../x"), "experiment_id: '../x' must match"),
     (dict(task=TaskSource()), "task: give exactly one of family, prompts, stream (got none)"),
     (dict(task=TaskSource(family="add", prompts=PROMPTS)), "task: give exactly one of family, prompts, stream "
                                                            "(got family and prompts)"),
@@ -62,11 +65,16 @@ CASES = [
      "reward.family: required for reward type 'family'"),
     (dict(reward=RewardSpec(type="family", family="poetry")), "reward.family: unknown family 'poetry'"),
     (dict(reward=RewardSpec(type="regex")), "reward.pattern: required for reward type 'regex'"),
-    (dict(reward=RewardSpec(type="regex", pattern="(unclosed")), "reward.pattern: does not compile"),
+    (dict(reward=RewardSpec(type="regex", pattern="(unclosed")),
+     "reward.pattern: not supported by the linear-time matcher (RE2): missing )"),
+    (dict(reward=RewardSpec(type="regex", pattern=r"(a)\1")),  # a backreference: no linear-time matching
+     "reward.pattern: not supported by the linear-time matcher (RE2)"),
+    (dict(reward=RewardSpec(type="regex", pattern="a" * 1001)), "reward.pattern: longer than 1000 characters"),
     (dict(reward=RewardSpec(type="http")), "reward.url: reward type 'http' needs an http:// or https:// url"),
     (dict(reward=RewardSpec(type="http", url="ftp://x")), "reward.url: "),
     (dict(reward=RewardSpec(type="worker")), "reward.worker: reward type 'worker' needs a worker name"),
     (dict(reward=RewardSpec(type="worker", worker="a b")), "reward.worker: "),
+    (dict(reward=RewardSpec(type="worker", worker="judge\n")), "reward.worker: "),
     (dict(task=TaskSource(prompts=[Prompt(prompt_id="a", text="hi")]), reward=RewardSpec(type="exact_match")),
      "reward.type: 'exact_match' needs an answer for every prompt (task.prompts[0] has none)"),
     (dict(reward=RewardSpec(type="family", family="add", timeout_s=0)), "reward.timeout_s: must be > 0"),
@@ -84,6 +92,7 @@ CASES = [
     (dict(learning_rate=1.0), "learning_rate: must be in (0, 1)"),
     (dict(learning_rate=float("nan")), "learning_rate: must be in (0, 1)"),
     (dict(lora_rank=16), "lora_rank: 16 is over the deployment's rank 8"),
+    (dict(lora_rank=2), "lora_rank: 2 is under the deployment's rank 8; it must equal it"),
     (dict(lora_rank=0), "lora_rank: must be >= 1"),
     (dict(max_off_policy_steps=-1), "max_off_policy_steps: must be between 0 and"),
     (dict(kl_coef=-1.0), "kl_coef: must be >= 0"),
@@ -184,3 +193,80 @@ def test_unreadable_and_bad_json_files(tmp_path):
 
 def test_yaml_reads_exponent_floats():
     assert parse_spec_text("lr: 1e-2\nn: 3\nx: 2.5E+1\n") == {"lr": 0.01, "n": 3, "x": 25.0}
+
+
+# ---------------------------------------------------------------- what a spec may cost
+
+
+def test_reward_cost_is_bounded_by_the_deployment():
+    limits = SpecLimits(deployment_rank=8, max_reward_timeout_s=30.0, max_reward_attempts=4, max_reward_budget_s=60.0)
+
+    def refusal(**reward) -> list[str]:
+        return validate_spec(spec(reward=RewardSpec(type="http", url="http://r/score", **reward)), limits, FAMILIES)
+
+    assert refusal(timeout_s=30.0, max_attempts=2) == []  # 60 s in all: exactly the budget
+    assert refusal(timeout_s=31.0) == ["reward.timeout_s: 31.0 is over the deployment's limit of 30.0 s per attempt"]
+    assert refusal(max_attempts=5) == ["reward.max_attempts: 5 is over the deployment's limit of 4"]
+    assert refusal(timeout_s=20.0, max_attempts=4) == [
+        "reward.timeout_s x reward.max_attempts: 20.0 x 4 = 80 s is over the deployment's limit of 60 s per group"]
+
+
+def test_limits_come_from_the_scheduler_config():
+    from services.scheduler.spec import limits_from_config
+    from shared.config import SchedulerConfig
+
+    config = SchedulerConfig(lora_rank=16, max_train_tokens=5000, max_packed_row_tokens=700, max_reward_timeout_s=3.0,
+                             max_reward_attempts=2, max_reward_budget_s=5.0)
+    limits = limits_from_config(config)
+    assert (limits.deployment_rank, limits.max_train_tokens, limits.max_packed_row_tokens) == (16, 5000, 700)
+    assert (limits.max_reward_timeout_s, limits.max_reward_attempts, limits.max_reward_budget_s) == (3.0, 2, 5.0)
+
+
+BUDGET = SpecLimits(deployment_rank=8, max_train_tokens=10_000, max_packed_row_tokens=1000)
+
+
+def test_a_packed_group_over_the_trainers_row_budget_is_refused_with_the_numbers():
+    # a family prompt is bounded by FAMILY_PROMPT_BYTES_BOUND (64): 64 + 8 x 117 = 1000 fits, 8 x 118 does not
+    assert validate_spec(spec(group_size=8, max_tokens=117, prompts_per_step=1), BUDGET, FAMILIES) == []
+    assert validate_spec(spec(group_size=8, max_tokens=118, prompts_per_step=1), BUDGET, FAMILIES) == [
+        "group_size x max_tokens: a packed group of prompt <= 64 + group_size 8 x max_tokens 118 = 1008 tokens "
+        "is over the trainer's max_packed_row_tokens 1000"]
+
+
+def test_a_train_job_over_the_trainers_token_budget_is_refused_with_the_numbers():
+    text = "x" * 36  # inline prompts: their own length in bytes bounds their tokens
+    prompts = [Prompt(prompt_id="a", text="1+1=", answer="2"), Prompt(prompt_id="b", text=text, answer="3")]
+    ok = spec(task=TaskSource(prompts=prompts), reward=RewardSpec(type="exact_match"), group_size=4, max_tokens=16)
+    assert validate_spec(msgspec.structs.replace(ok, prompts_per_step=100), BUDGET, FAMILIES) == []  # 100 x 100
+    assert validate_spec(msgspec.structs.replace(ok, prompts_per_step=101), BUDGET, FAMILIES) == [
+        "prompts_per_step: a train job of prompts_per_step 101 x (prompt <= 36 + group_size 4 x max_tokens 16 "
+        "= 100 tokens) = 10100 tokens is over the trainer's max_train_tokens 10000"]
+
+
+def test_prompt_text_length_is_bounded_inline_and_pushed():
+    from services.scheduler.spec import MAX_PROMPT_CHARS, pushed_prompt_problem
+
+    long_prompt = Prompt(prompt_id="long", text="y" * (MAX_PROMPT_CHARS + 1), answer="1")
+    found = reasons(spec(task=TaskSource(prompts=[long_prompt]), reward=RewardSpec(type="exact_match")))
+    assert found[0] == (f"task.prompts: prompt 0 is {MAX_PROMPT_CHARS + 1} characters long, "
+                        f"over the limit of {MAX_PROMPT_CHARS}")
+    streamed = spec(task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"), group_size=8,
+                    max_tokens=100, prompts_per_step=4)
+    assert validate_spec(streamed, BUDGET, FAMILIES) == []
+    # a pushed prompt must leave room for its group: 1000 - 8 x 100 = 200 bytes at most
+    assert pushed_prompt_problem(Prompt(prompt_id="a", text="é" * 100), streamed, BUDGET) is None  # 200 bytes
+    assert pushed_prompt_problem(Prompt(prompt_id="a", text="é" * 100 + "z"), streamed, BUDGET) == (
+        "is 201 bytes long; behind group_size 8 x max_tokens 100 the train job would exceed the trainer's budget "
+        "(at most 200 bytes a prompt)")
+    assert pushed_prompt_problem(long_prompt, streamed, SpecLimits()) .startswith("is 8193 characters long")
+    assert pushed_prompt_problem(Prompt(prompt_id="e", text=""), streamed, BUDGET) == "has an empty text"
+
+
+def test_every_built_in_family_stays_under_its_prompt_bound():
+    from services.scheduler.spec import FAMILY_PROMPT_BYTES_BOUND
+    from shared.tasks import FAMILIES as REAL
+
+    for name, family in REAL.items():
+        for split in ("train", "eval"):
+            longest = max(len(p.text.encode()) for p in family.generate(0, 200, split))
+            assert longest <= FAMILY_PROMPT_BYTES_BOUND, (name, split, longest)
