@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "status": ("services.cli.experiments", "status", "list experiments and their state"),
     "watch": ("services.cli.experiments", "watch", "live progress of an experiment"),
     "cancel": ("services.cli.experiments", "cancel", "cancel an experiment"),
+    "env": ("services.cli.experiments", "env", "print `export REDIS_URL=...` for the Redis every command uses"),
+    "allowlist": ("services.cli.experiments", "allowlist", "list | add URL | remove URL: HTTP reward allow-list"),
 }
 
 

@@ -1,21 +1,27 @@
 """``clora check SERVICE``: exit 0 when SERVICE has a live heartbeat, 1 otherwise.
 
-Meant for container healthchecks. By default it looks for this host's
-instance (consumer names ``<service>-<hostname>-<pid>``, or exactly
-``CLORA_CONSUMER_NAME`` when set), so a container checks its own process.
-``--any``: any instance anywhere; ``--consumer NAME``: exactly that one.
-Reads ``REDIS_URL`` and ``CLORA_STREAM_PREFIX`` like the services do.
+Finds Redis like every ``clora`` command (``shared.client.find_redis_url``):
+``--redis-url``, ``REDIS_URL``, else the address ``clora up`` wrote to its data
+dir. With ``REDIS_URL`` or ``--redis-url`` (a container healthcheck) it looks
+for this host's instance (consumer names ``<service>-<hostname>-<pid>``, or
+exactly ``CLORA_CONSUMER_NAME`` when set), so a container checks its own
+process; on a ``clora up`` cluster found through its data dir, for any
+instance of that cluster. ``--any``: any instance anywhere; ``--consumer
+NAME``: exactly that one.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 import time
+from pathlib import Path
 
 import redis
 
+from shared.client import REDIS_URL_FILE, ClientError, find_prefix, find_redis_url
 from shared.config import BaseConfig, ConfigError, load_config
 from shared.runtime import decode_heartbeat, heartbeat_key, redact_url
 
@@ -31,8 +37,13 @@ def main(argv: list[str]) -> int:
         print(f"clora check: {exc}", file=sys.stderr)
         return 2
     if not config.redis_url:
-        print(f"{args.service}: not alive: REDIS_URL is not set", file=sys.stderr)
-        return 1
+        local = _local_cluster(config, config_flags)
+        if local is None:
+            print(f"{args.service}: not alive: REDIS_URL is not set and no `clora up` address in "
+                  f"{Path(config.data_dir) / REDIS_URL_FILE}", file=sys.stderr)
+            return 1
+        config.redis_url, config.stream_prefix = local
+        args.any = args.any or not (args.consumer or config.consumer_name)
     pattern, described = _key_pattern(args, config)
     try:
         live = _live_heartbeats(config.redis_url, pattern)
@@ -45,6 +56,16 @@ def main(argv: list[str]) -> int:
         return 1
     print("; ".join(_describe(value) for value in live))
     return 0
+
+
+def _local_cluster(config: BaseConfig, config_flags: list[str]) -> tuple[str, str] | None:
+    """(url, prefix) of the ``clora up`` cluster of ``config.data_dir``, if one runs."""
+    try:
+        url = find_redis_url(None, config.data_dir)
+    except ClientError:
+        return None
+    prefix_given = "CLORA_STREAM_PREFIX" in os.environ or any(f.startswith("--stream-prefix") for f in config_flags)
+    return url, config.stream_prefix if prefix_given else find_prefix(None, config.data_dir)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,18 +1,20 @@
-"""``clora submit | status | watch | cancel``: the user's side of experiments.
+"""``clora submit | status | watch | cancel | env | allowlist``: the user's side.
 
-Every command finds Redis through ``--redis-url``, else ``REDIS_URL``, else
-the URL that ``clora up`` wrote to ``<data dir>/redis_url`` (data dir:
-``--data-dir``, ``CLORA_DATA_DIR`` or ``.clora``); the key prefix through
-``--stream-prefix`` or ``CLORA_STREAM_PREFIX`` (default ``clora:``).
+Every command talks through ``shared.client.CloraClient`` and finds Redis the
+same way (``shared.client.find_redis_url``): ``--redis-url``, else
+``REDIS_URL``, else the address ``clora up`` wrote to ``<data dir>/redis_url``
+(data dir: ``--data-dir``, ``CLORA_DATA_DIR`` or ``.clora``); the key prefix
+through ``--stream-prefix``, ``CLORA_STREAM_PREFIX``, the one ``clora up``
+wrote, else ``clora:``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,15 +22,25 @@ import msgspec
 import redis
 
 from services.scheduler.spec import SpecFileError, convert_spec, load_spec_file, parse_spec_text
-from services.scheduler.state import ExperimentRecord, Keys, list_experiments, read_experiment, read_metrics
-from shared.messages import SCHEMA_VERSION, ExperimentCancel, ExperimentSubmit, encode, now
+from services.scheduler.state import ExperimentRecord
+from shared.client import (
+    ClientError,
+    CloraClient,
+    NoDeploymentWarning,
+    SpecRefused,
+    UnknownExperiment,
+    find_prefix,
+    find_redis_url,
+)
+from shared.deployment import allowlist_key, read_allowlist
 
-DEFAULT_PREFIX = "clora:"
-DEFAULT_DATA_DIR = ".clora"
-REDIS_URL_FILE = "redis_url"  # written by `clora up` into its data dir
 WATCH_INTERVAL_S = 0.5
+WATCH_GRACE_S = 1.0  # `clora submit X && clora watch X`: the scheduler may not have recorded X yet
 BAR_WIDTH = 24
 EXIT_USAGE = 2
+LEGEND = ("reward: mean reward of the last step's train samples (sampled at the spec's temperature); "
+          "acc: their fraction correct, shown when it differs from reward; "
+          "held-out: greedy accuracy on held-out prompts, start -> latest (final once finished)")
 
 
 class CliError(RuntimeError):
@@ -40,38 +52,29 @@ class CliError(RuntimeError):
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--redis-url", default=None, help="default: REDIS_URL, else the one `clora up` wrote")
-    parser.add_argument("--stream-prefix", default=None, help="default: CLORA_STREAM_PREFIX or clora:")
+    parser.add_argument("--stream-prefix", default=None, help="default: CLORA_STREAM_PREFIX, the one `clora up` "
+                                                              "wrote, or clora:")
     parser.add_argument("--data-dir", default=None, help="default: CLORA_DATA_DIR or .clora")
 
 
 def resolve_redis_url(args: argparse.Namespace) -> str:
-    if args.redis_url:
-        return args.redis_url
-    if os.environ.get("REDIS_URL"):
-        return os.environ["REDIS_URL"]
-    data_dir = Path(args.data_dir or os.environ.get("CLORA_DATA_DIR") or DEFAULT_DATA_DIR)
-    url_file = data_dir / REDIS_URL_FILE
-    if url_file.is_file():
-        return url_file.read_text().strip()
-    raise CliError(f"no Redis to talk to: pass --redis-url, set REDIS_URL, or start `clora up` "
-                   f"(it writes {url_file})")
+    try:
+        return find_redis_url(args.redis_url, args.data_dir)
+    except ClientError as exc:
+        raise CliError(str(exc)) from None
 
 
 def resolve_prefix(args: argparse.Namespace) -> str:
-    return args.stream_prefix or os.environ.get("CLORA_STREAM_PREFIX") or DEFAULT_PREFIX
+    return find_prefix(args.stream_prefix, args.data_dir)
 
 
-def connect(args: argparse.Namespace) -> tuple[redis.Redis, Keys]:
-    client = redis.Redis.from_url(resolve_redis_url(args))
+def connect(args: argparse.Namespace) -> CloraClient:
+    client = CloraClient(redis.Redis.from_url(resolve_redis_url(args)), resolve_prefix(args))
     try:
-        client.ping()
+        client.redis.ping()
     except redis.exceptions.ConnectionError as exc:
         raise CliError(f"cannot reach Redis: {exc}") from None
-    return client, Keys(resolve_prefix(args))
-
-
-def publish(client: redis.Redis, keys: Keys, stream: str, payload: bytes) -> None:
-    client.xadd(keys.stream(stream), {"msg": payload}, maxlen=100_000, approximate=True)
+    return client
 
 
 def _run(command, argv: Sequence[str]) -> int:
@@ -87,9 +90,10 @@ def _run(command, argv: Sequence[str]) -> int:
 
 def submit(argv: list[str]) -> int:
     """``clora submit SPEC.yaml|SPEC.json [--id ID]``: print the experiment id.
-    A file that does not parse or does not fit the schema: the reason, exit 2
-    (one with an ``experiment_id`` is still sent, so ``clora status`` lists the
-    refusal alongside the scheduler's own ones)."""
+    A spec the scheduler would refuse (it does not parse, does not fit the
+    schema, breaks a rule, exceeds the deployment's limits, reuses an id, or
+    names an HTTP reward off the allow-list) is refused here with every
+    reason, exit 2, and nothing is sent."""
     return _run(_submit, argv)
 
 
@@ -101,40 +105,32 @@ def _submit(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     path = Path(args.spec)
     try:
-        text = path.read_text(encoding="utf-8")
-        data = parse_spec_text(text, str(path))
+        data = parse_spec_text(path.read_text(encoding="utf-8"), str(path))
+        if isinstance(data, dict) and args.experiment_id:
+            data["experiment_id"] = args.experiment_id
+        spec = convert_spec(data, str(path))
     except OSError as exc:
         print(f"clora submit: {path}: cannot read ({exc.strerror or exc})", file=sys.stderr)
         return EXIT_USAGE
     except SpecFileError as exc:
-        print(f"clora submit: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if isinstance(data, dict) and args.experiment_id:
-        data["experiment_id"] = args.experiment_id
-    try:
-        spec = convert_spec(data, str(path))
-    except SpecFileError as exc:
         print(f"clora submit: refused: {exc}", file=sys.stderr)
-        _send_refused(args, data)
         return EXIT_USAGE
-    client, keys = connect(args)
-    publish(client, keys, "experiments", encode(ExperimentSubmit(spec=spec, ts=now())))
+    client = connect(args)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", NoDeploymentWarning)
+            client.submit(spec)
+        for warning in caught:
+            print(f"clora submit: warning: {warning.message}", file=sys.stderr)
+    except SpecRefused as refused:
+        print(f"clora submit: {path}: refused, nothing sent:", file=sys.stderr)
+        for reason in refused.reasons:
+            print(f"  {reason}", file=sys.stderr)
+        return EXIT_USAGE
+    finally:
+        client.close()
     print(spec.experiment_id)
     return 0
-
-
-def _send_refused(args: argparse.Namespace, data) -> None:
-    """Send a spec that failed the schema as it is: the scheduler records it as
-    invalid with the decoder's reason (only when it names an experiment_id)."""
-    if not isinstance(data, dict) or not isinstance(data.get("experiment_id"), str):
-        return
-    try:
-        client, keys = connect(args)
-        payload = msgspec.msgpack.encode({"kind": "experiment_submit", "schema": SCHEMA_VERSION,
-                                          "spec": data, "ts": now()})
-        publish(client, keys, "experiments", payload)
-    except (CliError, TypeError, redis.exceptions.RedisError) as exc:
-        print(f"clora submit: (the refusal was not recorded: {exc})", file=sys.stderr)
 
 
 def cancel(argv: list[str]) -> int:
@@ -147,16 +143,17 @@ def _cancel(argv: list[str]) -> int:
     parser.add_argument("experiments", nargs="+")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    client, keys = connect(args)
+    client = connect(args)
     exit_code = 0
     for experiment_id in args.experiments:
-        record = read_experiment(client, keys, experiment_id)
-        if record is None:
-            print(f"clora cancel: unknown experiment {experiment_id!r}", file=sys.stderr)
+        try:
+            record = client.cancel(experiment_id)
+        except UnknownExperiment as exc:
+            print(f"clora cancel: {exc}", file=sys.stderr)
             exit_code = 1
             continue
-        publish(client, keys, "experiments", encode(ExperimentCancel(experiment_id=experiment_id, ts=now())))
         print(f"{experiment_id}: cancel requested (was {record.status})")
+    client.close()
     return exit_code
 
 
@@ -174,7 +171,7 @@ def accuracy_text(record: ExperimentRecord) -> str:
 
 
 def status_rows(records: list[ExperimentRecord]) -> list[list[str]]:
-    rows = [["EXPERIMENT", "STATUS", "STEP", "REWARD", "ACCURACY", "ERROR/REASON"]]
+    rows = [["EXPERIMENT", "STATUS", "STEP", "REWARD", "HELD-OUT START->FINAL", "ERROR/REASON"]]
     for r in records:
         rows.append([r.experiment_id, r.status, f"{r.step}/{r.steps}", _fmt(r.reward_mean),
                      accuracy_text(r), (r.error or (f"{r.errors} failed groups" if r.errors else ""))])
@@ -198,8 +195,9 @@ def _status(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    client, keys = connect(args)
-    records = _select(client, keys, args.experiments)
+    client = connect(args)
+    records = _select(client, args.experiments)
+    client.close()
     if args.json:
         print(json.dumps({"experiments": [msgspec.to_builtins(r) for r in records]}, indent=2))
     elif not records:
@@ -209,12 +207,12 @@ def _status(argv: list[str]) -> int:
     return 0 if len(records) >= len(args.experiments) else 1
 
 
-def _select(client: redis.Redis, keys: Keys, experiment_ids: list[str]) -> list[ExperimentRecord]:
+def _select(client: CloraClient, experiment_ids: list[str]) -> list[ExperimentRecord]:
     if not experiment_ids:
-        return list_experiments(client, keys)
+        return client.experiments()
     records = []
     for experiment_id in experiment_ids:
-        record = read_experiment(client, keys, experiment_id)
+        record = client.experiment(experiment_id)
         if record is None:
             print(f"clora: unknown experiment {experiment_id!r}", file=sys.stderr)
         else:
@@ -225,30 +223,56 @@ def _select(client: redis.Redis, keys: Keys, experiment_ids: list[str]) -> list[
 # ---------------------------------------------------------------- watch
 
 
-def progress_line(record: ExperimentRecord, id_width: int = 16) -> str:
-    """One terminal line: ``add-1  [#########.......]  9/20  reward 0.41  acc 0.25->-  running``."""
-    fraction = record.step / record.steps if record.steps else 0.0
+def phase(record: ExperimentRecord) -> str:
+    """The state to show: ``final eval`` once every step trained but the
+    held-out evaluation of the last version is still running."""
+    if record.status == "running" and record.steps and record.step >= record.steps:
+        return "final eval"
+    return record.status if record.error is None else f"{record.status}: {record.error}"
+
+
+def held_out_text(record: ExperimentRecord, latest: float | None = None) -> str:
+    """``start -> final`` once finished, ``start -> latest`` (or ``...``) while running."""
+    if record.start_accuracy is None and record.final_accuracy is None and latest is None:
+        return "-"
+    end = record.final_accuracy if record.final_accuracy is not None else latest
+    return f"{_fmt(record.start_accuracy)} -> {'...' if end is None else _fmt(end)}"
+
+
+def progress_line(record: ExperimentRecord, id_width: int = 16, latest_eval: float | None = None) -> str:
+    """One terminal line (see ``LEGEND``):
+    ``add-1  [#########.......]   9/20  reward 0.41  held-out 0.22 -> ...  running``."""
+    fraction = min(record.step / record.steps, 1.0) if record.steps else 0.0
     filled = int(round(fraction * BAR_WIDTH))
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
-    accuracy = "-" if record.accuracy is None else f"{record.accuracy:.2f}"
-    tail = record.status if record.error is None else f"{record.status}: {record.error}"
+    accuracy = ""
+    if record.accuracy is not None and record.reward_mean is not None and abs(record.accuracy - record.reward_mean) > 1e-9:
+        accuracy = f"  acc {record.accuracy:.2f}"
     return (f"{record.experiment_id:<{id_width}} [{bar}] {record.step:>3}/{record.steps:<3} "
-            f"reward {_fmt(record.reward_mean)}  acc {accuracy}  held-out {accuracy_text(record)}  {tail}")
+            f"reward {_fmt(record.reward_mean)}{accuracy}  held-out {held_out_text(record, latest_eval)}  "
+            f"{phase(record)}")
 
 
 class ProgressDisplay:
     """Redraws one line per experiment in place on a terminal; elsewhere
-    prints a line only when it changed."""
+    prints a line only when it changed. The legend is printed once, first.
+    ``latest_eval`` (experiment -> latest held-out accuracy from its step
+    metrics) is filled by ``watch_until_done``."""
 
-    def __init__(self, stream=None) -> None:
+    def __init__(self, stream=None, legend: bool = True) -> None:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
+        self.legend = legend
+        self.latest_eval: dict[str, float] = {}
         self._drawn = 0
         self._last: dict[str, str] = {}
 
     def show(self, records: list[ExperimentRecord]) -> None:
+        if self.legend:
+            self.stream.write(LEGEND + "\n")
+            self.legend = False
         width = max([16, *(len(r.experiment_id) for r in records)])
-        lines = [progress_line(r, width) for r in records]
+        lines = [progress_line(r, width, self.latest_eval.get(r.experiment_id)) for r in records]
         if self.tty:
             if self._drawn:
                 self.stream.write(f"\x1b[{self._drawn}F")
@@ -264,7 +288,8 @@ class ProgressDisplay:
 
 def watch(argv: list[str]) -> int:
     """``clora watch [EXP...]``: live progress until every experiment is
-    finished, cancelled, invalid or failed (exit 0 when none failed/invalid)."""
+    finished, cancelled, invalid or failed (exit 0 when none failed/invalid).
+    An unknown id is an error at once (exit 1)."""
     return _run(_watch, argv)
 
 
@@ -275,27 +300,46 @@ def _watch(argv: list[str]) -> int:
     parser.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    client, keys = connect(args)
-    ids = args.experiments or [r.experiment_id for r in list_experiments(client, keys) if not r.terminal]
+    client = connect(args)
+    ids = args.experiments or [r.experiment_id for r in client.experiments() if not r.terminal]
     if not ids:
         print("nothing to watch: no queued or running experiment")
         return 0
-    records = watch_until_done(client, keys, ids, interval_s=args.interval, timeout_s=args.timeout)
+    unknown = _unknown_ids(client, ids)
+    if unknown:
+        raise CliError(f"unknown experiment(s): {', '.join(map(repr, unknown))} (see `clora status`; "
+                       f"a submission the scheduler has not recorded yet: is it running? `clora check scheduler`)")
+    records = watch_until_done(client, None, ids, interval_s=args.interval, timeout_s=args.timeout)
+    client.close()
     if any(r is None for r in records):
         return 1
     return 0 if all(r.status in ("finished", "cancelled") for r in records) else 1
 
 
-def watch_until_done(client: redis.Redis, keys: Keys, experiment_ids: list[str], *, interval_s: float = WATCH_INTERVAL_S,
+def _unknown_ids(client: CloraClient, experiment_ids: list[str]) -> list[str]:
+    """Ids without a record after ``WATCH_GRACE_S`` (a just-sent submission gets that long)."""
+    deadline = time.monotonic() + WATCH_GRACE_S
+    while True:
+        unknown = [i for i in experiment_ids if client.experiment(i) is None]
+        if not unknown or time.monotonic() >= deadline:
+            return unknown
+        time.sleep(0.1)
+
+
+def watch_until_done(client, keys, experiment_ids: list[str], *, interval_s: float = WATCH_INTERVAL_S,
                      timeout_s: float = 0.0, display: ProgressDisplay | None = None,
                      should_stop=None) -> list[ExperimentRecord | None]:
-    """Poll the state and redraw until every experiment is terminal (or the
-    timeout, or ``should_stop()``); returns the last records."""
+    """Poll and redraw until every experiment is terminal (or the timeout, or
+    ``should_stop()``); returns the last records. ``client``: a ``CloraClient``
+    (``keys`` None) or a ``redis.Redis`` with its ``Keys``."""
+    clora = client if isinstance(client, CloraClient) else CloraClient(client, keys.prefix)
     display = display or ProgressDisplay()
     deadline = time.monotonic() + timeout_s if timeout_s > 0 else None
     while True:
-        records = [read_experiment(client, keys, i) for i in experiment_ids]
-        display.show([r if r is not None else ExperimentRecord(experiment_id=i, status="unknown")
+        records = [clora.experiment(i) for i in experiment_ids]
+        if hasattr(display, "latest_eval"):
+            display.latest_eval = {i: latest_eval_accuracy(clora, i) for i in experiment_ids}
+        display.show([r if r is not None else ExperimentRecord(experiment_id=i, status="submitted")
                       for i, r in zip(experiment_ids, records)])
         done = all(r is not None and r.terminal for r in records)
         if done or (deadline is not None and time.monotonic() >= deadline) or (should_stop and should_stop()):
@@ -303,12 +347,93 @@ def watch_until_done(client: redis.Redis, keys: Keys, experiment_ids: list[str],
         time.sleep(interval_s)
 
 
-def reward_history(client: redis.Redis, keys: Keys, experiment_id: str) -> list[tuple[int, float]]:
-    """(step, reward_mean) of every finished step."""
-    return [(m.step, m.reward_mean) for m in read_metrics(client, keys, experiment_id)]
+def latest_eval_accuracy(client: CloraClient, experiment_id: str) -> float | None:
+    measured = [m.eval_accuracy for m in client.metrics(experiment_id) if m.eval_accuracy is not None]
+    return measured[-1] if measured else None
+
+
+def reward_history(client, keys, experiment_id: str) -> list[tuple[int, float | None]]:
+    """(step, reward_mean) of every finished step; None: no group of that step was scored."""
+    clora = client if isinstance(client, CloraClient) else CloraClient(client, keys.prefix)
+    return [(m.step, m.reward_mean) for m in clora.metrics(experiment_id)]
+
+
+def publish(client: redis.Redis, keys, stream: str, payload: bytes) -> None:
+    """Raw XADD of an encoded message (for load tests that time their own submissions)."""
+    client.xadd(keys.stream(stream), {"msg": payload}, maxlen=100_000, approximate=True)
+
+
+# ---------------------------------------------------------------- env / allowlist
+
+
+def env(argv: list[str]) -> int:
+    """``clora env``: ``export`` lines for the Redis and prefix every command
+    would use (``eval "$(clora env)"`` in another shell)."""
+    return _run(_env, argv)
+
+
+def _env(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="clora env", description="print export lines for REDIS_URL and the prefix")
+    add_connection_args(parser)
+    args = parser.parse_args(argv)
+    print(f"export REDIS_URL={resolve_redis_url(args)}")
+    print(f"export CLORA_STREAM_PREFIX={resolve_prefix(args)}")
+    return 0
+
+
+def allowlist(argv: list[str]) -> int:
+    """``clora allowlist list | add URL | remove URL``: the reward service's
+    HTTP allow-list, changed while running (Redis set ``<prefix>reward_allowlist``);
+    the prefixes the reward service was configured with stay allowed."""
+    return _run(_allowlist, argv)
+
+
+def _allowlist(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="clora allowlist", description="HTTP reward URL prefixes allowed")
+    parser.add_argument("action", choices=("list", "add", "remove"))
+    parser.add_argument("urls", nargs="*", help="URL prefixes, e.g. http://127.0.0.1:8088/score")
+    add_connection_args(parser)
+    args = parser.parse_args(argv)
+    if args.action != "list" and not args.urls:
+        parser.error(f"{args.action} needs at least one URL")
+    client = connect(args)
+    configured = client.deployment().http_allowlist if args.action != "add" else []
+    key = allowlist_key(client.prefix)
+    exit_code = 0
+    for url in args.urls:
+        problem = _allowlist_entry_problem(url)
+        if problem:
+            print(f"clora allowlist: {url!r}: {problem}", file=sys.stderr)
+            exit_code = 2
+        elif args.action == "add":
+            client.redis.sadd(key, url)
+        elif url in configured:
+            print(f"clora allowlist: {url!r} is in the reward service's configuration (CLORA_HTTP_ALLOWLIST); "
+                  "it stays allowed until that changes", file=sys.stderr)
+            exit_code = 1
+        elif not client.redis.srem(key, url):
+            print(f"clora allowlist: {url!r} was not on the list", file=sys.stderr)
+            exit_code = 1
+    for url in client.deployment().http_allowlist if args.action == "list" else []:
+        print(f"{url}  (configured)")
+    for url in read_allowlist(client.redis, client.prefix):
+        print(url)
+    client.close()
+    return exit_code
+
+
+def _allowlist_entry_problem(url: str) -> str | None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "an allow-list entry is an http:// or https:// URL prefix"
+    if parts.username or parts.password:
+        return "an allow-list entry must not carry credentials"
+    return None
 
 
 __all__ = [
-    "submit", "status", "watch", "cancel", "progress_line", "ProgressDisplay", "watch_until_done",
-    "format_table", "status_rows", "reward_history", "load_spec_file", "CliError",
+    "submit", "status", "watch", "cancel", "env", "allowlist", "progress_line", "ProgressDisplay",
+    "watch_until_done", "format_table", "status_rows", "reward_history", "load_spec_file", "CliError", "LEGEND",
 ]

@@ -13,7 +13,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from shared.redis_server import EmbeddedRedis
 
@@ -30,7 +33,9 @@ STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 READY_TIMEOUT_S = 180.0
 READY_POLL_S = 0.2
 LOG_TAIL_LINES = 20
-REDIS_URL_FILE = "redis_url"
+REDIS_URL_FILE = "redis_url"  # the address, while the cluster runs (shared.client.find_redis_url reads it)
+STREAM_PREFIX_FILE = "stream_prefix"  # likewise, the key prefix
+REDIS_PORT_FILE = "redis_port"  # the embedded server's port, kept: the next start reuses it when free
 
 
 class ClusterError(RuntimeError):
@@ -106,9 +111,12 @@ class LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
         if self._url is None:
-            self._redis = EmbeddedRedis(self.data_dir / "redis", persist=True)
+            self._redis = EmbeddedRedis(self.data_dir / "redis", persist=True,
+                                         port=_saved_port(self.data_dir / REDIS_PORT_FILE))
             self._url = self._redis.start()
+            (self.data_dir / REDIS_PORT_FILE).write_text(f"{urlsplit(self._url).port}\n")
         (self.data_dir / REDIS_URL_FILE).write_text(self._url + "\n")
+        (self.data_dir / STREAM_PREFIX_FILE).write_text(self.stream_prefix + "\n")
         self.processes = {p.name: p for p in self._plan()}
         for process in self.processes.values():
             self._spawn(process)
@@ -128,8 +136,8 @@ class LocalCluster:
             self._redis.stop()
             self._redis = None
             self._url = self.redis_url
-        url_file = self.data_dir / REDIS_URL_FILE
-        url_file.unlink(missing_ok=True)
+        (self.data_dir / REDIS_URL_FILE).unlink(missing_ok=True)  # no command may find a stopped Redis
+        (self.data_dir / STREAM_PREFIX_FILE).unlink(missing_ok=True)
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
@@ -246,6 +254,20 @@ class LocalCluster:
         process.starts += 1
 
 
+def _saved_port(path: Path) -> int | None:
+    """The port of the last start when it is still free (else None: any free port)."""
+    try:
+        port = int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return None
+    return port
+
+
 def _wait_or_kill(process: ServiceProcess) -> None:
     if process.process is None:
         return
@@ -267,6 +289,15 @@ def _raise_stop(signum, frame) -> None:
     raise _StopRequested(signal.Signals(signum).name)
 
 
+def _add_engine_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=["torch", "vllm"], default=os.environ.get("CLORA_ENGINE", "torch"),
+                        help="the rollout's generation engine (vllm: `bash deploy/setup.sh --vllm` first)")
+
+
+def _engine_env(engine: str) -> dict[str, dict[str, str]]:
+    return {"rollout": {"CLORA_ENGINE": engine}}
+
+
 def up(argv: list[str]) -> int:
     """``clora up``: Redis + the four services until SIGINT/SIGTERM."""
     parser = argparse.ArgumentParser(prog="clora up", description="run Redis and all four services locally")
@@ -274,17 +305,22 @@ def up(argv: list[str]) -> int:
     parser.add_argument("--rollout-workers", type=int, default=1)
     parser.add_argument("--trainer-shards", type=int, default=1)
     parser.add_argument("--stream-prefix", default=os.environ.get("CLORA_STREAM_PREFIX", "clora:"))
+    _add_engine_argument(parser)
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.data_dir, redis_url=os.environ.get("REDIS_URL") or None,
                            num_rollout_workers=args.rollout_workers, num_trainer_shards=args.trainer_shards,
-                           stream_prefix=args.stream_prefix)
+                           stream_prefix=args.stream_prefix, service_env=_engine_env(args.engine))
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
     try:
         cluster.start()
-        print(f"clora up: Redis at {cluster.url}; logs in {cluster.data_dir / 'logs'}")
+        print(f"REDIS_URL={cluster.url}", flush=True)
+        print(f"CLORA_STREAM_PREFIX={cluster.stream_prefix}")
+        print(f"clora up: Redis at {cluster.url} (written to {cluster.data_dir / REDIS_URL_FILE}; every clora "
+              f"command run from here finds it); logs in {cluster.data_dir / 'logs'}")
         print("  " + ", ".join(f"{name} (pid {pid})" for name, pid in cluster.pids.items()))
-        print("  submit with: clora submit SPEC.yaml   (Ctrl-C stops everything)")
+        print("  other programs: eval \"$(clora env)\"   submit: clora submit SPEC.yaml   Ctrl-C stops everything",
+              flush=True)
         while True:
             cluster.check_alive()
             time.sleep(1.0)
@@ -349,19 +385,28 @@ def demo(argv: list[str]) -> int:
     """``clora demo``: four experiments at once on the tiny model, live."""
     families, spec_fields = demo_settings()
     parser = argparse.ArgumentParser(prog="clora demo", description="four concurrent RL experiments, live")
-    parser.add_argument("--data-dir", default=None, help="default: a fresh temporary directory")
-    parser.add_argument("--plot", default=None, help="PNG of the reward curves (default <data_dir>/demo_rewards.png)")
+    parser.add_argument("--data-dir", default=None, help="default: a temporary directory, removed at the end")
+    parser.add_argument("--plot", default="clora-demo.png", help="PNG of reward and held-out accuracy per step")
     parser.add_argument("--json", dest="json_path", default=None, help="write the results here")
     parser.add_argument("--families", default=",".join(families), help="comma-separated task families")
     parser.add_argument("--steps", type=int, default=spec_fields["steps"])
     parser.add_argument("--timeout", type=float, default=DEMO_TIMEOUT_S)
+    _add_engine_argument(parser)
     args = parser.parse_args(argv)
     spec_fields["steps"] = args.steps
-    data_dir = Path(args.data_dir) if args.data_dir else Path(tempfile.mkdtemp(prefix="clora-demo-"))
-    specs = demo_specs([f for f in args.families.split(",") if f], spec_fields)
+    temporary = args.data_dir is None
+    data_dir = Path(tempfile.mkdtemp(prefix="clora-demo-")) if temporary else Path(args.data_dir)
+    try:
+        return _demo(args, data_dir, demo_specs([f for f in args.families.split(",") if f], spec_fields))
+    finally:
+        if temporary:
+            shutil.rmtree(data_dir, ignore_errors=True)  # the demo leaves nothing behind but its results
+
+
+def _demo(args: argparse.Namespace, data_dir: Path, specs: list) -> int:
     started = time.monotonic()
     print(f"clora demo: {len(specs)} experiments, {args.steps} steps each; data in {data_dir}")
-    with LocalCluster(data_dir, env=DEMO_ENV) as cluster:
+    with LocalCluster(data_dir, env=DEMO_ENV, service_env=_engine_env(args.engine)) as cluster:
         try:
             cluster.wait_ready()
             print(f"services ready after {time.monotonic() - started:.1f}s")
@@ -371,9 +416,10 @@ def demo(argv: list[str]) -> int:
             return 1
     rows = _demo_rows(specs, records)
     _print_demo_table(rows)
-    plot_path = Path(args.plot) if args.plot else data_dir / "demo_rewards.png"
-    plot_rewards(history, plot_path)
-    print(f"reward curves: {plot_path}")
+    plot_path = Path(args.plot)
+    plot_rewards(history, plot_path, held_out={r["id"]: (r["start_accuracy"], r["final_accuracy"]) for r in rows},
+                 steps=args.steps)
+    print(f"reward and held-out accuracy per step: {plot_path}")
     if args.json_path:
         Path(args.json_path).write_text(json.dumps({"experiments": rows}, indent=2) + "\n")
         print(f"results: {args.json_path}")
@@ -382,29 +428,24 @@ def demo(argv: list[str]) -> int:
 
 
 def _run_demo(cluster: LocalCluster, specs: list, timeout_s: float):
-    import redis
+    import warnings
 
     from services.cli.experiments import ProgressDisplay, reward_history, watch_until_done
-    from services.scheduler.state import Keys
-    from shared.messages import ExperimentSubmit, encode, now
+    from shared.client import CloraClient, NoDeploymentWarning
 
-    client = redis.Redis.from_url(cluster.url)
-    keys = Keys(cluster.stream_prefix)
-    try:
-        for spec in specs:
-            client.xadd(keys.stream("experiments"), {"msg": encode(ExperimentSubmit(spec=spec, ts=now()))})
-        ids = [spec.experiment_id for spec in specs]
+    with CloraClient.connect(cluster.url, cluster.stream_prefix) as client:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NoDeploymentWarning)  # the demo's specs fit the defaults too
+            ids = [client.submit(spec) for spec in specs]
 
         def should_stop() -> bool:
             cluster.check_alive()  # raises with the dead process's log tail
             return False
 
-        records = watch_until_done(client, keys, ids, timeout_s=max(timeout_s, 1.0), display=ProgressDisplay(),
+        records = watch_until_done(client, None, ids, timeout_s=max(timeout_s, 1.0), display=ProgressDisplay(),
                                    should_stop=should_stop)
-        history = {i: reward_history(client, keys, i) for i in ids}
+        history = {i: reward_history(client, None, i) for i in ids}
         return records, history
-    finally:
-        client.close()
 
 
 def _demo_rows(specs: list, records: list) -> list[dict]:
@@ -439,23 +480,39 @@ def _print_demo_table(rows: list[dict]) -> None:
     print(format_table(table))
 
 
-def plot_rewards(history: Mapping[str, list[tuple[int, float]]], path: Path) -> None:
-    """One reward-mean curve per experiment (matplotlib, Agg)."""
+def plot_rewards(history: Mapping[str, list[tuple[int, float | None]]], path: Path,
+                 held_out: Mapping[str, tuple[float | None, float | None]] | None = None,
+                 steps: int | None = None) -> None:
+    """Top: mean reward of each step's train samples. Bottom: held-out greedy
+    accuracy before training (step 0) and after the last step. One colour per
+    experiment, whole-step ticks (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
-    figure, axes = plt.subplots(figsize=(7, 4))
-    for experiment_id, points in history.items():
+    held_out = held_out or {}
+    figure, (reward_axes, accuracy_axes) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for index, (experiment_id, points) in enumerate(history.items()):
+        colour = f"C{index}"
         if points:
-            axes.plot([s + 1 for s, _ in points], [r for _, r in points], marker=".", label=experiment_id)
-    axes.set_xlabel("step")
-    axes.set_ylabel("mean reward")
-    axes.set_ylim(-0.02, 1.02)
-    axes.grid(alpha=0.3)
-    axes.legend(loc="lower right")
-    axes.set_title("C-LoRA demo: concurrent experiments on one base model")
+            rewards = [float("nan") if r is None else r for _, r in points]  # a step nothing scored: a gap
+            reward_axes.plot([s + 1 for s, _ in points], rewards, marker=".", color=colour, label=experiment_id)
+        start, final = held_out.get(experiment_id, (None, None))
+        known = [(x, a) for x, a in ((0, start), (steps or len(points), final)) if a is not None]
+        if known:
+            accuracy_axes.plot([x for x, _ in known], [a for _, a in known], marker="o", linestyle="--",
+                               color=colour, label=experiment_id)
+    reward_axes.set_ylabel("mean reward\n(train samples, T=1)")
+    accuracy_axes.set_ylabel("held-out accuracy\n(greedy)")
+    accuracy_axes.set_xlabel("step (adapter version after it)")
+    for axes in (reward_axes, accuracy_axes):
+        axes.set_ylim(-0.02, 1.02)
+        axes.grid(alpha=0.3)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axes.legend(loc="lower right", fontsize="small")
+    reward_axes.set_title("C-LoRA demo: concurrent experiments on one base model")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -1,0 +1,573 @@
+"""``CloraClient`` (sync) and ``AsyncCloraClient`` (asyncio): C-LoRA from Python.
+
+    from shared.client import CloraClient, SpecRefused
+
+    client = CloraClient.connect()          # REDIS_URL, else the address `clora up` wrote
+    try:
+        client.submit({"experiment_id": "add-1", "task": {"family": "add"},
+                       "reward": {"type": "family", "family": "add"}, "steps": 10})
+    except SpecRefused as refused:
+        print(refused.reasons)              # nothing was sent
+    for metrics in client.follow_metrics("add-1", until_end=True):
+        print(metrics.step, metrics.reward_mean)
+    record = client.wait("add-1")           # the final ExperimentRecord
+    print(record.status, record.start_accuracy, record.final_accuracy)
+
+``submit`` validates the spec with the scheduler's own rules
+(``services.scheduler.spec.validate_spec``) and the limits the scheduler
+published (``shared.deployment``), refuses a duplicate id and an HTTP reward
+URL that is not allow-listed, and raises ``SpecRefused`` (with every reason)
+before sending anything. Messages go out in the wire format of
+``shared.messages``; experiment records are read through the scheduler's own
+read functions (``services.scheduler.state``), never by key names of ours.
+
+What it returns:
+
+- ``ExperimentRecord`` (``services.scheduler.state``): ``experiment_id``;
+  ``status`` queued | running | finished | cancelled | invalid | failed;
+  ``steps`` (asked) and ``step`` (trained so far); ``version`` (newest adapter
+  version, 0 = base model); ``family`` (whose held-out split measures it, or
+  None); ``submitted_at`` / ``started_at`` / ``finished_at`` (unix s or None);
+  ``start_accuracy`` / ``final_accuracy`` (held-out greedy accuracy of
+  version 0 and of the last version, None until measured or without a
+  held-out split); ``final_adapter`` (directory of the last version);
+  ``reward_mean`` / ``accuracy`` (of the last finished step's train samples; None when
+  nothing of it was scored);
+  ``errors`` (failed groups so far); ``error`` (why invalid or failed);
+  ``terminal`` (True once it ended).
+- ``StepMetrics`` and ``ExperimentEvent`` (``shared.messages``), as the
+  README's protocol section describes them.
+
+Following streams: ``follow_events`` / ``follow_metrics`` read the shared
+``events`` / ``metrics`` streams from now on (``from_start=True``: from the
+oldest entry still kept), keep the given experiment's messages, and stop after
+``timeout_s`` without an end (None: never) or, with ``until_end=True``, after
+the experiment's terminal event.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import AsyncIterator, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import redis
+import redis.asyncio as aioredis
+
+from services.scheduler.spec import SpecFileError, convert_spec, limits_from_config, validate_spec
+from services.scheduler.state import (
+    ExperimentRecord,
+    Keys,
+    list_experiments,
+    parse_record,
+    read_experiment,
+    read_metrics,
+)
+from shared.deployment import (
+    DeploymentInfo,
+    read_allowlist,
+    read_allowlist_async,
+    read_deployment,
+    read_deployment_async,
+)
+from shared.messages import (
+    TERMINAL_STATUSES,
+    ExperimentCancel,
+    ExperimentEvent,
+    ExperimentSpec,
+    ExperimentSubmit,
+    MessageDecodeError,
+    Prompt,
+    StepMetrics,
+    TaskPush,
+    decode,
+    encode,
+    now,
+    stream_for,
+)
+
+DEFAULT_PREFIX = "clora:"
+DEFAULT_DATA_DIR = ".clora"
+REDIS_URL_FILE = "redis_url"  # written by `clora up` into its data dir while it runs
+STREAM_PREFIX_FILE = "stream_prefix"  # likewise
+STREAM_MAXLEN = 100_000
+UNKNOWN_GRACE_S = 2.0
+FOLLOW_BLOCK_S = 1.0  # one XREAD blocks at most this long, so timeouts are honoured
+END_CODES = TERMINAL_STATUSES | {"invalid_spec"}  # event codes that end an experiment
+NO_DEPLOYMENT_WARNING = ("no deployment description under {key!r} (has a scheduler started on this prefix?): "
+                         "validating with the default limits")
+
+
+class ClientError(RuntimeError):
+    """A request the client cannot carry out; the text says why."""
+
+
+class SpecRefused(ClientError):
+    """A spec refused before sending; ``reasons`` has one line per broken rule."""
+
+    def __init__(self, experiment_id: str | None, reasons: list[str]) -> None:
+        super().__init__(f"{experiment_id or 'spec'} refused: " + "; ".join(reasons))
+        self.experiment_id = experiment_id
+        self.reasons = reasons
+
+
+class UnknownExperiment(ClientError):
+    pass
+
+
+class NoDeploymentWarning(UserWarning):
+    """No scheduler has described the deployment yet; defaults were used."""
+
+
+# ---------------------------------------------------------------- finding Redis
+
+
+def find_redis_url(redis_url: str | None = None, data_dir: str | Path | None = None) -> str:
+    """The Redis every command talks to: ``redis_url``, else ``REDIS_URL``,
+    else the address ``clora up`` wrote to ``<data dir>/redis_url`` (data dir:
+    ``data_dir``, ``CLORA_DATA_DIR`` or ``.clora``)."""
+    if redis_url:
+        return redis_url
+    if os.environ.get("REDIS_URL"):
+        return os.environ["REDIS_URL"]
+    url_file = data_dir_of(data_dir) / REDIS_URL_FILE
+    if url_file.is_file():
+        return url_file.read_text().strip()
+    raise ClientError(f"no Redis to talk to: pass --redis-url, set REDIS_URL, or start `clora up` "
+                      f"(it writes {url_file})")
+
+
+def find_prefix(prefix: str | None = None, data_dir: str | Path | None = None) -> str:
+    """``prefix``, else ``CLORA_STREAM_PREFIX``, else the one ``clora up`` wrote, else ``clora:``."""
+    if prefix:
+        return prefix
+    if os.environ.get("CLORA_STREAM_PREFIX"):
+        return os.environ["CLORA_STREAM_PREFIX"]
+    prefix_file = data_dir_of(data_dir) / STREAM_PREFIX_FILE
+    if prefix_file.is_file() and prefix_file.read_text().strip():
+        return prefix_file.read_text().strip()
+    return DEFAULT_PREFIX
+
+
+def data_dir_of(data_dir: str | Path | None = None) -> Path:
+    return Path(data_dir or os.environ.get("CLORA_DATA_DIR") or DEFAULT_DATA_DIR)
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def as_spec(spec: ExperimentSpec | dict) -> ExperimentSpec:
+    """An ``ExperimentSpec`` from a spec or plain data; ``SpecRefused`` when
+    the data does not fit the schema."""
+    if isinstance(spec, ExperimentSpec):
+        return spec
+    experiment_id = spec.get("experiment_id") if isinstance(spec, dict) else None
+    try:
+        return convert_spec(spec, "")
+    except SpecFileError as exc:
+        raise SpecRefused(experiment_id if isinstance(experiment_id, str) else None, [str(exc)]) from None
+
+
+def spec_limits(deployment: DeploymentInfo):
+    """The scheduler's ``SpecLimits`` for this deployment: built from a
+    ``SchedulerConfig`` holding the deployment's values, exactly as the
+    scheduler builds its own."""
+    from shared.config import SchedulerConfig
+
+    known = {name for name in SchedulerConfig.__dataclass_fields__}
+    values = {name: getattr(deployment, name) for name in DeploymentInfo.__struct_fields__
+              if name in known and name not in ("lora_targets", "http_allowlist")}
+    return limits_from_config(SchedulerConfig(**values))
+
+
+def refusal_reasons(spec: ExperimentSpec, deployment: DeploymentInfo, runtime_allowlist: Iterable[str],
+                    existing_status: str | None) -> list[str]:
+    """Every reason to refuse ``spec`` on this deployment; [] to send it."""
+    reasons = validate_spec(spec, spec_limits(deployment), deployment.families or None,
+                            allowlist=[*deployment.http_allowlist, *runtime_allowlist])
+    if existing_status is not None and existing_status != "invalid":  # a refused id may be reused
+        reasons.append(f"experiment_id: {spec.experiment_id!r} already exists ({existing_status}); "
+                       "choose another id")
+    return reasons
+
+
+def decode_entry(fields: dict[bytes, bytes], stream: str, experiment_id: str | None):
+    """The message of one stream entry when it is about ``experiment_id``
+    (any when None); None for other experiments and for entries that are not
+    messages (a shared stream may carry anyone's garbage: skip, never fail)."""
+    try:
+        message = decode(fields.get(b"msg"), stream)
+    except MessageDecodeError:
+        return None
+    if experiment_id is not None and message.experiment_id != experiment_id:
+        return None
+    return message
+
+
+def _is_end(message: Any) -> bool:
+    return isinstance(message, ExperimentEvent) and message.code in END_CODES
+
+
+class _Follow:
+    """Where a follow is: the last entry id read and its deadline."""
+
+    def __init__(self, last_id: bytes | str, timeout_s: float | None) -> None:
+        self.last_id = last_id
+        self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
+
+    def block_ms(self) -> int | None:
+        """How long the next XREAD may block; None when the time is up."""
+        if self.deadline is None:
+            return int(FOLLOW_BLOCK_S * 1000)
+        left_s = self.deadline - time.monotonic()
+        return None if left_s <= 0 else max(1, int(min(left_s, FOLLOW_BLOCK_S) * 1000))
+
+
+def _last_entry_id(entries) -> bytes:
+    return entries[0][0] if entries else b"0-0"
+
+
+# ---------------------------------------------------------------- sync client
+
+
+class CloraClient:
+    """Synchronous client over ``redis.Redis``."""
+
+    def __init__(self, redis_client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self._submitted: set[str] = set()  # ids this client sent (wait() waits for them to appear)
+
+    @classmethod
+    def connect(cls, redis_url: str | None = None, prefix: str | None = None,
+                data_dir: str | Path | None = None) -> "CloraClient":
+        """Connect the way every ``clora`` command does (see ``find_redis_url``)."""
+        return cls(redis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+
+    def close(self) -> None:
+        self.redis.close()
+
+    def __enter__(self) -> "CloraClient":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ deployment and validation
+
+    def deployment(self) -> DeploymentInfo:
+        """What the scheduler published; defaults (``written_at`` 0) with a
+        ``NoDeploymentWarning`` when no scheduler has written it yet."""
+        info = read_deployment(self.redis, self.prefix)
+        if info is None:
+            warnings.warn(NO_DEPLOYMENT_WARNING.format(key=self.prefix + "deployment"), NoDeploymentWarning,
+                          stacklevel=2)
+            return DeploymentInfo()
+        return info
+
+    def validate(self, spec: ExperimentSpec | dict) -> list[str]:
+        """Every reason the spec would be refused; [] when it is valid."""
+        try:
+            spec = as_spec(spec)
+        except SpecRefused as refused:
+            return refused.reasons
+        existing = self.experiment(spec.experiment_id) if _id_is_safe(spec.experiment_id) else None
+        return refusal_reasons(spec, self.deployment(), read_allowlist(self.redis, self.prefix),
+                               existing.status if existing else None)
+
+    # ------------------------------------------------------------ what a client sends
+
+    def submit(self, spec: ExperimentSpec | dict) -> str:
+        """Send a valid spec; returns its id. ``SpecRefused`` (nothing sent) otherwise."""
+        spec = as_spec(spec)
+        reasons = self.validate(spec)
+        if reasons:
+            raise SpecRefused(spec.experiment_id, reasons)
+        self._publish(ExperimentSubmit(spec=spec, ts=now()))
+        self._submitted.add(spec.experiment_id)
+        return spec.experiment_id
+
+    def cancel(self, experiment_id: str) -> ExperimentRecord:
+        """Ask the scheduler to stop it; returns the record as it was."""
+        record = self.experiment(experiment_id)
+        if record is None:
+            raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
+        self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now()))
+        return record
+
+    def push_prompts(self, experiment_id: str, prompts: list[Prompt | dict]) -> None:
+        """Feed a ``task.stream`` experiment: prompts are used in the order
+        pushed, each once; with a verifying reward (``family``,
+        ``exact_match``, ``regex``) the first ``eval_size`` are held out for
+        evaluation, then each step takes the next ``prompts_per_step``. A
+        ``prompt_id`` already pushed is ignored (with a warning event)."""
+        prompts = [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
+        self._publish(TaskPush(experiment_id=experiment_id, prompts=prompts))
+
+    def _publish(self, message) -> None:
+        self.redis.xadd(self.keys.stream(stream_for(message)), {"msg": encode(message)},
+                        maxlen=STREAM_MAXLEN, approximate=True)
+
+    # ------------------------------------------------------------ what a client reads
+
+    def experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        if not _id_is_safe(experiment_id):
+            return None
+        return read_experiment(self.redis, self.keys, experiment_id)
+
+    def experiments(self) -> list[ExperimentRecord]:
+        """Every experiment, oldest submission first."""
+        return list_experiments(self.redis, self.keys)
+
+    def metrics(self, experiment_id: str) -> list[StepMetrics]:
+        """Every finished step's metrics so far, by step."""
+        return read_metrics(self.redis, self.keys, experiment_id) if _id_is_safe(experiment_id) else []
+
+    def version_path(self, experiment_id: str, version: int) -> Path:
+        """The PEFT directory of one adapter version (from the deployment's adapter store)."""
+        return _version_path(self.deployment(), experiment_id, version)
+
+    def follow_events(self, experiment_id: str | None = None, *, from_start: bool = False,
+                      timeout_s: float | None = None, until_end: bool = False) -> Iterator[ExperimentEvent]:
+        yield from self._follow("events", experiment_id, from_start, timeout_s, until_end)
+
+    def follow_metrics(self, experiment_id: str | None = None, *, from_start: bool = False,
+                       timeout_s: float | None = None, until_end: bool = False) -> Iterator[StepMetrics]:
+        """Step metrics as they arrive; ``until_end`` also watches the events
+        stream and stops once the experiment ended and its metrics are all read."""
+        for message in self._follow_both(experiment_id, from_start, timeout_s, until_end):
+            if isinstance(message, StepMetrics):
+                yield message
+
+    def wait(self, experiment_id: str, timeout_s: float | None = None) -> ExperimentRecord:
+        """Block until the experiment ended; its final record. ``TimeoutError``
+        after ``timeout_s``; ``UnknownExperiment`` for an id that this client
+        did not submit and that has no record after ``UNKNOWN_GRACE_S`` (time
+        for the scheduler to record a submission just sent by someone else)."""
+        follow = _Follow(self._stream_end("events"), timeout_s)
+        unknown_until = time.monotonic() + UNKNOWN_GRACE_S
+        while True:
+            record = self.experiment(experiment_id)
+            if record is None and experiment_id not in self._submitted and time.monotonic() > unknown_until:
+                raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
+            if record is not None and record.terminal:
+                return record
+            block_ms = follow.block_ms()
+            if block_ms is None:
+                raise TimeoutError(f"{experiment_id} still {record.status if record else 'not recorded'} "
+                                   f"after {timeout_s} s")
+            # any new event wakes us: re-read the record (never miss the end between two reads)
+            response = self.redis.xread({self.keys.stream("events"): follow.last_id}, count=1000, block=block_ms)
+            for _, entries in response or []:
+                follow.last_id = entries[-1][0]
+
+    def _stream_end(self, stream: str) -> bytes:
+        return _last_entry_id(self.redis.xrevrange(self.keys.stream(stream), count=1))
+
+    def _follow(self, stream: str, experiment_id, from_start, timeout_s, until_end) -> Iterator[Any]:
+        key = self.keys.stream(stream)
+        follow = _Follow(b"0-0" if from_start else self._stream_end(stream), timeout_s)
+        while (block_ms := follow.block_ms()) is not None:
+            for _, entries in self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
+                for entry_id, fields in entries:
+                    follow.last_id = entry_id
+                    message = decode_entry(fields, stream, experiment_id)
+                    if message is not None:
+                        yield message
+                        if until_end and _is_end(message):
+                            return
+
+    def _follow_both(self, experiment_id, from_start, timeout_s, until_end) -> Iterator[Any]:
+        """Metrics and events in arrival order per stream; after the end
+        event, the metrics already written are drained before stopping."""
+        streams = {"metrics": b"0-0", "events": b"0-0"}
+        if not from_start:
+            streams = {name: self._stream_end(name) for name in streams}
+        follow, ended = _Follow(None, timeout_s), False
+        while (block_ms := follow.block_ms()) is not None:
+            response = self.redis.xread({self.keys.stream(n): i for n, i in streams.items()}, count=1000,
+                                        block=None if ended else block_ms)
+            if ended and not response:
+                return
+            for key, entries in response or []:
+                name = key.decode().removeprefix(self.prefix)
+                for entry_id, fields in entries:
+                    streams[name] = entry_id
+                    message = decode_entry(fields, name, experiment_id)
+                    if message is not None:
+                        ended = ended or (until_end and _is_end(message))
+                        yield message
+
+
+# ---------------------------------------------------------------- async client
+
+
+class AsyncCloraClient:
+    """The same client over ``redis.asyncio.Redis`` (every method awaits)."""
+
+    def __init__(self, redis_client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+        self.redis = redis_client
+        self.prefix = prefix
+        self.keys = Keys(prefix)
+        self._submitted: set[str] = set()
+
+    @classmethod
+    def connect(cls, redis_url: str | None = None, prefix: str | None = None,
+                data_dir: str | Path | None = None) -> "AsyncCloraClient":
+        return cls(aioredis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    async def __aenter__(self) -> "AsyncCloraClient":
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def deployment(self) -> DeploymentInfo:
+        info = await read_deployment_async(self.redis, self.prefix)
+        if info is None:
+            warnings.warn(NO_DEPLOYMENT_WARNING.format(key=self.prefix + "deployment"), NoDeploymentWarning,
+                          stacklevel=2)
+            return DeploymentInfo()
+        return info
+
+    async def validate(self, spec: ExperimentSpec | dict) -> list[str]:
+        try:
+            spec = as_spec(spec)
+        except SpecRefused as refused:
+            return refused.reasons
+        existing = await self.experiment(spec.experiment_id)
+        return refusal_reasons(spec, await self.deployment(), await read_allowlist_async(self.redis, self.prefix),
+                               existing.status if existing else None)
+
+    async def submit(self, spec: ExperimentSpec | dict) -> str:
+        spec = as_spec(spec)
+        reasons = await self.validate(spec)
+        if reasons:
+            raise SpecRefused(spec.experiment_id, reasons)
+        await self._publish(ExperimentSubmit(spec=spec, ts=now()))
+        self._submitted.add(spec.experiment_id)
+        return spec.experiment_id
+
+    async def cancel(self, experiment_id: str) -> ExperimentRecord:
+        record = await self.experiment(experiment_id)
+        if record is None:
+            raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
+        await self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now()))
+        return record
+
+    async def push_prompts(self, experiment_id: str, prompts: list[Prompt | dict]) -> None:
+        prompts = [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
+        await self._publish(TaskPush(experiment_id=experiment_id, prompts=prompts))
+
+    async def _publish(self, message) -> None:
+        await self.redis.xadd(self.keys.stream(stream_for(message)), {"msg": encode(message)},
+                              maxlen=STREAM_MAXLEN, approximate=True)
+
+    # The scheduler's read functions are sync; these mirror them with the
+    # same ``Keys`` and ``parse_record`` (see the lead's note on state.py).
+    async def experiment(self, experiment_id: str) -> ExperimentRecord | None:
+        if not _id_is_safe(experiment_id):
+            return None
+        raw = await self.redis.hgetall(self.keys.exp(experiment_id))
+        return parse_record(experiment_id, raw) if raw else None
+
+    async def experiments(self) -> list[ExperimentRecord]:
+        ids = [i.decode() for i in await self.redis.zrange(self.keys.index, 0, -1)]
+        records = [await self.experiment(i) for i in ids]
+        return [r for r in records if r is not None]
+
+    async def metrics(self, experiment_id: str) -> list[StepMetrics]:
+        if not _id_is_safe(experiment_id):
+            return []
+        raw = await self.redis.lrange(self.keys.metrics(experiment_id), 0, -1)
+        return [msgspec.msgpack.decode(m, type=StepMetrics) for m in raw]
+
+    async def version_path(self, experiment_id: str, version: int) -> Path:
+        return _version_path(await self.deployment(), experiment_id, version)
+
+    async def follow_events(self, experiment_id: str | None = None, *, from_start: bool = False,
+                            timeout_s: float | None = None, until_end: bool = False) -> AsyncIterator[ExperimentEvent]:
+        key = self.keys.stream("events")
+        start = b"0-0" if from_start else _last_entry_id(await self.redis.xrevrange(key, count=1))
+        follow = _Follow(start, timeout_s)
+        while (block_ms := follow.block_ms()) is not None:
+            for _, entries in await self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
+                for entry_id, fields in entries:
+                    follow.last_id = entry_id
+                    message = decode_entry(fields, "events", experiment_id)
+                    if message is not None:
+                        yield message
+                        if until_end and _is_end(message):
+                            return
+
+    async def follow_metrics(self, experiment_id: str | None = None, *, from_start: bool = False,
+                             timeout_s: float | None = None, until_end: bool = False) -> AsyncIterator[StepMetrics]:
+        streams = {"metrics": b"0-0", "events": b"0-0"}
+        if not from_start:
+            for name in streams:
+                streams[name] = _last_entry_id(await self.redis.xrevrange(self.keys.stream(name), count=1))
+        follow, ended = _Follow(None, timeout_s), False
+        while (block_ms := follow.block_ms()) is not None:
+            response = await self.redis.xread({self.keys.stream(n): i for n, i in streams.items()}, count=1000,
+                                              block=None if ended else block_ms)
+            if ended and not response:
+                return
+            for key, entries in response or []:
+                name = key.decode().removeprefix(self.prefix)
+                for entry_id, fields in entries:
+                    streams[name] = entry_id
+                    message = decode_entry(fields, name, experiment_id)
+                    if message is None:
+                        continue
+                    ended = ended or (until_end and _is_end(message))
+                    if isinstance(message, StepMetrics):
+                        yield message
+
+    async def wait(self, experiment_id: str, timeout_s: float | None = None) -> ExperimentRecord:
+        key = self.keys.stream("events")
+        follow = _Follow(_last_entry_id(await self.redis.xrevrange(key, count=1)), timeout_s)
+        unknown_until = time.monotonic() + UNKNOWN_GRACE_S
+        while True:
+            record = await self.experiment(experiment_id)
+            if record is None and experiment_id not in self._submitted and time.monotonic() > unknown_until:
+                raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
+            if record is not None and record.terminal:
+                return record
+            block_ms = follow.block_ms()
+            if block_ms is None:
+                raise TimeoutError(f"{experiment_id} still {record.status if record else 'not recorded'} "
+                                   f"after {timeout_s} s")
+            for _, entries in await self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
+                follow.last_id = entries[-1][0]
+
+
+# ---------------------------------------------------------------- shared bits
+
+
+def _id_is_safe(experiment_id: str) -> bool:
+    """Only a valid id becomes part of a key (a hostile one could name another's)."""
+    from shared.messages import is_experiment_id
+
+    return is_experiment_id(experiment_id)
+
+
+def _version_path(deployment: DeploymentInfo, experiment_id: str, version: int) -> Path:
+    if not deployment.adapter_dir:
+        raise ClientError("the deployment does not say where adapters live (no scheduler has described it)")
+    from shared.adapters import AdapterStore  # lazy: it imports torch
+
+    return AdapterStore(deployment.adapter_dir).path(experiment_id, version)
+
+
+__all__ = [
+    "CloraClient", "AsyncCloraClient", "SpecRefused", "UnknownExperiment", "ClientError", "NoDeploymentWarning",
+    "ExperimentRecord", "find_redis_url", "find_prefix", "refusal_reasons", "spec_limits", "as_spec", "END_CODES",
+]
