@@ -1,7 +1,21 @@
 """Typed messages on Redis streams with at-least-once delivery.
 
-``StreamBus.publish`` appends one entry (field ``msg`` = msgpack, see
-``shared.messages``) to a capped stream (``XADD MAXLEN ~``).
+This module owns every touch of a stream (no other module calls XADD, XREAD
+or XREADGROUP). The wire format is defined once, by pure functions that the
+async ``StreamBus`` and the sync ``SyncStreamBus`` (for callers outside the
+services, such as the client) share: an entry is one field ``msg`` holding
+msgpack (``entry_fields``, see ``shared.messages``), on the stream of its
+kind (``check_stream_carries``), capped (``XADD MAXLEN ~``); replies of a
+read are parsed by ``parse_entries``.
+
+- ``publish`` appends one entry; ``publish_in`` queues the same XADD on a
+  pipeline or MULTI, so a message goes out in one transaction with the
+  state it belongs to;
+- ``tail`` / ``StreamTail`` follow broadcast streams without a consumer
+  group (every reader sees every entry), from a position the caller keeps;
+- ``consumer`` builds a ``StreamConsumer``, ``dead_letter_consumer`` one
+  that reads the flat entries of the dead-letter stream.
+
 ``StreamConsumer`` reads a stream through a consumer group:
 
 - the group is created idempotently (from the start of the stream, so nothing
@@ -30,6 +44,11 @@
   bound, acks those (the ack is shielded from cancellation) and cancels the
   rest, which stay pending for redelivery.
 
+The dead-letter consumer uses the same loop with two differences: an entry
+is a ``DeadLetter`` (flat fields, not ``msg``), and what it cannot handle (an
+entry that is not a dead letter, a handler that raised) is logged and acked,
+never dead-lettered again.
+
 The Redis client must return bytes (``decode_responses=False``).
 """
 
@@ -38,16 +57,19 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from redis import Redis as SyncRedis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from shared import messages
+from shared.config import DEFAULT_STREAM_MAXLEN, DEFAULT_STREAM_PREFIX
 
 log = structlog.get_logger(__name__)
 
@@ -66,6 +88,9 @@ MAX_REASON_CHARS = 2000
 DEFAULT_MAX_ENTRY_BYTES = 16 * 1024 * 1024
 OVERSIZED_PAYLOAD_KEPT_BYTES = 1024  # what a dead letter keeps of an entry over max_entry_bytes
 MAX_FIELD_NAMES_SHOWN = 5
+TAIL_READ_BLOCK_MS = 1000  # one read of a tail waits this long at most for new entries
+TAIL_READ_COUNT = 100
+TAIL_RETRY_FIRST_DELAY_S = 0.1  # Redis unreachable: a tail's first retry, doubling up to MAX_REDIS_RETRY_DELAY_S
 
 RETRYABLE_REDIS_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
 # Replies of a server that is up but cannot serve yet (loading its data,
@@ -77,6 +102,16 @@ class PermanentError(Exception):
     """Raised by a handler: this entry can never succeed; dead-letter it now."""
 
 
+class EntryRejected(Exception):
+    """Raised by a decoder: this entry cannot be handled. ``reason`` says why;
+    ``payload`` is what its dead letter keeps."""
+
+    def __init__(self, reason: str, payload: bytes = b"") -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.payload = payload
+
+
 @dataclass(frozen=True)
 class Entry:
     """Where a message came from. ``deliveries`` counts this delivery (1 = first)."""
@@ -84,6 +119,16 @@ class Entry:
     stream: str  # without prefix, e.g. "train_jobs:0"
     entry_id: str
     deliveries: int
+
+
+@dataclass(frozen=True)
+class StreamEntry:
+    """One stream entry as read, before decoding. ``stream`` is without
+    prefix; ``fields`` is empty when the entry was trimmed while pending."""
+
+    stream: str
+    entry_id: str
+    fields: dict
 
 
 @dataclass(frozen=True)
@@ -101,11 +146,25 @@ class DeadLetter:
     payload: bytes
 
 
-Handler = Callable[[messages.Message, Entry], Awaitable[None]]
+# What ``StreamBus.dead_letter`` always writes and what a reader needs to act
+# on a dead letter; its other fields only inform.
+DEAD_LETTER_REQUIRED_FIELDS = ("stream", "reason", "payload")
+
+# A handler takes the message (of its stream's kinds: typed by the handler) and where it came from.
+Handler = Callable[[Any, Entry], Awaitable[None]]
+DeadLetterHandler = Callable[[DeadLetter], Awaitable[None]]
+# A stream entry -> (what the handler gets, the payload a dead letter keeps);
+# raises ``EntryRejected``. The int is the consumer's ``max_entry_bytes``.
+Decoder = Callable[[StreamEntry, int], "tuple[Any, bytes]"]
 
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _field_text(value: bytes | str) -> str:
+    """A field of a hostile entry as text, whatever bytes it holds."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _is_nogroup(exc: ResponseError) -> bool:
@@ -128,12 +187,87 @@ def _is_connection_failure(exc: BaseException) -> bool:
     )
 
 
-class StreamBus:
-    """Publishes messages and builds consumers for one key prefix."""
+# ---------------------------------------------------------------- the wire format (pure)
 
-    def __init__(self, redis: aioredis.Redis, prefix: str = "clora:", maxlen: int = 100_000) -> None:
+
+def entry_fields(message: messages.Message) -> dict[str, bytes]:
+    """The fields of the stream entry that carries ``message``."""
+    return {PAYLOAD_FIELD: messages.encode(message)}
+
+
+def check_stream_carries(stream: str, message: messages.Message) -> None:
+    """Raise unless ``stream`` (without prefix) carries messages of this kind."""
+    base = messages.base_stream(stream)
+    kinds = messages.STREAM_KINDS.get(base)
+    if kinds is None:
+        raise ValueError(f"unknown stream {stream!r}")
+    if not isinstance(message, kinds):
+        raise TypeError(f"stream {stream!r} does not carry {type(message).__name__}")
+    if base in SUFFIXED_STREAMS and base == stream:
+        raise ValueError(f"stream {base!r} needs a suffix, e.g. {base}:0")
+
+
+def parse_entries(response, prefix: str) -> list[StreamEntry]:
+    """Every entry of an XREAD / XREADGROUP reply (RESP2 list or RESP3 dict),
+    oldest first within each stream, streams named without ``prefix``."""
+    if not response:
+        return []
+    batches = [(key, value[0]) for key, value in response.items()] if isinstance(response, dict) else response
+    return [StreamEntry(_text(key).removeprefix(prefix), _text(entry_id), fields or {})
+            for key, entries in batches for entry_id, fields in entries]
+
+
+def decode_message_entry(entry: StreamEntry, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
+                         ) -> tuple[messages.Message, bytes]:
+    """The message an entry carries, and its payload; ``EntryRejected`` with
+    the reason when the entry is not one message of its stream's kinds."""
+    refusal, payload = entry_refusal(entry.fields, max_entry_bytes)
+    if refusal is not None:
+        raise EntryRejected(refusal, payload)
+    try:
+        return messages.decode(payload, entry.stream), payload
+    except messages.MessageDecodeError as exc:
+        raise EntryRejected(f"cannot decode message: {exc}", payload) from None
+
+
+def decode_dead_letter_entry(entry: StreamEntry, max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES
+                             ) -> tuple[DeadLetter, bytes]:
+    """The dead letter an entry of the dead-letter stream holds (its payload is
+    in the letter, so none is returned); ``EntryRejected`` when the entry is
+    too large or lacks a field of ``DEAD_LETTER_REQUIRED_FIELDS``."""
+    size = sum(_byte_size(k) + _byte_size(v) for k, v in entry.fields.items())
+    if size > max_entry_bytes:
+        raise EntryRejected(f"entry is {size} bytes, over the limit of {max_entry_bytes} bytes (max_entry_bytes)")
+    missing = [name for name in DEAD_LETTER_REQUIRED_FIELDS if name.encode() not in entry.fields]
+    if missing:
+        raise EntryRejected(f"not a dead letter: no {', '.join(map(repr, missing))} field "
+                            f"(fields: {_field_names(entry.fields)})")
+    return _dead_letter_from(entry.entry_id, entry.fields), b""
+
+
+def _dead_letter_from(entry_id: bytes | str, fields: dict[bytes, bytes]) -> DeadLetter:
+    def field(name: str) -> str:
+        return _field_text(fields.get(name.encode(), b""))
+
+    deliveries = field("deliveries")
+    return DeadLetter(
+        dead_letter_id=_text(entry_id), stream=field("stream"), entry_id=field("entry_id"), group=field("group"),
+        consumer=field("consumer"), deliveries=int(deliveries) if deliveries.isdecimal() else 0,
+        reason=field("reason"), payload=_as_bytes(fields.get(b"payload", b"")),
+    )
+
+
+# ---------------------------------------------------------------- the buses
+
+
+class _BusBase:
+    """What the async and the sync bus share: keys, the publish checks, the cap."""
+
+    def __init__(self, redis, prefix: str = DEFAULT_STREAM_PREFIX,
+                 maxlen: int = DEFAULT_STREAM_MAXLEN) -> None:
         if redis.get_encoder().decode_responses:
-            raise ValueError("StreamBus needs a Redis client with decode_responses=False (payloads are bytes)")
+            raise ValueError(f"{type(self).__name__} needs a Redis client with decode_responses=False "
+                             "(payloads are bytes)")
         self.redis = redis
         self.prefix = prefix
         self.maxlen = maxlen
@@ -141,35 +275,77 @@ class StreamBus:
     def key(self, stream: str) -> str:
         return self.prefix + stream
 
+    def publish_in(self, pipe, message: messages.Message, stream: str | None = None) -> None:
+        """Queue the XADD of ``message`` on ``pipe`` (a pipeline or MULTI of
+        this bus's Redis), with ``publish``'s checks and cap; it is written
+        when the pipeline executes, together with the pipeline's other commands."""
+        key, fields = self._entry_for(message, stream)
+        pipe.xadd(key, fields, maxlen=self.maxlen, approximate=True)
+
+    def _entry_for(self, message: messages.Message, stream: str | None) -> tuple[str, dict[str, bytes]]:
+        """The key and fields of ``message``'s entry (default stream: its kind's)."""
+        stream = stream or messages.stream_for(message)
+        check_stream_carries(stream, message)
+        return self.key(stream), entry_fields(message)
+
+    def _keys_of(self, positions: Mapping[str, str]) -> dict[str, str]:
+        return {self.key(stream): entry_id for stream, entry_id in positions.items()}
+
+
+class StreamBus(_BusBase):
+    """Publishes messages, reads broadcast streams and builds consumers for
+    one key prefix (``redis.asyncio``)."""
+
+    def __init__(self, redis: aioredis.Redis, prefix: str = DEFAULT_STREAM_PREFIX,
+                 maxlen: int = DEFAULT_STREAM_MAXLEN) -> None:
+        super().__init__(redis, prefix, maxlen)
+
     async def publish(self, message: messages.Message, stream: str | None = None) -> str:
         """Append ``message`` to ``stream`` (default: the stream of its kind); returns the entry id."""
-        stream = stream or messages.stream_for(message)
-        _check_stream_carries(stream, message)
-        entry_id = await self.redis.xadd(
-            self.key(stream), {PAYLOAD_FIELD: messages.encode(message)}, maxlen=self.maxlen, approximate=True
-        )
-        return _text(entry_id)
+        key, fields = self._entry_for(message, stream)
+        return _text(await self.redis.xadd(key, fields, maxlen=self.maxlen, approximate=True))
 
-    def consumer(
-        self,
-        stream: str,
-        group: str,
-        handler: Handler,
-        *,
-        consumer_name: str,
-        max_deliveries: int = 5,
-        reclaim_idle_s: float = 30.0,
-        batch_size: int = 16,
-        concurrency: int = 1,
-        retry_backoff_s: float = RETRY_BACKOFF_S,
-        drain_timeout_s: float = 20.0,
-        max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
-    ) -> StreamConsumer:
-        return StreamConsumer(
-            self, stream, group, handler, consumer_name=consumer_name, max_deliveries=max_deliveries,
-            reclaim_idle_s=reclaim_idle_s, batch_size=batch_size, concurrency=concurrency,
-            retry_backoff_s=retry_backoff_s, drain_timeout_s=drain_timeout_s, max_entry_bytes=max_entry_bytes,
-        )
+    async def tail(self, positions: Mapping[str, str], *, block_ms: int | None, count: int) -> list[StreamEntry]:
+        """One read of broadcast streams, without a consumer group: the
+        entries after each stream's position (stream -> entry id, ``"0-0"``:
+        from the oldest kept), waiting up to ``block_ms`` for one (None: not
+        at all); [] when none came. The caller keeps the positions."""
+        response = await self.redis.xread(self._keys_of(positions), count=count, block=block_ms)
+        return parse_entries(response, self.prefix)
+
+    async def stream_end(self, stream: str) -> str:
+        """The id of ``stream``'s newest entry (``"0-0"`` when empty): a tail
+        from there sees only what is added from now on."""
+        newest = await self.redis.xrevrange(self.key(stream), count=1)
+        return _text(newest[0][0]) if newest else "0-0"
+
+    def consumer(self, stream: str, group: str, handler: Handler, *, consumer_name: str,
+                 **options: Any) -> StreamConsumer:
+        """A consumer of ``stream`` through ``group``; ``options``: those of ``StreamConsumer``."""
+        return StreamConsumer(self, stream, group, handler, consumer_name=consumer_name, **options)
+
+    def dead_letter_consumer(self, group: str, handler: DeadLetterHandler, *, consumer_name: str,
+                             **options: Any) -> StreamConsumer:
+        """A consumer of the dead-letter stream through ``group`` (created at the
+        stream's start, so letters written before it are read too). Each
+        ``DeadLetter`` goes to ``handler``, then is acked. An entry that is not
+        a dead letter, or a handler that raised, is logged and acked: a dead
+        letter is never dead-lettered again. A handler that failed because
+        Redis was away gets the letter again once it is back."""
+
+        async def handle(letter: DeadLetter, entry: Entry) -> None:
+            try:
+                await handler(letter)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if _is_connection_failure(exc):
+                    raise  # the consumer retries it, not counting the attempt
+                log.error("dead_letter_handler_failed", group=group, dead_letter_id=letter.dead_letter_id,
+                          stream=letter.stream, exc_info=True)
+
+        return StreamConsumer(self, DEAD_LETTER_STREAM, group, handle, consumer_name=consumer_name,
+                              decoder=decode_dead_letter_entry, dead_letter_rejects=False, **options)
 
     async def ensure_group(self, stream: str, group: str, start_id: str = "0") -> None:
         """Create ``group`` on ``stream`` (and the stream) unless it exists.
@@ -202,26 +378,79 @@ class StreamBus:
         return [d for d in letters if stream is None or d.stream == stream]
 
 
-def _check_stream_carries(stream: str, message: messages.Message) -> None:
-    base = messages.base_stream(stream)
-    kinds = messages.STREAM_KINDS.get(base)
-    if kinds is None:
-        raise ValueError(f"unknown stream {stream!r}")
-    if not isinstance(message, kinds):
-        raise TypeError(f"stream {stream!r} does not carry {type(message).__name__}")
-    if base in SUFFIXED_STREAMS and base == stream:
-        raise ValueError(f"stream {base!r} needs a suffix, e.g. {base}:0")
+class SyncStreamBus(_BusBase):
+    """The same publish and tail over a synchronous ``redis.Redis``, for
+    callers outside the services (the client, the CLI)."""
+
+    def __init__(self, redis: SyncRedis, prefix: str = DEFAULT_STREAM_PREFIX,
+                 maxlen: int = DEFAULT_STREAM_MAXLEN) -> None:
+        super().__init__(redis, prefix, maxlen)
+
+    def publish(self, message: messages.Message, stream: str | None = None) -> str:
+        """See ``StreamBus.publish``."""
+        key, fields = self._entry_for(message, stream)
+        return _text(self.redis.xadd(key, fields, maxlen=self.maxlen, approximate=True))
+
+    def tail(self, positions: Mapping[str, str], *, block_ms: int | None, count: int) -> list[StreamEntry]:
+        """See ``StreamBus.tail``."""
+        return parse_entries(self.redis.xread(self._keys_of(positions), count=count, block=block_ms), self.prefix)
+
+    def stream_end(self, stream: str) -> str:
+        """See ``StreamBus.stream_end``."""
+        newest = self.redis.xrevrange(self.key(stream), count=1)
+        return _text(newest[0][0]) if newest else "0-0"
 
 
-def _dead_letter_from(entry_id: bytes, fields: dict[bytes, bytes]) -> DeadLetter:
-    def field(name: str) -> str:
-        return _text(fields.get(name.encode(), b""))
+class StreamTail:
+    """Follows broadcast streams for a long-lived reader (every reader sees
+    every entry; nothing is acked). ``last_ids`` holds, per stream, the last
+    entry handled: an entry whose handling failed because Redis was away is
+    read again once it is back, so none is skipped; an entry whose handler
+    raised anything else is logged and passed (one hostile entry must not
+    stop the stream). Redis being unreachable is retried with a capped
+    backoff until ``follow``'s ``until`` holds."""
 
-    return DeadLetter(
-        dead_letter_id=_text(entry_id), stream=field("stream"), entry_id=field("entry_id"), group=field("group"),
-        consumer=field("consumer"), deliveries=int(field("deliveries") or 0), reason=field("reason"),
-        payload=fields.get(b"payload", b""),
-    )
+    def __init__(self, bus: StreamBus, streams: list[str], *, count: int = TAIL_READ_COUNT,
+                 block_ms: int = TAIL_READ_BLOCK_MS, retry_event: str = "stream_tail_read_retrying") -> None:
+        self.bus = bus
+        self.count = count
+        self.block_ms = block_ms
+        self.retry_event = retry_event  # the log line of a retry, so each reader's outage is recognisable
+        self.last_ids: dict[str, str] = {stream: "0-0" for stream in streams}
+
+    async def start_at_end(self) -> None:
+        """Follow only what is added from now on."""
+        for stream in self.last_ids:
+            self.last_ids[stream] = await self.bus.stream_end(stream)
+
+    async def read(self) -> list[StreamEntry]:
+        """The next entries after ``last_ids`` (which ``advance`` moves)."""
+        return await self.bus.tail(self.last_ids, block_ms=self.block_ms, count=self.count)
+
+    def advance(self, entry: StreamEntry) -> None:
+        self.last_ids[entry.stream] = entry.entry_id
+
+    async def follow(self, handle: Callable[[StreamEntry], Awaitable[None]], until: Callable[[], bool]) -> None:
+        """Hand each new entry to ``handle`` until ``until()`` is true."""
+        delay_s = TAIL_RETRY_FIRST_DELAY_S
+        while not until():
+            try:
+                await self._read_and_handle(handle)
+                delay_s = TAIL_RETRY_FIRST_DELAY_S
+            except (*RETRYABLE_REDIS_ERRORS, ResponseError) as exc:
+                log.warning(self.retry_event, streams=list(self.last_ids), error=repr(exc), retry_in_s=delay_s)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, MAX_REDIS_RETRY_DELAY_S)
+
+    async def _read_and_handle(self, handle: Callable[[StreamEntry], Awaitable[None]]) -> None:
+        for entry in await self.read():
+            try:
+                await handle(entry)
+            except (*RETRYABLE_REDIS_ERRORS, ResponseError):
+                raise  # read again from this entry once Redis is back
+            except Exception:
+                log.exception("stream_tail_entry_skipped", stream=entry.stream, entry_id=entry.entry_id)
+            self.advance(entry)
 
 
 @dataclass(frozen=True)
@@ -235,7 +464,12 @@ class _Delivery:
 
 
 class StreamConsumer:
-    """Consumes one stream through one consumer group; see the module doc."""
+    """Consumes one stream through one consumer group; see the module doc.
+
+    ``decoder`` turns an entry into what ``handler`` gets (default: the
+    message of its ``msg`` field). ``dead_letter_rejects``: an entry that
+    cannot be handled goes to the dead-letter stream (True), or is logged
+    and acked (False: for the dead-letter stream itself)."""
 
     def __init__(
         self,
@@ -245,13 +479,15 @@ class StreamConsumer:
         handler: Handler,
         *,
         consumer_name: str,
-        max_deliveries: int,
-        reclaim_idle_s: float,
-        batch_size: int,
-        concurrency: int,
-        retry_backoff_s: float,
-        drain_timeout_s: float,
+        max_deliveries: int = 5,
+        reclaim_idle_s: float = 30.0,
+        batch_size: int = 16,
+        concurrency: int = 1,
+        retry_backoff_s: float = RETRY_BACKOFF_S,
+        drain_timeout_s: float = 20.0,
         max_entry_bytes: int = DEFAULT_MAX_ENTRY_BYTES,
+        decoder: Decoder = decode_message_entry,
+        dead_letter_rejects: bool = True,
     ) -> None:
         if concurrency < 1 or batch_size < 1 or max_deliveries < 1 or max_entry_bytes < 1:
             raise ValueError("concurrency, batch_size, max_deliveries and max_entry_bytes must be >= 1")
@@ -272,6 +508,8 @@ class StreamConsumer:
         self.retry_backoff_s = retry_backoff_s
         self.drain_timeout_s = drain_timeout_s
         self.max_entry_bytes = max_entry_bytes
+        self.decoder = decoder
+        self.dead_letter_rejects = dead_letter_rejects
         self.key = bus.key(stream)
         self._redis = bus.redis
         self._log = log.bind(stream=stream, group=group, consumer=consumer_name)
@@ -289,6 +527,7 @@ class StreamConsumer:
         self.handled = 0
         self.failed = 0
         self.dead_lettered = 0
+        self.rejected = 0  # logged and acked (dead_letter_rejects=False)
 
     # ------------------------------------------------------------ public
 
@@ -300,7 +539,7 @@ class StreamConsumer:
         return {
             "stream": self.stream, "group": self.group, "in_flight": self.in_flight,
             "retrying": len(self._retry_due), "handled": self.handled, "failed": self.failed,
-            "dead_lettered": self.dead_lettered,
+            "dead_lettered": self.dead_lettered, "rejected": self.rejected,
         }
 
     async def run(self, stop: asyncio.Event, drain_timeout_s: float | None = None) -> None:
@@ -388,7 +627,7 @@ class StreamConsumer:
         response = await self._redis_call(
             lambda: self._redis.xreadgroup(self.group, self.consumer_name, {self.key: ">"}, count=count, block=block_ms)
         )
-        return [_Delivery(_text(entry_id), fields or {}, 1) for entry_id, fields in _stream_entries(response)]
+        return [_Delivery(entry.entry_id, entry.fields, 1) for entry in parse_entries(response, self.bus.prefix)]
 
     async def _read_backlog(self, count: int) -> list[_Delivery]:
         """Our own pending entries (id "0" onwards): left by a previous run of
@@ -397,12 +636,13 @@ class StreamConsumer:
         response = await self._redis_call(
             lambda: self._redis.xreadgroup(self.group, self.consumer_name, {self.key: cursor}, count=count)
         )
-        entries = _stream_entries(response)
+        entries = parse_entries(response, self.bus.prefix)
         if not entries:
             self._backlog_cursor = None
             return []
-        self._backlog_cursor = _text(entries[-1][0])
-        fresh = [(_text(i), f) for i, f in entries if _text(i) not in self._inflight and _text(i) not in self._retry_due]
+        self._backlog_cursor = entries[-1].entry_id
+        fresh = [(e.entry_id, e.fields) for e in entries if e.entry_id not in self._inflight
+                 and e.entry_id not in self._retry_due]
         if fresh:
             self._log.info("pending_entries_reread", count=len(fresh))
         return await self._with_delivery_counts(fresh)
@@ -448,17 +688,16 @@ class StreamConsumer:
         for entry_id in [i for i in entry_ids if i in self._uncounted]:
             # RETRYCOUNT: an attempt that failed only because Redis was away is not a delivery
             kept = self._uncounted.pop(entry_id)
-            claimed += await self._redis_call(
-                lambda: self._redis.xclaim(self.key, self.group, self.consumer_name, min_idle_ms, [entry_id],
-                                           retrycount=kept)
-            )
+            claimed += await self._redis_call(functools.partial(
+                self._redis.xclaim, self.key, self.group, self.consumer_name, min_idle_ms, [entry_id], retrycount=kept
+            ))
         return await self._with_delivery_counts([(_text(i), f) for i, f in claimed])
 
-    async def _with_delivery_counts(self, entries: list[tuple[str, dict | None]]) -> list[_Delivery]:
+    async def _with_delivery_counts(self, entries: Sequence[tuple[str, dict | None]]) -> list[_Delivery]:
         deliveries = []
         for entry_id, fields in entries:
             pending = await self._redis_call(
-                lambda: self._redis.xpending_range(self.key, self.group, entry_id, entry_id, 1)
+                functools.partial(self._redis.xpending_range, self.key, self.group, entry_id, entry_id, 1)
             )
             if not pending:
                 continue  # acked by someone meanwhile
@@ -510,21 +749,18 @@ class StreamConsumer:
                 self._log.warning("pending_entry_was_trimmed")
                 await self._settle_ack(entry)
                 return
-            refusal, payload = entry_refusal(delivery.fields, self.max_entry_bytes)
-            if refusal is not None:
-                await self._dead_letter(entry, refusal, payload)
-                return
             try:
-                message = messages.decode(payload, self.stream)
-            except messages.MessageDecodeError as exc:
-                await self._dead_letter(entry, f"cannot decode message: {exc}", payload)
+                item, payload = self.decoder(StreamEntry(self.stream, entry.entry_id, delivery.fields),
+                                             self.max_entry_bytes)
+            except EntryRejected as rejected:
+                await self._reject(entry, rejected.reason, rejected.payload)
                 return
             if entry.deliveries > self.max_deliveries:
                 reason = (f"delivered {entry.deliveries} times without an ack "
                           f"(its consumers died or were stopped while handling it)")
-                await self._dead_letter(entry, reason, payload)
+                await self._reject(entry, reason, payload)
                 return
-            task = asyncio.create_task(self._handle(entry, message, payload), name=f"handle:{self.key}:{entry.entry_id}")
+            task = asyncio.create_task(self._handle(entry, item, payload), name=f"handle:{self.key}:{entry.entry_id}")
         self._inflight[entry.entry_id] = task
         task.add_done_callback(functools.partial(self._handler_done, entry.entry_id))
 
@@ -533,14 +769,14 @@ class StreamConsumer:
         if not task.cancelled() and task.exception() is not None and self._fatal is None:
             self._fatal = task.exception()  # _handle catches handler errors: this is a bus failure
 
-    async def _handle(self, entry: Entry, message: messages.Message, payload: bytes) -> None:
-        kind = messages.kind_of(message)
+    async def _handle(self, entry: Entry, item: Any, payload: bytes) -> None:
+        kind = "dead_letter" if isinstance(item, DeadLetter) else messages.kind_of(item)
         with structlog.contextvars.bound_contextvars(stream=entry.stream, entry_id=entry.entry_id, kind=kind):
             started = time.monotonic()
             error: str | None = None
             outcome = "ok"
             try:
-                await self.handler(message, entry)
+                await self.handler(item, entry)
             except asyncio.CancelledError:
                 raise
             except PermanentError as exc:
@@ -582,12 +818,12 @@ class StreamConsumer:
             return
         self.failed += 1
         if outcome == "permanent":
-            await self._dead_letter(entry, error, payload)
+            await self._reject(entry, error, payload)
         elif outcome == "redis_outage":
             self._uncounted[entry.entry_id] = entry.deliveries
             self._retry_later(entry.entry_id, self.retry_backoff_s)
         elif entry.deliveries >= self.max_deliveries:
-            await self._dead_letter(entry, f"failed {entry.deliveries} deliveries; last error: {error}", payload)
+            await self._reject(entry, f"failed {entry.deliveries} deliveries; last error: {error}", payload)
         else:
             backoff_s = min(self.retry_backoff_s * 2 ** (entry.deliveries - 1), MAX_RETRY_BACKOFF_S)
             self._retry_later(entry.entry_id, backoff_s)
@@ -603,9 +839,15 @@ class StreamConsumer:
             self._log.error("ack_failed", error=repr(exc))
             self._retry_later(entry.entry_id, MAX_RETRY_BACKOFF_S)
 
-    async def _dead_letter(self, entry: Entry, reason: str, payload: bytes) -> None:
-        """Dead-letter and ack; when that fails (an odd reply, Redis gone at
+    async def _reject(self, entry: Entry, reason: str, payload: bytes) -> None:
+        """Give up on an entry: dead-letter and ack it, or (``dead_letter_rejects``
+        False) log and ack it. When that fails (an odd reply, Redis gone at
         stop), the entry stays pending and is tried again later."""
+        if not self.dead_letter_rejects:
+            self._log.error("entry_rejected", entry_id=entry.entry_id, deliveries=entry.deliveries, reason=reason)
+            self.rejected += 1
+            await self._settle_ack(entry)
+            return
         try:
             await self._redis_call(
                 lambda: self.bus.dead_letter(
@@ -641,7 +883,8 @@ class StreamConsumer:
         """Let in-flight handlers finish within ``timeout_s``; cancel the rest
         (they stay pending and are redelivered later)."""
         inflight = list(self._inflight.values())
-        finished, unfinished = (set(), set())
+        finished: set[asyncio.Task] = set()
+        unfinished: set[asyncio.Task] = set()
         if inflight:
             self._log.info("draining", in_flight=len(inflight), timeout_s=timeout_s)
             finished, unfinished = await asyncio.wait(inflight, timeout=timeout_s)
@@ -676,15 +919,6 @@ class StreamConsumer:
                 await self._redis.xgroup_delconsumer(self.key, self.group, self.consumer_name)
         except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
             self._log.warning("consumer_cleanup_skipped", error=repr(exc))
-
-
-def _stream_entries(response) -> list[tuple[bytes, dict[bytes, bytes] | None]]:
-    """The entries of a one-stream XREADGROUP reply (RESP2 list or RESP3 dict)."""
-    if not response:
-        return []
-    if isinstance(response, dict):
-        return next(iter(response.values()))[0] if response else []
-    return response[0][1]
 
 
 async def _wait_for(event: asyncio.Event, timeout_s: float) -> None:

@@ -38,6 +38,10 @@ What it returns:
 - ``StepMetrics`` and ``ExperimentEvent`` (``shared.messages``), as the
   README's protocol section describes them.
 
+Streams are written and read through the bus (``shared.bus.SyncStreamBus``
+here, ``StreamBus`` in the async client), which holds the one definition of
+the wire format, the stream/kind check and the cap.
+
 Following streams: ``follow_events`` / ``follow_metrics`` read the shared
 ``events`` / ``metrics`` streams from now on (``from_start=True``: from the
 oldest entry still kept), keep the given experiment's messages, and stop after
@@ -67,6 +71,8 @@ from services.scheduler.state import (
     read_experiment,
     read_metrics,
 )
+from shared.bus import EntryRejected, StreamBus, StreamEntry, SyncStreamBus, decode_message_entry
+from shared.config import DEFAULT_DATA_DIR, DEFAULT_STREAM_PREFIX
 from shared.deployment import (
     DeploymentInfo,
     read_allowlist,
@@ -80,23 +86,18 @@ from shared.messages import (
     ExperimentEvent,
     ExperimentSpec,
     ExperimentSubmit,
-    MessageDecodeError,
     Prompt,
     StepMetrics,
     TaskPush,
-    decode,
-    encode,
     now,
-    stream_for,
 )
 
-DEFAULT_PREFIX = "clora:"
-DEFAULT_DATA_DIR = ".clora"
+DEFAULT_PREFIX = DEFAULT_STREAM_PREFIX
 REDIS_URL_FILE = "redis_url"  # written by `clora up` into its data dir while it runs
 STREAM_PREFIX_FILE = "stream_prefix"  # likewise
-STREAM_MAXLEN = 100_000
 UNKNOWN_GRACE_S = 2.0
-FOLLOW_BLOCK_S = 1.0  # one XREAD blocks at most this long, so timeouts are honoured
+FOLLOW_BLOCK_S = 1.0  # one read of a stream blocks at most this long, so timeouts are honoured
+FOLLOW_READ_COUNT = 1000
 END_CODES = TERMINAL_STATUSES | {"invalid_spec"}  # event codes that end an experiment
 NO_DEPLOYMENT_WARNING = ("no deployment description under {key!r} (has a scheduler started on this prefix?): "
                          "validating with the default limits")
@@ -195,15 +196,15 @@ def refusal_reasons(spec: ExperimentSpec, deployment: DeploymentInfo, runtime_al
     return reasons
 
 
-def decode_entry(fields: dict[bytes, bytes], stream: str, experiment_id: str | None):
+def decode_entry(entry: StreamEntry, experiment_id: str | None):
     """The message of one stream entry when it is about ``experiment_id``
     (any when None); None for other experiments and for entries that are not
     messages (a shared stream may carry anyone's garbage: skip, never fail)."""
     try:
-        message = decode(fields.get(b"msg"), stream)
-    except MessageDecodeError:
+        message, _payload = decode_message_entry(entry)
+    except EntryRejected:
         return None
-    if experiment_id is not None and message.experiment_id != experiment_id:
+    if experiment_id is not None and getattr(message, "experiment_id", None) != experiment_id:
         return None
     return message
 
@@ -215,20 +216,16 @@ def _is_end(message: Any) -> bool:
 class _Follow:
     """Where a follow is: the last entry id read and its deadline."""
 
-    def __init__(self, last_id: bytes | str, timeout_s: float | None) -> None:
+    def __init__(self, last_id: str, timeout_s: float | None) -> None:
         self.last_id = last_id
         self.deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def block_ms(self) -> int | None:
-        """How long the next XREAD may block; None when the time is up."""
+        """How long the next read may block; None when the time is up."""
         if self.deadline is None:
             return int(FOLLOW_BLOCK_S * 1000)
         left_s = self.deadline - time.monotonic()
         return None if left_s <= 0 else max(1, int(min(left_s, FOLLOW_BLOCK_S) * 1000))
-
-
-def _last_entry_id(entries) -> bytes:
-    return entries[0][0] if entries else b"0-0"
 
 
 # ---------------------------------------------------------------- sync client
@@ -241,6 +238,7 @@ class CloraClient:
         self.redis = redis_client
         self.prefix = prefix
         self.keys = Keys(prefix)
+        self.bus = SyncStreamBus(redis_client, prefix)
         self._submitted: set[str] = set()  # ids this client sent (wait() waits for them to appear)
 
     @classmethod
@@ -306,12 +304,10 @@ class CloraClient:
         ``exact_match``, ``regex``) the first ``eval_size`` are held out for
         evaluation, then each step takes the next ``prompts_per_step``. A
         ``prompt_id`` already pushed is ignored (with a warning event)."""
-        prompts = [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
-        self._publish(TaskPush(experiment_id=experiment_id, prompts=prompts))
+        self._publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)))
 
     def _publish(self, message) -> None:
-        self.redis.xadd(self.keys.stream(stream_for(message)), {"msg": encode(message)},
-                        maxlen=STREAM_MAXLEN, approximate=True)
+        self.bus.publish(message)
 
     # ------------------------------------------------------------ what a client reads
 
@@ -349,7 +345,7 @@ class CloraClient:
         after ``timeout_s``; ``UnknownExperiment`` for an id that this client
         did not submit and that has no record after ``UNKNOWN_GRACE_S`` (time
         for the scheduler to record a submission just sent by someone else)."""
-        follow = _Follow(self._stream_end("events"), timeout_s)
+        follow = _Follow(self.bus.stream_end("events"), timeout_s)
         unknown_until = time.monotonic() + UNKNOWN_GRACE_S
         while True:
             record = self.experiment(experiment_id)
@@ -362,46 +358,38 @@ class CloraClient:
                 raise TimeoutError(f"{experiment_id} still {record.status if record else 'not recorded'} "
                                    f"after {timeout_s} s")
             # any new event wakes us: re-read the record (never miss the end between two reads)
-            response = self.redis.xread({self.keys.stream("events"): follow.last_id}, count=1000, block=block_ms)
-            for _, entries in response or []:
-                follow.last_id = entries[-1][0]
-
-    def _stream_end(self, stream: str) -> bytes:
-        return _last_entry_id(self.redis.xrevrange(self.keys.stream(stream), count=1))
+            entries = self.bus.tail({"events": follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT)
+            if entries:
+                follow.last_id = entries[-1].entry_id
 
     def _follow(self, stream: str, experiment_id, from_start, timeout_s, until_end) -> Iterator[Any]:
-        key = self.keys.stream(stream)
-        follow = _Follow(b"0-0" if from_start else self._stream_end(stream), timeout_s)
+        follow = _Follow("0-0" if from_start else self.bus.stream_end(stream), timeout_s)
         while (block_ms := follow.block_ms()) is not None:
-            for _, entries in self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
-                for entry_id, fields in entries:
-                    follow.last_id = entry_id
-                    message = decode_entry(fields, stream, experiment_id)
-                    if message is not None:
-                        yield message
-                        if until_end and _is_end(message):
-                            return
+            for entry in self.bus.tail({stream: follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT):
+                follow.last_id = entry.entry_id
+                message = decode_entry(entry, experiment_id)
+                if message is not None:
+                    yield message
+                    if until_end and _is_end(message):
+                        return
 
     def _follow_both(self, experiment_id, from_start, timeout_s, until_end) -> Iterator[Any]:
         """Metrics and events in arrival order per stream; after the end
         event, the metrics already written are drained before stopping."""
-        streams = {"metrics": b"0-0", "events": b"0-0"}
+        streams = {"metrics": "0-0", "events": "0-0"}
         if not from_start:
-            streams = {name: self._stream_end(name) for name in streams}
-        follow, ended = _Follow(None, timeout_s), False
+            streams = {name: self.bus.stream_end(name) for name in streams}
+        follow, ended = _Follow("0-0", timeout_s), False
         while (block_ms := follow.block_ms()) is not None:
-            response = self.redis.xread({self.keys.stream(n): i for n, i in streams.items()}, count=1000,
-                                        block=None if ended else block_ms)
-            if ended and not response:
+            entries = self.bus.tail(streams, block_ms=None if ended else block_ms, count=FOLLOW_READ_COUNT)
+            if ended and not entries:
                 return
-            for key, entries in response or []:
-                name = key.decode().removeprefix(self.prefix)
-                for entry_id, fields in entries:
-                    streams[name] = entry_id
-                    message = decode_entry(fields, name, experiment_id)
-                    if message is not None:
-                        ended = ended or (until_end and _is_end(message))
-                        yield message
+            for entry in entries:
+                streams[entry.stream] = entry.entry_id
+                message = decode_entry(entry, experiment_id)
+                if message is not None:
+                    ended = ended or (until_end and _is_end(message))
+                    yield message
 
 
 # ---------------------------------------------------------------- async client
@@ -414,6 +402,7 @@ class AsyncCloraClient:
         self.redis = redis_client
         self.prefix = prefix
         self.keys = Keys(prefix)
+        self.bus = StreamBus(redis_client, prefix)
         self._submitted: set[str] = set()
 
     @classmethod
@@ -464,30 +453,28 @@ class AsyncCloraClient:
         return record
 
     async def push_prompts(self, experiment_id: str, prompts: list[Prompt | dict]) -> None:
-        prompts = [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
-        await self._publish(TaskPush(experiment_id=experiment_id, prompts=prompts))
+        await self._publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)))
 
     async def _publish(self, message) -> None:
-        await self.redis.xadd(self.keys.stream(stream_for(message)), {"msg": encode(message)},
-                              maxlen=STREAM_MAXLEN, approximate=True)
+        await self.bus.publish(message)
 
     # The scheduler's read functions are sync; these mirror them with the
     # same ``Keys`` and ``parse_record`` (see the lead's note on state.py).
     async def experiment(self, experiment_id: str) -> ExperimentRecord | None:
         if not _id_is_safe(experiment_id):
             return None
-        raw = await self.redis.hgetall(self.keys.exp(experiment_id))
+        raw: dict[bytes, bytes] = await self.redis.hgetall(self.keys.exp(experiment_id))  # type: ignore[assignment]
         return parse_record(experiment_id, raw) if raw else None
 
     async def experiments(self) -> list[ExperimentRecord]:
-        ids = [i.decode() for i in await self.redis.zrange(self.keys.index, 0, -1)]
-        records = [await self.experiment(i) for i in ids]
+        ids: list[bytes] = await self.redis.zrange(self.keys.index, 0, -1)  # type: ignore[assignment]
+        records = [await self.experiment(i.decode()) for i in ids]
         return [r for r in records if r is not None]
 
     async def metrics(self, experiment_id: str) -> list[StepMetrics]:
         if not _id_is_safe(experiment_id):
             return []
-        raw = await self.redis.lrange(self.keys.metrics(experiment_id), 0, -1)
+        raw: list[bytes] = await self.redis.lrange(self.keys.metrics(experiment_id), 0, -1)  # type: ignore[assignment]
         return [msgspec.msgpack.decode(m, type=StepMetrics) for m in raw]
 
     async def version_path(self, experiment_id: str, version: int) -> Path:
@@ -495,45 +482,37 @@ class AsyncCloraClient:
 
     async def follow_events(self, experiment_id: str | None = None, *, from_start: bool = False,
                             timeout_s: float | None = None, until_end: bool = False) -> AsyncIterator[ExperimentEvent]:
-        key = self.keys.stream("events")
-        start = b"0-0" if from_start else _last_entry_id(await self.redis.xrevrange(key, count=1))
-        follow = _Follow(start, timeout_s)
+        follow = _Follow("0-0" if from_start else await self.bus.stream_end("events"), timeout_s)
         while (block_ms := follow.block_ms()) is not None:
-            for _, entries in await self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
-                for entry_id, fields in entries:
-                    follow.last_id = entry_id
-                    message = decode_entry(fields, "events", experiment_id)
-                    if message is not None:
-                        yield message
-                        if until_end and _is_end(message):
-                            return
+            for entry in await self.bus.tail({"events": follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT):
+                follow.last_id = entry.entry_id
+                message = decode_entry(entry, experiment_id)
+                if message is not None:
+                    yield message
+                    if until_end and _is_end(message):
+                        return
 
     async def follow_metrics(self, experiment_id: str | None = None, *, from_start: bool = False,
                              timeout_s: float | None = None, until_end: bool = False) -> AsyncIterator[StepMetrics]:
-        streams = {"metrics": b"0-0", "events": b"0-0"}
+        streams = {"metrics": "0-0", "events": "0-0"}
         if not from_start:
-            for name in streams:
-                streams[name] = _last_entry_id(await self.redis.xrevrange(self.keys.stream(name), count=1))
-        follow, ended = _Follow(None, timeout_s), False
+            streams = {name: await self.bus.stream_end(name) for name in streams}
+        follow, ended = _Follow("0-0", timeout_s), False
         while (block_ms := follow.block_ms()) is not None:
-            response = await self.redis.xread({self.keys.stream(n): i for n, i in streams.items()}, count=1000,
-                                              block=None if ended else block_ms)
-            if ended and not response:
+            entries = await self.bus.tail(streams, block_ms=None if ended else block_ms, count=FOLLOW_READ_COUNT)
+            if ended and not entries:
                 return
-            for key, entries in response or []:
-                name = key.decode().removeprefix(self.prefix)
-                for entry_id, fields in entries:
-                    streams[name] = entry_id
-                    message = decode_entry(fields, name, experiment_id)
-                    if message is None:
-                        continue
-                    ended = ended or (until_end and _is_end(message))
-                    if isinstance(message, StepMetrics):
-                        yield message
+            for entry in entries:
+                streams[entry.stream] = entry.entry_id
+                message = decode_entry(entry, experiment_id)
+                if message is None:
+                    continue
+                ended = ended or (until_end and _is_end(message))
+                if isinstance(message, StepMetrics):
+                    yield message
 
     async def wait(self, experiment_id: str, timeout_s: float | None = None) -> ExperimentRecord:
-        key = self.keys.stream("events")
-        follow = _Follow(_last_entry_id(await self.redis.xrevrange(key, count=1)), timeout_s)
+        follow = _Follow(await self.bus.stream_end("events"), timeout_s)
         unknown_until = time.monotonic() + UNKNOWN_GRACE_S
         while True:
             record = await self.experiment(experiment_id)
@@ -545,11 +524,16 @@ class AsyncCloraClient:
             if block_ms is None:
                 raise TimeoutError(f"{experiment_id} still {record.status if record else 'not recorded'} "
                                    f"after {timeout_s} s")
-            for _, entries in await self.redis.xread({key: follow.last_id}, count=1000, block=block_ms) or []:
-                follow.last_id = entries[-1][0]
+            entries = await self.bus.tail({"events": follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT)
+            if entries:
+                follow.last_id = entries[-1].entry_id
 
 
 # ---------------------------------------------------------------- shared bits
+
+
+def _as_prompts(prompts: list[Prompt | dict]) -> list[Prompt]:
+    return [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
 
 
 def _id_is_safe(experiment_id: str) -> bool:
@@ -562,9 +546,9 @@ def _id_is_safe(experiment_id: str) -> bool:
 def _version_path(deployment: DeploymentInfo, experiment_id: str, version: int) -> Path:
     if not deployment.adapter_dir:
         raise ClientError("the deployment does not say where adapters live (no scheduler has described it)")
-    from shared.adapters import AdapterStore  # lazy: it imports torch
+    from shared.adapters import DirectoryAdapterStore  # lazy: it imports torch
 
-    return AdapterStore(deployment.adapter_dir).path(experiment_id, version)
+    return DirectoryAdapterStore(deployment.adapter_dir).path(experiment_id, version)
 
 
 __all__ = [

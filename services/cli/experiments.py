@@ -180,7 +180,7 @@ def status_rows(records: list[ExperimentRecord]) -> list[list[str]]:
 
 def format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)).rstrip() for row in rows]
     return "\n".join(lines)
 
 
@@ -246,7 +246,8 @@ def progress_line(record: ExperimentRecord, id_width: int = 16, latest_eval: flo
     filled = int(round(fraction * BAR_WIDTH))
     bar = "#" * filled + "." * (BAR_WIDTH - filled)
     accuracy = ""
-    if record.accuracy is not None and record.reward_mean is not None and abs(record.accuracy - record.reward_mean) > 1e-9:
+    if (record.accuracy is not None and record.reward_mean is not None
+            and abs(record.accuracy - record.reward_mean) > 1e-9):
         accuracy = f"  acc {record.accuracy:.2f}"
     return (f"{record.experiment_id:<{id_width}} [{bar}] {record.step:>3}/{record.steps:<3} "
             f"reward {_fmt(record.reward_mean)}{accuracy}  held-out {held_out_text(record, latest_eval)}  "
@@ -263,7 +264,7 @@ class ProgressDisplay:
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.legend = legend
-        self.latest_eval: dict[str, float] = {}
+        self.latest_eval: dict[str, float | None] = {}
         self._drawn = 0
         self._last: dict[str, str] = {}
 
@@ -279,7 +280,7 @@ class ProgressDisplay:
             self.stream.write("".join(f"\x1b[2K{line}\n" for line in lines))
             self._drawn = len(lines)
         else:
-            for record, line in zip(records, lines):
+            for record, line in zip(records, lines, strict=True):
                 if self._last.get(record.experiment_id) != line:
                     self.stream.write(line + "\n")
                     self._last[record.experiment_id] = line
@@ -311,9 +312,7 @@ def _watch(argv: list[str]) -> int:
                        f"a submission the scheduler has not recorded yet: is it running? `clora check scheduler`)")
     records = watch_until_done(client, None, ids, interval_s=args.interval, timeout_s=args.timeout)
     client.close()
-    if any(r is None for r in records):
-        return 1
-    return 0 if all(r.status in ("finished", "cancelled") for r in records) else 1
+    return 0 if all(r is not None and r.status in ("finished", "cancelled") for r in records) else 1
 
 
 def _unknown_ids(client: CloraClient, experiment_ids: list[str]) -> list[str]:
@@ -340,7 +339,7 @@ def watch_until_done(client, keys, experiment_ids: list[str], *, interval_s: flo
         if hasattr(display, "latest_eval"):
             display.latest_eval = {i: latest_eval_accuracy(clora, i) for i in experiment_ids}
         display.show([r if r is not None else ExperimentRecord(experiment_id=i, status="submitted")
-                      for i, r in zip(experiment_ids, records)])
+                      for i, r in zip(experiment_ids, records, strict=True)])
         done = all(r is not None and r.terminal for r in records)
         if done or (deadline is not None and time.monotonic() >= deadline) or (should_stop and should_stop()):
             return records
@@ -356,11 +355,6 @@ def reward_history(client, keys, experiment_id: str) -> list[tuple[int, float | 
     """(step, reward_mean) of every finished step; None: no group of that step was scored."""
     clora = client if isinstance(client, CloraClient) else CloraClient(client, keys.prefix)
     return [(m.step, m.reward_mean) for m in clora.metrics(experiment_id)]
-
-
-def publish(client: redis.Redis, keys, stream: str, payload: bytes) -> None:
-    """Raw XADD of an encoded message (for load tests that time their own submissions)."""
-    client.xadd(keys.stream(stream), {"msg": payload}, maxlen=100_000, approximate=True)
 
 
 # ---------------------------------------------------------------- env / allowlist

@@ -40,20 +40,15 @@ from collections.abc import Callable
 from typing import Any
 
 import structlog
-from redis.exceptions import ResponseError
 
 from services.reward.scoring import RewardError, SampleScore, check_reward_value
-from shared.bus import RETRYABLE_REDIS_ERRORS, entry_refusal
-from shared.messages import Completion, MessageDecodeError, RewardSpec, ScoredCompletion, decode
+from shared.bus import EntryRejected, StreamBus, StreamEntry, StreamTail, decode_message_entry
+from shared.messages import Completion, RewardSpec, ScoredCompletion
 
 log = structlog.get_logger(__name__)
 
 REPLIES_STREAM = "reward_replies"
-REPLIES_READER = "reward-replies-reader"  # the dead letters' group: replies are read by XREAD, not a group
-REPLY_READ_BLOCK_MS = 1000
-REPLY_READ_COUNT = 100
-REPLY_RETRY_FIRST_DELAY_S = 0.1  # Redis unreachable: first retry, doubling up to the next
-REPLY_RETRY_MAX_DELAY_S = 2.0
+REPLIES_READER = "reward-replies-reader"  # the dead letters' group: replies are tailed, not read by a group
 DEFAULT_MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 RewardFn = Callable[[str, str, "str | None"], Any]
@@ -137,8 +132,6 @@ async def serve_reward_worker(
     """Serve ``fn`` as reward worker ``worker`` until ``stop`` is set."""
     import redis.asyncio as aioredis
 
-    from shared.bus import StreamBus
-
     stop = stop or asyncio.Event()
     client = aioredis.Redis.from_url(redis_url)
     bus = StreamBus(client, prefix=stream_prefix)
@@ -210,9 +203,10 @@ class WorkerReplies:
     """The reward service's side: forward a completion to a worker stream and
     await the reply with the same experiment and ``request_id``.
 
-    Replies are read with plain ``XREAD`` from the stream's end at start-up, so
-    every reward service replica sees every reply and keeps the ones it waits
-    for (a replica that restarts forwards again: its completions were not acked).
+    Replies are tailed (``shared.bus.StreamTail``) from the stream's end at
+    start-up, so every reward service replica sees every reply and keeps the
+    ones it waits for (a replica that restarts forwards again: its completions
+    were not acked).
 
     Anyone who can write ``reward_replies`` can write garbage there, so the
     reader never dies of an entry: one without ``msg``, too large or that does
@@ -223,60 +217,34 @@ class WorkerReplies:
     service runs; the reader resumes after the last entry it handled.
     """
 
-    def __init__(self, bus, redis, *, consumer_name: str = "reward",
+    def __init__(self, bus: StreamBus, *, consumer_name: str = "reward",
                  max_entry_bytes: int = DEFAULT_MAX_REPLY_BYTES) -> None:
         self.bus = bus
-        self.redis = redis
         self.consumer_name = consumer_name
         self.max_entry_bytes = max_entry_bytes
         self._waiters: dict[tuple[str, str], set[asyncio.Future]] = {}  # (experiment, request) -> futures
-        self._last_id = "0-0"
+        self._tail = StreamTail(bus, [REPLIES_STREAM], retry_event="reward_replies_read_retrying")
         self.dead_lettered = 0  # for status
 
     async def start(self) -> None:
         """Remember where the replies stream ends now (before any forward)."""
-        newest = await self.redis.xrevrange(self.bus.key(REPLIES_STREAM), count=1)
-        if newest:
-            self._last_id = _text(newest[0][0])
+        await self._tail.start_at_end()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Dispatch replies to waiters until ``stop`` is set and nobody waits
-        (handlers still draining after a stop keep getting their replies)."""
-        delay_s = REPLY_RETRY_FIRST_DELAY_S
-        while not (stop.is_set() and not self._waiters):
-            try:
-                await self._read_and_dispatch()
-                delay_s = REPLY_RETRY_FIRST_DELAY_S
-            except (*RETRYABLE_REDIS_ERRORS, ResponseError) as exc:
-                # Waiters time out on their own meanwhile; when Redis is back we
-                # resume after the last entry handled, so no reply is skipped.
-                log.warning("reward_replies_read_retrying", error=repr(exc), retry_in_s=delay_s)
-                await asyncio.sleep(delay_s)
-                delay_s = min(delay_s * 2, REPLY_RETRY_MAX_DELAY_S)
+        (handlers still draining after a stop keep getting their replies).
+        While Redis is away, waiters time out on their own; once it is back
+        the tail resumes after the last entry handled, so no reply is skipped."""
+        await self._tail.follow(self._dispatch, until=lambda: stop.is_set() and not self._waiters)
 
-    async def _read_and_dispatch(self) -> None:
-        key = self.bus.key(REPLIES_STREAM)
-        batches = await self.redis.xread({key: self._last_id}, count=REPLY_READ_COUNT, block=REPLY_READ_BLOCK_MS)
-        for _stream, entries in _stream_batches(batches):
-            for entry_id, fields in entries:
-                entry_id = _text(entry_id)
-                try:
-                    await self._dispatch(entry_id, fields or {})
-                except (*RETRYABLE_REDIS_ERRORS, ResponseError):
-                    raise  # the run loop retries this entry once Redis is back
-                except Exception:  # one hostile entry must never stop the replies of every tenant
-                    log.exception("reward_reply_skipped", entry_id=entry_id)
-                self._last_id = entry_id  # after the dead letter, if any, is written
-
-    async def _dispatch(self, entry_id: str, fields: dict) -> None:
-        problem, payload = entry_refusal(fields, self.max_entry_bytes)
-        if problem is None:
-            try:
-                reply = decode(payload, REPLIES_STREAM)
-            except MessageDecodeError as exc:
-                problem = f"cannot decode message: {exc}"
-        if problem is not None:
-            await self._dead_letter(entry_id, problem, payload)
+    async def _dispatch(self, entry: StreamEntry) -> None:
+        try:
+            reply, payload = decode_message_entry(entry, self.max_entry_bytes)
+        except EntryRejected as rejected:
+            await self._dead_letter(entry.entry_id, rejected.reason, rejected.payload)
+            return
+        if not isinstance(reply, ScoredCompletion):  # the stream carries nothing else; typed for the checker
+            await self._dead_letter(entry.entry_id, f"{type(reply).__name__} is not a reply", payload)
             return
         echo = reply.completion
         waiters = self._waiters.pop((echo.experiment_id, echo.request_id), set())
@@ -293,9 +261,11 @@ class WorkerReplies:
 
     async def score(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion:
         """The worker's result, or a failed result after ``max_attempts`` timeouts."""
+        if not spec.worker:
+            return failed_result(completion, "reward spec of type 'worker' names no worker")
         attempts = max(1, spec.max_attempts)
         for attempt in range(1, attempts + 1):
-            reply = await self._forward_once(spec, completion)
+            reply = await self._forward_once(spec.worker, spec.timeout_s, completion)
             if reply is not None:
                 return self._checked(reply, completion, spec.worker)
             log.info("reward_worker_timeout", worker=spec.worker, request_id=completion.request_id,
@@ -303,13 +273,13 @@ class WorkerReplies:
         return failed_result(completion, f"reward worker {spec.worker!r} did not reply within "
                                          f"{spec.timeout_s:g}s ({attempts} attempt(s))")
 
-    async def _forward_once(self, spec: RewardSpec, completion: Completion) -> ScoredCompletion | None:
-        waiter = asyncio.get_running_loop().create_future()
+    async def _forward_once(self, worker: str, timeout_s: float, completion: Completion) -> ScoredCompletion | None:
+        waiter: asyncio.Future[ScoredCompletion] = asyncio.get_running_loop().create_future()
         key = (completion.experiment_id, completion.request_id)
         self._waiters.setdefault(key, set()).add(waiter)
         try:
-            await self.bus.publish(completion, stream=reward_stream(spec.worker))
-            return await asyncio.wait_for(asyncio.shield(waiter), spec.timeout_s)
+            await self.bus.publish(completion, stream=reward_stream(worker))
+            return await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
         except TimeoutError:
             return None
         finally:
@@ -328,7 +298,8 @@ class WorkerReplies:
         problem = _reply_problem(reply, len(completion.samples))
         if problem is not None:
             return failed_result(completion, f"reward worker {worker!r} {problem}")
-        correct = reply.correct if len(reply.correct) == len(reply.rewards) else [None] * len(reply.rewards)
+        correct: list[bool | None] = (list(reply.correct) if len(reply.correct) == len(reply.rewards)
+                                      else [None] * len(reply.rewards))
         return ScoredCompletion(completion=completion, rewards=list(reply.rewards), correct=correct,
                                 reward_metrics=dict(reply.reward_metrics))
 
@@ -345,16 +316,3 @@ def _reply_problem(reply: ScoredCompletion, sample_count: int) -> str | None:
         except RewardError as exc:
             return f"replied with an unusable value for {where}: {exc.reason}"
     return None
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _stream_batches(response) -> list:
-    """(stream, entries) pairs of an XREAD reply (RESP2 list or RESP3 dict)."""
-    if not response:
-        return []
-    if isinstance(response, dict):
-        return [(name, value[0]) for name, value in response.items()]
-    return response

@@ -36,7 +36,8 @@ def test_a_valid_spec_has_no_reasons():
     ({"task": TaskSource(family="poetry"), "reward": RewardSpec(type="family", family="add")},
      "task.family: unknown family 'poetry'"),
     ({"reward": RewardSpec(type="http", url="http://evil.example:80/score")}, "reward.url: reward url"),
-    ({"reward": RewardSpec(type="http", url="http://127.0.0.1:8088/scoreboard")}, "not on the reward service's allowlist"),
+    ({"reward": RewardSpec(type="http", url="http://127.0.0.1:8088/scoreboard")},
+     "not on the reward service's allowlist"),
 ])
 def test_each_broken_rule_gives_its_reason(overrides, expected):
     reasons = refusal_reasons(spec(**overrides), DEPLOYMENT, [], None)
@@ -83,7 +84,8 @@ def test_deployment_round_trips_and_ignores_fields_it_does_not_know():
     info = deployment_from_config(SchedulerConfig(lora_rank=4, max_tokens_limit=99, data_dir="/data"),
                                   families=["add"])
     assert decode_deployment(encode_deployment(info)) == info
-    assert (info.lora_rank, info.max_tokens_limit, info.families, info.adapter_dir) == (4, 99, ["add"], "/data/adapters")
+    assert (info.lora_rank, info.max_tokens_limit, info.families, info.adapter_dir) == (
+        4, 99, ["add"], "/data/adapters")
     assert info.lora_targets[0] == "q_proj" and info.written_at > 0
     newer = msgspec.msgpack.encode({**msgspec.to_builtins(info), "gpu_count": 8})
     assert decode_deployment(newer) == info
