@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 
@@ -80,25 +81,34 @@ class Lease:
             await _wait(stopping, self.renew_interval_s)
         return False
 
-    async def keep(self, stopping: asyncio.Event) -> None:
+    async def keep(self, stopping: asyncio.Event, on_regained: Callable[[], None] = lambda: None) -> None:
         """Renew every ``ttl / 3``; once ``stopping`` is set, renew a last time
         (so the lease outlasts a drain shorter than the ttl) and return.
-        ``LeaseLost`` when another holder took it, or when Redis stayed away
-        for a whole ttl (this holder can no longer know it is alone)."""
+        ``LeaseLost`` when another holder took it. When Redis stayed away for
+        a whole ttl the lease may have lapsed: once Redis answers again it is
+        taken afresh if nobody else holds it, and ``on_regained()`` tells the
+        holder that others may have written meanwhile (it must re-read its
+        state); if someone else holds it, ``LeaseLost``."""
         renewed_at = time.monotonic()
         while True:
             stop_now = await _wait(stopping, self.renew_interval_s)
+            lapsed = time.monotonic() - renewed_at >= self.ttl_ms / 1000
             try:
-                held = await self.redis.eval(_RENEW, 1, self.key, self.holder, self.ttl_ms)
-            except RETRYABLE_REDIS_ERRORS as exc:
-                if time.monotonic() - renewed_at >= self.ttl_ms / 1000:
-                    raise LeaseLost(f"lease {self.key} not renewed for a whole ttl: {exc!r}") from exc
-                continue
+                held = await (self.try_acquire() if lapsed else self._renew())
+            except RETRYABLE_REDIS_ERRORS:
+                if stop_now:
+                    return  # stopping without Redis: the lease expires on its own
+                continue  # an outage: keep trying for as long as we run
             if not held:
                 raise LeaseLost(f"lease {self.key} is held by {await self.holder_now()!r}, not {self.holder!r}")
+            if lapsed:
+                on_regained()
             renewed_at = time.monotonic()
             if stop_now:
                 return
+
+    async def _renew(self) -> bool:
+        return bool(await self.redis.eval(_RENEW, 1, self.key, self.holder, self.ttl_ms))
 
     async def release(self) -> None:
         await self.redis.eval(_RELEASE, 1, self.key, self.holder)
@@ -108,6 +118,6 @@ async def _wait(event: asyncio.Event, timeout_s: float) -> bool:
     """Wait for ``event`` at most ``timeout_s``; True if it is set."""
     try:
         await asyncio.wait_for(event.wait(), timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     return event.is_set()

@@ -19,8 +19,11 @@ valid experiment id, see ``Keys``):
   submission of the id is a duplicate), ``final_metrics`` (msgpack
   ``StepMetrics`` of the last step, held until the final eval is in and
   published just before the experiment ends), per open step
-  ``t<s>`` (rollouts published) and ``c<s>`` (last group scored), and
-  ``ev<v>`` for every eval of version ``v`` published.
+  ``issued_at:<s>`` (rollouts published) and ``completed_at:<s>`` (last
+  group scored), and ``eval_issued:<v>`` for every eval of version ``v``
+  published (records written by earlier versions name them ``t<s>``,
+  ``c<s>`` and ``ev<v>``: still read, so a restart across the upgrade
+  resumes them).
 - ``P exp_index`` zset: every experiment id, scored by submission time.
 - ``P exp_active`` set: running experiments (what a restart resumes).
 - ``P exp_queue`` zset: queued experiments, FIFO by submission time.
@@ -40,32 +43,30 @@ failed, invalid) everything but its summary expires after the scheduler's
 error, the final adapter and the ``spec``, which duplicate detection needs)
 and its ``exp_index`` entry stay.
 
-Every transition is one MULTI/EXEC transaction that also carries the
-messages it publishes (stream entry field ``msg`` = msgpack, as in
-``shared.messages``), so a crash never leaves a published request without its
-record or the reverse.
+Every transition is one MULTI/EXEC transaction (``StateStore.apply`` plus
+the bus's ``publish_in``) that also carries the messages it publishes, so a
+crash never leaves a published request without its record or the reverse.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from shared.messages import (
-    is_experiment_id,
     TERMINAL_STATUSES,
     ExperimentSpec,
     Prompt,
     ScoredCompletion,
     StepMetrics,
-    encode,
-    stream_for,
+    is_experiment_id,
 )
 
-STATUSES = ("queued", "running", *sorted(TERMINAL_STATUSES))
+if TYPE_CHECKING:
+    from services.scheduler.effects import Effects
+
 DONE_STEP_TTL_S = 3600  # a trained step's groups stay readable this long
 
 _SPEC_DECODER = msgspec.msgpack.Decoder(ExperimentSpec)
@@ -77,8 +78,6 @@ _ENCODER = msgspec.msgpack.Encoder()
 
 class InvalidExperimentId(ValueError):
     """An id that no key may be built from."""
-
-
 
 
 def checked_id(experiment_id: str) -> str:
@@ -211,7 +210,7 @@ def list_experiments(client, keys: Keys) -> list[ExperimentRecord]:
     pipe = client.pipeline(transaction=False)
     for experiment_id in ids:
         pipe.hgetall(keys.exp(experiment_id))
-    return [parse_record(i, raw) for i, raw in zip(ids, pipe.execute()) if raw]
+    return [parse_record(i, raw) for i, raw in zip(ids, pipe.execute(), strict=True) if raw]
 
 
 def read_metrics(client, keys: Keys, experiment_id: str, start: int = 0) -> list[StepMetrics]:
@@ -219,13 +218,6 @@ def read_metrics(client, keys: Keys, experiment_id: str, start: int = 0) -> list
     if not is_experiment_id(experiment_id):
         return []
     return [_METRICS_DECODER.decode(m) for m in client.lrange(keys.metrics(experiment_id), start, -1)]
-
-
-def read_spec(client, keys: Keys, experiment_id: str) -> ExperimentSpec | None:
-    if not is_experiment_id(experiment_id):
-        return None
-    raw = client.hget(keys.exp(experiment_id), "spec")
-    return None if raw is None else decode_spec(raw)
 
 
 def decode_spec(raw: bytes) -> ExperimentSpec:
@@ -238,6 +230,59 @@ def encode_spec(spec: ExperimentSpec) -> bytes:
 
 def encode_prompt(prompt: Prompt) -> bytes:
     return _ENCODER.encode(prompt)
+
+
+# ---------------------------------------------------------------- hash fields of open steps
+
+
+def issued_at_field(step: int) -> str:
+    return f"issued_at:{int(step)}"
+
+
+def completed_at_field(step: int) -> str:
+    return f"completed_at:{int(step)}"
+
+
+def eval_issued_field(version: int) -> str:
+    return f"eval_issued:{int(version)}"
+
+
+def legacy_step_fields(step: int) -> tuple[str, str]:
+    """What records written before the fields had readable names call
+    ``issued_at:<s>`` and ``completed_at:<s>``."""
+    return f"t{int(step)}", f"c{int(step)}"
+
+
+# (prefix, what it holds): new names first, then the old ones (t<s>, c<s>, ev<v>)
+_NUMBERED_FIELDS = (
+    ("issued_at:", "issued_at"), ("completed_at:", "completed_at"), ("eval_issued:", "evals_issued"),
+    ("t", "issued_at"), ("c", "completed_at"), ("ev", "evals_issued"),
+)
+
+
+def _numbered_field(name: str) -> tuple[str, int] | None:
+    """``(view attribute, number)`` of an open step's field, or None."""
+    for prefix, attribute in _NUMBERED_FIELDS:
+        if name.startswith(prefix) and name[len(prefix):].isdigit():
+            return attribute, int(name[len(prefix):])
+    return None
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """What Redis holds of an experiment id (read by the scheduler before a
+    submission, a cancel or a push): enough to tell a redelivery from a
+    duplicate. All None: no record."""
+
+    status: str | None = None
+    submit_entry: str | None = None
+    spec: bytes | None = None
+
+    def is_redelivery(self, spec: ExperimentSpec, entry_id: str | None) -> bool:
+        if self.submit_entry is not None and entry_id is not None:
+            return self.submit_entry == entry_id
+        # a record written before entries were kept, or no entry: only the spec can tell
+        return self.spec == encode_spec(spec)
 
 
 # ---------------------------------------------------------------- live view (scheduler side)
@@ -266,7 +311,7 @@ class ExperimentView:
     evals_issued: set[int] = field(default_factory=set)
     stream_prompts: list[Prompt] = field(default_factory=list)
     stream_prompt_ids: set[str] = field(default_factory=set)  # of stream_prompts: pushes are deduplicated
-    last_progress: float = field(default_factory=time.monotonic)
+    last_progress: float = 0.0  # unix s of its last progress (set by the core: the stall watchdog reads it)
     pending_metrics: StepMetrics | None = None  # the last step's, published when the experiment ends
     prompt_wait_step: int | None = None  # a streamed step whose wait for prompts was announced
 
@@ -292,48 +337,35 @@ class ExperimentView:
 class StateStore:
     """Async access to the state; writes go through ``transaction()`` pipelines."""
 
-    def __init__(self, redis, prefix: str, maxlen: int = 100_000) -> None:
+    def __init__(self, redis, prefix: str) -> None:
         self.redis = redis
         self.keys = Keys(prefix)
-        self.maxlen = maxlen
 
     def transaction(self):
         return self.redis.pipeline(transaction=True)
 
-    def publish(self, pipe, message, stream: str | None = None) -> None:
-        """Queue an XADD of ``message`` (wire format of ``shared.messages``)."""
-        name = stream or stream_for(message)
-        pipe.xadd(self.keys.stream(name), {"msg": encode(message)}, maxlen=self.maxlen, approximate=True)
-
-    def set_fields(self, pipe, experiment_id: str, **fields: Any) -> None:
-        """HSET the non-None fields, HDEL the None ones."""
-        present = {k: _field_value(v) for k, v in fields.items() if v is not None}
-        absent = [k for k, v in fields.items() if v is None]
-        if present:
-            pipe.hset(self.keys.exp(experiment_id), mapping=present)
-        if absent:
-            pipe.hdel(self.keys.exp(experiment_id), *absent)
-
-    def expire_ended(self, pipe, experiment_id: str, ttl_s: float, open_steps: range,
-                     eval_versions: set[int]) -> None:
-        """Queue the expiry of an ended experiment's data; its summary hash stays.
-        Steps before ``open_steps`` already expire (``DONE_STEP_TTL_S``)."""
-        ttl = max(1, int(ttl_s))
-        keys = [self.keys.metrics(experiment_id), self.keys.tasks(experiment_id)]
-        keys += [self.keys.step_groups(experiment_id, step) for step in open_steps]
-        keys += [self.keys.eval_results(experiment_id, version) for version in sorted(eval_versions)]
-        for key in keys:
-            pipe.expire(key, ttl)
+    def apply(self, pipe, effects: Effects) -> None:
+        """Queue ``effects``' writes, then its hash fields (HSET the values,
+        HDEL the Nones); its messages go through the bus."""
+        for write in effects.writes:
+            getattr(pipe, write.command)(write.key, *write.args)
+        for experiment_id, values in effects.fields.items():
+            key = self.keys.exp(experiment_id)
+            present = {k: _field_value(v) for k, v in values.items() if v is not None}
+            absent = [k for k, v in values.items() if v is None]
+            if present:
+                pipe.hset(key, mapping=present)
+            if absent:
+                pipe.hdel(key, *absent)
 
     async def exists(self, experiment_id: str) -> bool:
         return bool(await self.redis.exists(self.keys.exp(experiment_id)))
 
-    async def stored_spec(self, experiment_id: str) -> bytes | None:
-        return await self.redis.hget(self.keys.exp(experiment_id), "spec")
-
-    async def submit_entry(self, experiment_id: str) -> str | None:
-        raw = await self.redis.hget(self.keys.exp(experiment_id), "submit_entry")
-        return None if raw is None else raw.decode()
+    async def record(self, experiment_id: str) -> StoredRecord:
+        status, submit_entry, spec = await self.redis.hmget(self.keys.exp(experiment_id),
+                                                            ["status", "submit_entry", "spec"])
+        return StoredRecord(status=None if status is None else status.decode(),
+                            submit_entry=None if submit_entry is None else submit_entry.decode(), spec=spec)
 
     async def status(self, experiment_id: str) -> str | None:
         raw = await self.redis.hget(self.keys.exp(experiment_id), "status")
@@ -388,11 +420,12 @@ def _view_from_hash(raw: dict[bytes, bytes]) -> ExperimentView:
         pending_metrics=_METRICS_DECODER.decode(raw[b"final_metrics"]) if b"final_metrics" in raw else None,
     )
     for name, value in raw.items():
-        key = name.decode()
-        if key.startswith("t") and key[1:].isdigit():
-            view.issued_at[int(key[1:])] = float(value)
-        elif key.startswith("c") and key[1:].isdigit():
-            view.completed_at[int(key[1:])] = float(value)
-        elif key.startswith("ev") and key[2:].isdigit():
-            view.evals_issued.add(int(key[2:]))
+        numbered = _numbered_field(name.decode())
+        if numbered is None:
+            continue
+        attribute, number = numbered
+        if attribute == "evals_issued":
+            view.evals_issued.add(number)
+        else:
+            getattr(view, attribute)[number] = float(value)
     return view

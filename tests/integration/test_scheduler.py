@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import Counter
-from functools import partial
 from dataclasses import dataclass, field
+from functools import partial
 
 import msgspec
 import pytest
@@ -26,7 +26,7 @@ from services.cli import experiments as cli
 from services.scheduler.service import SchedulerService
 from services.scheduler.state import Keys, list_experiments, read_experiment, read_metrics
 from shared.adapters import AdapterStore
-from shared.bus import StreamBus
+from shared.bus import Entry, StreamBus
 from shared.config import SchedulerConfig
 from shared.engine import LoraSignature
 from shared.messages import (
@@ -231,6 +231,26 @@ async def events_of(bus: StreamBus, experiment_id: str) -> list[ExperimentEvent]
     return [e for e in events if e.experiment_id == experiment_id]
 
 
+async def published_requests(bus: StreamBus, experiment_id: str) -> list[RolloutRequest]:
+    """The rollout requests the scheduler published for ``experiment_id``, read
+    from the stream itself (a transaction publishes all of them or none)."""
+    entries = await bus.redis.xrange(bus.key("rollout_requests"))
+    requests = [decode(fields[b"msg"], "rollout_requests") for _, fields in entries]
+    return [r for r in requests if r.experiment_id == experiment_id]
+
+
+async def scheduler_caught_up(bus: StreamBus, stream: str) -> bool:
+    """The scheduler's group has read and acked every entry of ``stream``:
+    whatever those entries make the scheduler do is committed."""
+    newest = await bus.redis.xrevrange(bus.key(stream), count=1)
+    groups = {g["name"]: g for g in await bus.redis.xinfo_groups(bus.key(stream))}
+    group = groups.get(b"scheduler") or groups.get("scheduler")
+    if not newest or group is None:
+        return False
+    last = group["last-delivered-id"]
+    return group["pending"] == 0 and (last.decode() if isinstance(last, bytes) else last) == newest[0][0].decode()
+
+
 # ---------------------------------------------------------------- tests
 
 
@@ -290,9 +310,8 @@ async def test_admission_queues_beyond_max_concurrent(config, standins, bus, syn
         await wait_status(sync_redis, stream_prefix, "first", ("running",))
         await wait_for(lambda: any(r.experiment_id == "first" for r in standins.requests), what="first rollouts")
         await wait_status(sync_redis, stream_prefix, "second", ("queued",))
-        await asyncio.sleep(0.2)
-        assert record_of(sync_redis, stream_prefix, "second").status == "queued"
-        assert not any(r.experiment_id == "second" for r in standins.requests)
+        # queued in one transaction with its record: had it been admitted, its requests would be out
+        assert await published_requests(bus, "second") == []
         standins.train_gate.set()
         second = await wait_status(sync_redis, stream_prefix, "second")
         first = record_of(sync_redis, stream_prefix, "first")
@@ -339,8 +358,8 @@ async def test_invalid_spec_is_refused_with_a_reason_status_shows(case, expected
     assert cli.status(["--redis-url", redis_url, "--stream-prefix", stream_prefix]) == 0
     table = capsys.readouterr().out
     assert experiment_id in table and "invalid" in table and expected in table
-    await asyncio.sleep(0.2)  # nothing else happens for it
-    assert not any(r.experiment_id == experiment_id for r in standins.requests)
+    # refused in the transaction that recorded it: nothing was issued with it
+    assert await published_requests(bus, experiment_id) == []
 
 
 async def test_cli_refuses_bad_spec_file_and_status_lists_it(scheduler, bus, sync_redis, stream_prefix, redis_url,
@@ -377,11 +396,12 @@ async def test_cancel_stops_issuing(scheduler, standins, bus, sync_redis, stream
                    what="step 0 rollouts and start eval")
     await bus.publish(ExperimentCancel(experiment_id="doomed"))
     record = await wait_status(sync_redis, stream_prefix, "doomed", ("cancelled",))
-    issued_at_cancel = len(standins.requests)
+    issued_at_cancel = len(await published_requests(bus, "doomed"))
     standins.train_gate.set()  # the job already out still trains...
-    await asyncio.sleep(0.5)
+    await wait_for(lambda: standins.jobs, what="the job already out trained")
+    await wait_for(partial(scheduler_caught_up, bus, "adapters"), what="its version handled")
     # ...but nothing more is issued for a cancelled experiment
-    assert len(standins.requests) == issued_at_cancel
+    assert len(await published_requests(bus, "doomed")) == issued_at_cancel
     assert record.step == 0
     assert "cancelled" in [e.code for e in await events_of(bus, "doomed")]
     assert record_of(sync_redis, stream_prefix, "doomed").status == "cancelled"
@@ -454,8 +474,9 @@ async def test_off_policy_rollouts_run_ahead_but_versions_stay_contiguous(config
         # with the trainer held, steps 0 and 1 are both sampled by version 0
         await wait_for(lambda: sum(r.experiment_id == "ahead" for r in standins.requests) == 4,
                        what="two steps of rollouts")
-        await asyncio.sleep(0.2)
-        assert sorted((r.step, r.adapter_version) for r in standins.requests) == [(0, 0), (0, 0), (1, 0), (1, 0)]
+        # no step 2 before version 1: test_scheduler_core covers the bound for every k
+        issued = await published_requests(bus, "ahead")
+        assert sorted((r.step, r.adapter_version) for r in issued) == [(0, 0), (0, 0), (1, 0), (1, 0)]
         standins.train_gate.set()
         await wait_status(sync_redis, stream_prefix, "ahead")
     finally:
@@ -473,9 +494,8 @@ async def test_streamed_tasks_feed_steps_as_they_arrive(scheduler, standins, bus
     prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=", answer=str(i + 1)) for i in range(4)]
     await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[:1]))  # before the submit
     await bus.publish(ExperimentSubmit(spec=spec))
-    await wait_status(sync_redis, stream_prefix, "streamed", ("running",))
-    await asyncio.sleep(0.2)
-    assert not standins.requests  # 1 prompt < prompts_per_step
+    await wait_for(partial(_codes_with, bus, "streamed", "waiting_for_prompts"), what="the wait announced")
+    assert await published_requests(bus, "streamed") == []  # 1 prompt < prompts_per_step
     await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[1:]))
     await wait_status(sync_redis, stream_prefix, "streamed")
     assert [r.prompt.prompt_id for r in sorted(standins.requests, key=lambda r: r.request_id)] == \
@@ -546,6 +566,19 @@ async def test_local_cluster_runs_the_scheduler_process_and_restarts_it(redis_ur
 # ---------------------------------------------------------------- one scheduler at a time
 
 
+def standing_by(service: SchedulerService) -> asyncio.Event:
+    """An event set when ``service`` finds the lease held and goes on standby."""
+    event = asyncio.Event()
+    announce = service._on_standby
+
+    def on_standby(holder):
+        announce(holder)
+        event.set()
+
+    service._on_standby = on_standby
+    return event
+
+
 async def test_a_second_scheduler_stands_by_until_the_leader_stops_then_takes_over(config, standins, bus, sync_redis,
                                                                                    stream_prefix):
     from dataclasses import replace
@@ -559,8 +592,9 @@ async def test_a_second_scheduler_stands_by_until_the_leader_stops_then_takes_ov
     await wait_for(lambda: len(standins.jobs) >= 2, what="two steps")
 
     standby = SchedulerService(replace(config, consumer_name="scheduler-standby"))
+    on_standby = standing_by(standby)
     standby_setup = asyncio.create_task(standby.setup())
-    await asyncio.sleep(1.0)
+    await asyncio.wait_for(on_standby.wait(), WAIT_S)  # it found the lease taken
     assert not standby_setup.done() and not standby.leading and not standby.views  # waiting, not working
     assert sync_redis.get(Keys(stream_prefix).scheduler_lease) == b"scheduler-test"
 
@@ -604,8 +638,9 @@ async def test_a_dead_leaders_lease_expires_and_a_leader_that_lost_it_stops(conf
 
     # Stopped while on standby: no consumers, no background work, and the lease stays where it is.
     waiting = SchedulerService(replace(config, consumer_name="scheduler-waiting"))
+    on_standby = standing_by(waiting)
     setup = asyncio.create_task(waiting.setup())
-    await asyncio.sleep(0.3)
+    await asyncio.wait_for(on_standby.wait(), WAIT_S)
     waiting.stop()
     await asyncio.wait_for(setup, WAIT_S)
     assert not waiting.leading and waiting.consumers() == [] and waiting.background() == []
@@ -630,7 +665,8 @@ async def test_same_spec_sent_again_is_a_duplicate_but_a_redelivered_entry_is_no
     assert events.count("duplicate_experiment") == 1
     # the first submission's own entry handled again (a redelivery) changes nothing
     [(first_entry, _)] = (await bus.redis.xrange(bus.key("experiments"), count=1))
-    await service._transition(lambda pipe: service._submit(spec, pipe, first_entry.decode()))
+    redelivery = Entry(stream="experiments", entry_id=first_entry.decode(), deliveries=2)
+    await service.on_experiment_message(ExperimentSubmit(spec=spec), redelivery)
     assert (await events_of(bus, "twice"))[-1].code == "duplicate_experiment"
     assert record_of(sync_redis, stream_prefix, "twice").status == "finished"
 

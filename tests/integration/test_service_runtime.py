@@ -278,7 +278,8 @@ def test_plain_client_following_the_readme_talks_to_a_service(workers, sync_redi
     client = subprocess.run([sys.executable, str(script)], env=workers.env(), cwd=tmp_path,
                             capture_output=True, text=True, timeout=60)
     assert client.returncode == 0, client.stderr + workers.logs()
-    assert re.search(r"^info finished ExperimentSubmit steps=10 handled by busworker-", client.stdout, re.M), \
+    steps = re.search(r'"steps": (\d+)', readme_example()).group(1)  # as the README's spec says
+    assert re.search(rf"^info finished ExperimentSubmit steps={steps} handled by busworker-", client.stdout, re.M), \
         client.stdout
     assert sync_redis.get(f"{stream_prefix}effects:my-first-exp") == b"1"
 

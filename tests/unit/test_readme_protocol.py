@@ -93,14 +93,15 @@ def test_wire_format_names_the_field_and_the_tag_keys():
 
 
 SERVICES = README.parent / "services"
-# how a service names the code of an event it sends: ("level", "code"), code="...",
-# the trainer's refusal codes, and the scheduler's terminal statuses (`_end(view, pipe, "failed"`)
+# how a service names the code of an event it sends: ("level", "code") (but not a log line's
+# `effects.log("level", "event")`), code="...",
+# the trainer's refusal codes, and the scheduler's terminal statuses (`_end(view, effects, "failed"`)
 CODE_PATTERNS = [
-    re.compile(r'"(?:info|warning|error)",\s*"([a-z_]+)"'),
+    re.compile(r'(?<!\.log\()"(?:info|warning|error)",\s*"([a-z_]+)"'),  # not a log line: effects.log(level, event)
     re.compile(r'\bcode="([a-z_]+)"'),
     re.compile(r'return "([a-z_]+)", '),
     re.compile(r'_rejected\([^()]*(?:\([^()]*\)[^()]*)*,\s*"([a-z_]+)"\)', re.S),
-    re.compile(r'self\._end\([a-z_]+, pipe, "([a-z_]+)"'),
+    re.compile(r'self\._end\([a-z_]+, [a-z_]+, "([a-z_]+)"'),
 ]
 
 
@@ -112,7 +113,7 @@ def codes_in_services() -> set[str]:
         text = path.read_text()
         for pattern in CODE_PATTERNS:
             codes.update(pattern.findall(text))
-    return codes
+    return codes - {"info", "warning", "error"}  # the levels themselves (e.g. a Literal of them) are no codes
 
 
 def documented_codes() -> set[str]:
