@@ -24,10 +24,10 @@ so a reader sees it complete or not at all.
 Tenant names are experiment ids (``[a-z0-9][a-z0-9_-]{0,63}``, the whole
 string): they become directory names, so nothing else may reach a path.
 
-Tensor names are PEFT's saved names, e.g.
-``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`` ``[r, in]``
-and ``...lora_B.weight`` ``[out, r]``, so ``peft.PeftModel.from_pretrained``
-and vLLM's ``LoRARequest`` load a version directory directly.
+The two adapter files are PEFT's format, written and read by
+``shared.peft_files`` (file names, config, tensor names), so
+``peft.PeftModel.from_pretrained`` and vLLM's ``LoRARequest`` load a version
+directory directly.
 
 ``AdapterStore`` is the interface (object storage can implement it later);
 ``AdapterStore(root)`` is shorthand for ``DirectoryAdapterStore(root)``.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import abc
 import hashlib
-import json
 import os
 import re
 import shutil
@@ -46,13 +45,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from shared.engine import LoraSignature
 from shared.messages import EXPERIMENT_ID_PATTERN, is_experiment_id
+from shared.peft_files import CONFIG_FILE, WEIGHTS_FILE, peft_config_dict, read_weights, write_peft_dir
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 DIGEST_FILE = "DIGEST"
 HASHED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _VERSION_DIR = re.compile(r"v(\d+)")  # fullmatch: "v3\n" is not a version
@@ -70,27 +67,6 @@ class IncompleteAdapter(AdapterStoreError):
 
 class DigestMismatch(AdapterStoreError):
     """The files do not hash to the recorded DIGEST."""
-
-
-def peft_config_dict(signature: LoraSignature, base_model: str) -> dict:
-    """An ``adapter_config.json`` that PEFT's ``PeftModel.from_pretrained`` and
-    vLLM accept for an adapter of ``signature`` on ``base_model``."""
-    return {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": base_model,
-        "r": signature.rank,
-        "lora_alpha": signature.alpha,
-        "target_modules": sorted(signature.target_modules),
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "modules_to_save": None,
-        "use_rslora": False,
-        "use_dora": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-    }
 
 
 def files_digest(path: Path) -> str:
@@ -261,18 +237,15 @@ class DirectoryAdapterStore(AdapterStore):
         path = Path(path)
         if verify:
             self.verify(path)
-        return load_file(str(path / WEIGHTS_FILE), device="cpu")
+        return read_weights(path)
 
 
 def _write_files(staging: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:
     """Both files of a version, each fsynced, and the staging directory's
     entries fsynced, so the rename that follows publishes durable files."""
     staging.mkdir()
-    cpu_tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    save_file(cpu_tensors, str(staging / WEIGHTS_FILE), metadata={"format": "pt"})
-    fsync_file(staging / WEIGHTS_FILE)
-    (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True))
-    fsync_file(staging / CONFIG_FILE)
+    for written in write_peft_dir(staging, tensors, config):
+        fsync_file(written)
     fsync_dir(staging)
 
 

@@ -1,5 +1,7 @@
 """Multi-LoRA linear layers: stacked per-slot adapters, one gathered low-rank
-product for the whole batch (the BGMV idea), and PEFT adapter parsing.
+product for the whole batch (the BGMV idea), and the layout of a PEFT
+adapter's tensors into those slots (the files themselves are read by
+``shared.peft_files``).
 
 A ``MultiLoraLinear`` fuses the linears of one decoder layer that read the
 same input (q/k/v, gate/up) into one base matmul, and keeps for every slot
@@ -26,16 +28,13 @@ when several rows share an adapter (the usual case: n samples per prompt).
 
 from __future__ import annotations
 
-import json
-import math
-import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from shared.engine import EngineError, LoraSignature
+from shared.peft_files import parse_lora_key
 
 # Groups of one decoder layer: (submodule, group name, members sharing one input).
 LORA_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
@@ -45,13 +44,6 @@ LORA_GROUPS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("mlp", "down", ("down_proj",)),
 )
 MODULE_TO_GROUP: dict[str, str] = {m: g for _, g, members in LORA_GROUPS for m in members}
-
-# PEFT names: ...layers.<i>.<self_attn|mlp>.<module>.lora_<A|B>[.<adapter name>].weight
-PEFT_KEY_PATTERN = re.compile(
-    r"layers\.(\d+)\.(?:self_attn|mlp)\.([A-Za-z_]+)\.lora_([AB])(?:\.[\w-]+)?\.weight$"
-)
-ADAPTER_CONFIG_FILE = "adapter_config.json"
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 class SlotSelection:
@@ -204,7 +196,7 @@ class MultiLoraLinear(nn.Module):
         )
 
 
-# ------------------------------------------------------------ adapter parsing
+# ------------------------------------------------------------ adapter layout
 
 
 @dataclass
@@ -217,58 +209,6 @@ class PreparedAdapter:
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     scaling: float
     rank: int
-
-
-def read_peft_dir(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Tensors and config of a PEFT adapter directory; ``EngineError`` with the
-    reason when it is not one."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    config_path, weights_path = path / ADAPTER_CONFIG_FILE, path / ADAPTER_WEIGHTS_FILE
-    if not path.is_dir():
-        raise EngineError(f"adapter directory {path} does not exist")
-    if not config_path.is_file() or not weights_path.is_file():
-        raise EngineError(f"{path} is not a PEFT adapter: needs {ADAPTER_CONFIG_FILE} and {ADAPTER_WEIGHTS_FILE}")
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise EngineError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict):
-        raise EngineError(f"{config_path} must hold a JSON object")
-    try:
-        tensors = load_file(weights_path)
-    except (OSError, SafetensorError) as exc:
-        raise EngineError(f"{weights_path} is not a valid safetensors file: {exc}") from exc
-    return tensors, config
-
-
-def scaling_from_config(config: dict, signature: LoraSignature, path: Path) -> tuple[float, int]:
-    """(scaling, rank) of a PEFT adapter config, rejecting what slots cannot hold."""
-    rank, alpha = config.get("r"), config.get("lora_alpha")
-    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
-        raise EngineError(f"{path}: adapter_config.json needs an integer r >= 1 and a numeric lora_alpha")
-    unsupported = {
-        "use_dora": bool(config.get("use_dora")),
-        "bias": config.get("bias", "none") not in (None, "none"),
-        "modules_to_save": bool(config.get("modules_to_save")),
-        "rank_pattern": bool(config.get("rank_pattern")),
-        "alpha_pattern": bool(config.get("alpha_pattern")),
-    }
-    bad = [name for name, used in unsupported.items() if used]
-    if bad:
-        raise EngineError(f"{path}: unsupported adapter options {bad}")
-    targets = config.get("target_modules")
-    if isinstance(targets, list):
-        outside = sorted(set(targets) - set(signature.target_modules))
-        if outside:
-            raise EngineError(
-                f"{path}: target modules {outside} are not in the deployment's "
-                f"signature {list(signature.target_modules)}"
-            )
-    scaling = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-    return float(scaling), rank
 
 
 def prepare_adapter(
@@ -313,10 +253,10 @@ def _pair_factors(
         raise EngineError("adapter holds no tensors")
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
-        match = PEFT_KEY_PATTERN.search(name)
-        if match is None:
+        parsed = parse_lora_key(name)
+        if parsed is None:
             raise EngineError(f"unexpected adapter tensor {name!r} (only LoRA A/B of decoder layers)")
-        layer_idx, module, half = int(match.group(1)), match.group(2), match.group(3)
+        layer_idx, module, half = parsed
         if module not in signature.target_modules:
             raise EngineError(
                 f"adapter targets {module!r}, not in the signature {list(signature.target_modules)}"

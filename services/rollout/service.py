@@ -32,13 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from services.rollout.slots import SlotTable
 from shared.adapters import AdapterStore, AdapterStoreError, check_tenant_name
 from shared.config import RolloutConfig
 from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GenerationResult
@@ -76,15 +76,20 @@ def adapter_key(experiment_id: str, version: int) -> AdapterKey | None:
 class AdapterSet:
     """Which adapter versions this worker has in the engine, which requests
     use them, and which can go. All bookkeeping happens on the event loop; the
-    engine does the loading off it."""
+    engine does the loading off it.
+
+    ``table`` is the slot table both engines use too: its live keys are the
+    versions registered in the engine, its holds the requests using a version
+    (counted before the version loads). Its slot numbers mean nothing here
+    (unbounded): the engine owns the real slots and may evict an idle version,
+    which ``ensure_loaded`` notices and loads again."""
 
     def __init__(self, engine: Engine, store: AdapterStore, keep_versions: int, log) -> None:
         self.engine = engine
         self.store = store
         self.keep_versions = max(1, keep_versions)
         self.log = log
-        self.registered: set[AdapterKey] = set()
-        self.in_use: Counter[AdapterKey] = Counter()
+        self.table: SlotTable[AdapterKey] = SlotTable(None)
         self.newest: dict[str, int] = {}
         self._loading: dict[AdapterKey, asyncio.Task] = {}
         self._retiring: dict[AdapterKey, asyncio.Task] = {}
@@ -95,14 +100,12 @@ class AdapterSet:
         if key is None:
             yield
             return
-        self.in_use[key] += 1  # counted before loading, so no retirement can slip in after it
+        self.table.hold(key)  # counted before loading, so no retirement can slip in after it
         try:
             await self.ensure_loaded(key)
             yield
         finally:
-            self.in_use[key] -= 1
-            if self.in_use[key] <= 0:
-                del self.in_use[key]
+            self.table.release(key)
             await self.retire_stale(key.tenant)
 
     async def ensure_loaded(self, key: AdapterKey) -> None:
@@ -110,10 +113,10 @@ class AdapterSet:
         share one load."""
         while key in self._retiring:  # let a retirement in progress finish, then load again
             await asyncio.shield(self._retiring[key])
-        if key in self.registered:
+        if key in self.table:
             if self.engine.has_adapter(key):
                 return
-            self.registered.discard(key)  # the engine evicted it to make room: load it again
+            self.table.drop(key)  # the engine evicted it to make room: load it again
         task = self._loading.get(key)
         if task is None:
             task = asyncio.create_task(self._register(key), name=f"adapter-load:{key.name}")
@@ -131,7 +134,7 @@ class AdapterSet:
             raise
         except Exception as exc:  # a file, format or capacity problem: the request reports it
             raise AdapterLoadError(key, f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
-        self.registered.add(key)
+        self.table.place(key, self.table.fresh_slot())
         self.log.info("adapter_ready", adapter=key.name, path=str(path),
                       took_s=round(time.monotonic() - started, 4))
 
@@ -151,14 +154,13 @@ class AdapterSet:
     def stale(self, tenant: str) -> list[AdapterKey]:
         """Registered, idle versions of ``tenant`` older than its newest few."""
         cutoff = self.newest.get(tenant, 0) - self.keep_versions
-        return sorted(k for k in self.registered
-                      if k.tenant == tenant and k.version <= cutoff and self.in_use[k] == 0)
+        return sorted(k for k in self.table.idle_keys() if k.tenant == tenant and k.version <= cutoff)
 
     async def retire_stale(self, tenant: str) -> None:
         for key in self.stale(tenant):
-            if key in self._retiring or self.in_use[key] > 0:
-                continue
-            self.registered.discard(key)  # before awaiting: new users reload instead of racing
+            if key in self._retiring or key not in self.table or self.table.holds(key) > 0:
+                continue  # changed while an earlier retirement of this loop was awaited
+            self.table.retire(key)  # idle, so gone at once: new users reload instead of racing
             task = asyncio.create_task(self._retire(key), name=f"adapter-retire:{key.name}")
             self._retiring[key] = task
             task.add_done_callback(lambda _t, k=key: self._retiring.pop(k, None))
@@ -244,7 +246,7 @@ class RolloutService(Service):
                 raise EngineError(f"engine died: {failure}")
             try:
                 await asyncio.wait_for(self.stopping.wait(), ENGINE_WATCH_INTERVAL_S)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass  # not stopping yet: look again
 
     def status(self) -> dict:

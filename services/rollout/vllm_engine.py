@@ -6,11 +6,14 @@ Written against vLLM's documented API (``AsyncLLMEngine`` / v1 ``AsyncLLM``:
 only when the engine starts, so this module imports anywhere.
 
 Adapters: every ``AdapterKey`` gets its own ``LoRARequest`` named ``key.name``
-(``tenant@v7``) with a fresh integer id from a counter that never hands out
-an id twice, loaded at runtime with ``add_lora`` from its PEFT directory and
-removed with ``remove_lora`` once retired and idle. A name is never reloaded
-in place: reloading under one name can serve stale prefix-cache entries
-(vllm#42125), so a new version is always a new name and a new id.
+(``tenant@v7``) with a fresh integer id, loaded at runtime with ``add_lora``
+from its PEFT directory and removed with ``remove_lora`` once retired and
+idle. The ids are the slot numbers of an unbounded ``SlotTable`` (the one
+slot table of both engines: reference counts, retire-when-idle), which never
+hands out a number twice; vLLM's own LRU manager decides which adapters sit
+in its ``max_loras`` GPU slots. A name is never reloaded in place: reloading
+under one name can serve stale prefix-cache entries (vllm#42125), so a new
+version is always a new name and a new id.
 
 Behaviour logprobs: ``SamplingParams.logprobs=0`` asks for the sampled
 token's logprob only (vLLM returns that many top tokens *plus* the sampled
@@ -45,7 +48,6 @@ without vLLM.
 from __future__ import annotations
 
 import asyncio
-import collections
 import dataclasses
 import itertools
 import json
@@ -59,6 +61,8 @@ from pathlib import Path
 import structlog
 import torch
 
+from services.rollout.slots import SlotMissing, SlotTable
+from services.rollout.step_log import TenantStepLog
 from shared.engine import (
     AdapterKey,
     AdapterNotLoaded,
@@ -70,6 +74,7 @@ from shared.engine import (
     LoraSignature,
 )
 from shared.messages import SamplingParams
+from shared.peft_files import CONFIG_FILE
 
 log = structlog.get_logger(__name__)
 
@@ -85,7 +90,6 @@ DERIVE_MAX_MODEL_LEN = 0  # max_model_len 0: the model's own max_position_embedd
 # (cpu_kv_cache_gib or VLLM_CPU_KVCACHE_SPACE). Never a share of system RAM.
 DEFAULT_CPU_KV_CACHE_GIB = 1.0
 GIB_BYTES = 1 << 30
-STEP_TENANTS_KEPT = 1000  # recent decode steps kept for stats (as the torch engine)
 
 
 # ---------------------------------------------------------------- translation
@@ -110,17 +114,6 @@ def vllm_sampling_kwargs(sampling: SamplingParams) -> dict:
     }
 
 
-class LoraIds:
-    """Fresh ``lora_int_id``s: 1, 2, 3... never the same id twice (vLLM ids
-    must be > 0 and globally unique per adapter)."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count(1)
-
-    def next(self) -> int:
-        return next(self._counter)
-
-
 def lora_request_kwargs(key: AdapterKey, lora_id: int, path: str | Path) -> dict:
     """Keyword arguments of ``vllm.lora.request.LoRARequest`` for ``key``."""
     if lora_id < 1:
@@ -137,7 +130,7 @@ def sampled_logprobs(token_ids: list[int], logprobs: Iterable[Mapping] | None) -
     if len(positions) != len(token_ids):
         raise EngineError(f"vLLM returned {len(positions)} logprob positions for {len(token_ids)} tokens")
     values = []
-    for token_id, position in zip(token_ids, positions):
+    for token_id, position in zip(token_ids, positions, strict=True):
         entry = position.get(token_id)
         if entry is None:
             raise EngineError(f"vLLM logprobs lack the sampled token {token_id}")
@@ -201,12 +194,6 @@ def cpu_kv_cache_bytes(gib: float) -> int:
     return int(gib * GIB_BYTES)
 
 
-def tenant_pairs(tenants: Iterable[str]) -> list[str]:
-    """``"a|b"`` (a < b) for every pair of distinct tenants."""
-    named = sorted(set(tenants))
-    return [f"{a}|{b}" for i, a in enumerate(named) for b in named[i + 1:]]
-
-
 class StepTenants:
     """Which tenants ran in each engine step, fed by vLLM's stat logger
     (called on the engine's output thread-or-loop; guarded by a lock)."""
@@ -214,9 +201,7 @@ class StepTenants:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tenant_of: dict[str, str] = {}  # lora name -> tenant
-        self.steps = 0
-        self.recent: collections.deque = collections.deque(maxlen=STEP_TENANTS_KEPT)
-        self.shared: Counter[str] = Counter()
+        self._log = TenantStepLog()
 
     def name_adapter(self, key: AdapterKey) -> None:
         with self._lock:
@@ -228,13 +213,11 @@ class StepTenants:
                                 if rows > 0)
             if not tenants:
                 return  # an idle step, or base-model rows only
-            self.steps += 1
-            self.recent.append(tenants)
-            self.shared.update(tenant_pairs(tenants))
+            self._log.record(tenants)
 
     def snapshot(self) -> tuple[int, list[frozenset], Counter[str]]:
         with self._lock:
-            return self.steps, list(self.recent), Counter(self.shared)
+            return self._log.steps, self._log.recent(), self._log.shared_steps()
 
 
 def step_logger_factory(step_tenants: StepTenants):
@@ -294,12 +277,10 @@ class VLLMEngine(Engine):
         self._tokenizer = None
         self._on_cpu = False
         self._step_tenants = StepTenants()
-        # adapter bookkeeping
-        self._lora_ids = LoraIds()
-        self._requests: dict[AdapterKey, object] = {}  # key -> vllm LoRARequest
+        # adapter bookkeeping: the table's slot numbers are the lora_int_ids
+        self._slots: SlotTable[AdapterKey] = SlotTable(None)
+        self._lora_requests: dict[int, object] = {}  # lora_int_id -> vLLM LoRARequest, live or retiring
         self._registering: dict[AdapterKey, asyncio.Future] = {}
-        self._rows_in_use: Counter[AdapterKey | None] = Counter()
-        self._retire_when_idle: set[AdapterKey] = set()
         self._request_ids = itertools.count()
         self._stats = EngineStats()
 
@@ -360,7 +341,7 @@ class VLLMEngine(Engine):
 
     async def register_adapter(self, key: AdapterKey, path: Path | None = None,
                                tensors: dict[str, torch.Tensor] | None = None) -> None:
-        if key in self._requests:
+        if self._slots.revive(key) or key in self._slots:  # a retiring key: same immutable contents
             return
         if path is None:
             raise EngineError(f"{key.name}: the vLLM engine loads adapters from a PEFT directory only")
@@ -383,34 +364,37 @@ class VLLMEngine(Engine):
     async def _add_lora(self, key: AdapterKey, path: Path) -> None:
         from vllm.lora.request import LoRARequest
 
-        if not (path / "adapter_config.json").is_file():
-            raise EngineError(f"{key.name}: no PEFT adapter at {path} (adapter_config.json missing)")
-        request = LoRARequest(**lora_request_kwargs(key, self._lora_ids.next(), path))
+        if not (path / CONFIG_FILE).is_file():
+            raise EngineError(f"{key.name}: no PEFT adapter at {path} ({CONFIG_FILE} missing)")
+        lora_id = self._slots.fresh_slot()
+        request = LoRARequest(**lora_request_kwargs(key, lora_id, path))
         loaded = await self._engine().add_lora(request)
         if loaded is False:  # v1 returns a bool; older engines return None on success
             raise EngineError(f"{key.name}: vLLM refused the adapter at {path}")
-        self._requests[key] = request
+        self._lora_requests[lora_id] = request
+        self._slots.place(key, lora_id)
         self._step_tenants.name_adapter(key)
         self._stats.adapter_loads += 1
         log.info("vllm_adapter_registered", adapter=key.name, lora_int_id=request.lora_int_id)
 
     async def retire_adapter(self, key: AdapterKey) -> None:
-        if key not in self._requests:
-            return
-        if self._rows_in_use[key] > 0:
-            self._retire_when_idle.add(key)
-            return
-        await self._remove(key)
+        lora_id = self._slots.retire(key)
+        if lora_id is not None:  # idle: remove now (else the last release removes it)
+            await self._remove(key, lora_id)
 
-    async def _remove(self, key: AdapterKey) -> None:
-        self._retire_when_idle.discard(key)
-        request = self._requests.pop(key)
-        await self._engine().remove_lora(request.lora_int_id)
+    async def _remove(self, key: AdapterKey, lora_id: int) -> None:
+        del self._lora_requests[lora_id]
+        await self._engine().remove_lora(lora_id)
         self._stats.adapter_retires += 1
-        log.info("vllm_adapter_retired", adapter=key.name, lora_int_id=request.lora_int_id)
+        log.info("vllm_adapter_retired", adapter=key.name, lora_int_id=lora_id)
 
     def has_adapter(self, key: AdapterKey) -> bool:
-        return key in self._requests
+        return key in self._slots
+
+    def lora_request(self, key: AdapterKey):
+        """The ``LoRARequest`` of a registered key, None if it is not."""
+        lora_id = self._slots.slot_of(key)
+        return None if lora_id is None else self._lora_requests[lora_id]
 
     # -------------------------------------------------------------- generation
 
@@ -418,13 +402,10 @@ class VLLMEngine(Engine):
                        sampling: SamplingParams) -> GenerationResult:
         from vllm import SamplingParams as VllmSamplingParams
 
-        if adapter is not None and adapter not in self._requests:
-            raise AdapterNotLoaded(f"adapter {adapter.name} is not registered")
         if not prompt_token_ids:
             raise EngineError("empty prompt")
         params = VllmSamplingParams(**vllm_sampling_kwargs(sampling), ignore_eos=self.ignore_eos)
-        lora_request = self._requests[adapter] if adapter is not None else None
-        self._acquire(adapter, sampling.n)
+        lora_request = self._acquire(adapter, sampling.n)
         try:
             return await self._run(prompt_token_ids, adapter, lora_request, params, sampling.n)
         finally:
@@ -450,17 +431,25 @@ class VLLMEngine(Engine):
                                 time_to_first_token_s=first_token_at - started,
                                 decode_s=finished - first_token_at)
 
-    def _acquire(self, adapter: AdapterKey | None, rows: int) -> None:
-        self._rows_in_use[adapter] += rows
+    def _acquire(self, adapter: AdapterKey | None, rows: int):
+        """Hold ``adapter`` for a request of ``rows`` rows; its LoRARequest
+        (None for the base model)."""
+        lora_request = None
+        if adapter is not None:
+            try:
+                lora_request = self._lora_requests[self._slots.acquire(adapter)]
+            except SlotMissing:
+                raise AdapterNotLoaded(f"adapter {adapter.name} is not registered") from None
         self._stats.running_rows += rows
+        return lora_request
 
     async def _release(self, adapter: AdapterKey | None, rows: int) -> None:
-        self._rows_in_use[adapter] -= rows
         self._stats.running_rows -= rows
-        if self._rows_in_use[adapter] <= 0:
-            del self._rows_in_use[adapter]
-            if adapter in self._retire_when_idle:
-                await self._remove(adapter)
+        if adapter is None:
+            return
+        lora_id = self._slots.release(adapter)
+        if lora_id is not None:  # the last request of a retired version: remove it now
+            await self._remove(adapter, lora_id)
 
     # -------------------------------------------------------------- introspection
 

@@ -46,6 +46,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.adapters import AdapterStore, check_tenant_name, fsync_dir, fsync_file
+from shared.peft_files import saved_tensor_name
 
 log = structlog.get_logger(__name__)
 
@@ -57,7 +58,6 @@ CHECKPOINT_FORMAT = 2  # 2: the sidecar records the tensors file's sha256 (1: it
 CHECKPOINTS_KEPT = 2  # per tenant: the newest, and one to fall back to if it is torn
 _CHECKPOINT_DIR = re.compile(r"v(\d+)")  # fullmatch
 _HASH_CHUNK_BYTES = 1 << 20
-_ADAPTER_NAME = "default"
 
 
 class CheckpointInvalid(ValueError):
@@ -78,15 +78,9 @@ class TenantState:
     adam_step: int = 0
 
 
-def peft_key(parameter_name: str) -> str:
-    """Model parameter name -> the name PEFT saves it under
-    (``...q_proj.lora_A.default.weight`` -> ``...q_proj.lora_A.weight``)."""
-    return parameter_name.replace(f".{_ADAPTER_NAME}.", ".")
-
-
 def lora_parameters(peft_model) -> dict[str, torch.nn.Parameter]:
     """The trainable LoRA parameters of ``peft_model``, by PEFT name."""
-    params = {peft_key(name): p for name, p in peft_model.named_parameters() if "lora_" in name}
+    params = {saved_tensor_name(name): p for name, p in peft_model.named_parameters() if "lora_" in name}
     if not params:
         raise ValueError("the model has no LoRA parameters")
     return params
@@ -375,5 +369,5 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["TenantBank", "TenantState", "CheckpointInvalid", "lora_parameters", "peft_key", "tenant_seed",
+__all__ = ["TenantBank", "TenantState", "CheckpointInvalid", "lora_parameters", "tenant_seed",
            "ADAM_BETAS", "CHECKPOINT_WEIGHTS_FILE", "CHECKPOINT_STATE_FILE", "CHECKPOINTS_KEPT"]

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.rollout.torch_engine import ModelRunner, TorchEngine
+from services.rollout.torch_engine import TorchEngine
+from services.rollout.torch_runner import ModelRunner
 from shared.engine import AdapterKey, AdapterNotLoaded, EngineError, LoraSignature
 from shared.messages import SamplingParams
 
@@ -157,7 +158,7 @@ async def wait_running(engine: TorchEngine, task: asyncio.Task) -> None:
 
 async def register_all(engine: TorchEngine, adapters: list[Path]) -> list[AdapterKey]:
     keys = [AdapterKey(f"tenant{i}", 1) for i in range(len(adapters))]
-    for key, path in zip(keys, adapters):
+    for key, path in zip(keys, adapters, strict=True):
         await engine.register_adapter(key, path=path)
     return keys
 
@@ -195,8 +196,8 @@ def test_mixed_batch_logits_match_peft_single_adapter(tmp_path, qwen3_setup, fam
     prompts = [prompt_ids(t) for t in ("12+34=", "abc", "hello world", "7*8=", "(x)")]
     with torch.inference_mode():
         logits_B_V = runner.prefill(prompts, slots, copies, reserve_len=40)
-        sequences = [list(p) for p, c in zip(prompts, copies) for _ in range(c)]
-        slots = [s for s, c in zip(slots, copies) for _ in range(c)]
+        sequences = [list(p) for p, c in zip(prompts, copies, strict=True) for _ in range(c)]
+        slots = [s for s, c in zip(slots, copies, strict=True) for _ in range(c)]
         check_rows(logits_B_V, sequences, slots, references)
         for _ in range(3):
             logits_B_V = decode_greedy(runner, logits_B_V, sequences)
@@ -220,13 +221,13 @@ def test_mixed_batch_logits_match_peft_single_adapter(tmp_path, qwen3_setup, fam
 
 def decode_greedy(runner: ModelRunner, logits_B_V: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:
     tokens_B = logits_B_V.argmax(-1)
-    for sequence, token in zip(sequences, tokens_B.tolist()):
+    for sequence, token in zip(sequences, tokens_B.tolist(), strict=True):
         sequence.append(token)
     return runner.decode(tokens_B)
 
 
 def check_rows(logits_B_V, sequences, slots, references) -> None:
-    for row, (sequence, slot) in enumerate(zip(sequences, slots)):
+    for row, (sequence, slot) in enumerate(zip(sequences, slots, strict=True)):
         expected = next_logits(references[slot], sequence)
         torch.testing.assert_close(logits_B_V[row], expected, atol=LOGITS_ATOL, rtol=0)
 
@@ -243,7 +244,7 @@ async def test_mixed_batch_greedy_equals_separate_runs(engine, qwen3_setup):
     mixed = await asyncio.gather(*[engine.generate(p, k, greedy) for p, k in jobs])
     separate = [await engine.generate(p, k, greedy) for p, k in jobs]
 
-    for m, s, (_, key) in zip(mixed, separate, jobs):
+    for m, s, (_, key) in zip(mixed, separate, jobs, strict=True):
         assert m.adapter == key
         assert [x.token_ids for x in m.samples] == [x.token_ids for x in s.samples]
         assert m.samples[0].token_ids == m.samples[1].token_ids  # greedy: n copies agree
@@ -251,7 +252,7 @@ async def test_mixed_batch_greedy_equals_separate_runs(engine, qwen3_setup):
     assert max(len(t) for t in engine.stats().step_tenants) == 5
     # and equals PEFT's own greedy decoding with the one adapter loaded
     eos = {engine.tokenizer().eos_token_id}
-    for result, (prompt, key) in zip(mixed[:2], jobs[:2]):
+    for result, (prompt, key) in zip(mixed[:2], jobs[:2], strict=True):
         reference = peft_reference(model_dir, adapters[keys.index(key)])
         assert result.samples[0].token_ids == greedy_reference(reference, prompt, 10, eos)
 
@@ -265,7 +266,7 @@ async def test_logprobs_are_under_the_temperature_scaled_policy(engine, qwen3_se
     for sample in result.samples:
         assert len(sample.logprobs) == len(sample.token_ids)
         sequence = list(prompt)
-        for token, logprob in zip(sample.token_ids, sample.logprobs):
+        for token, logprob in zip(sample.token_ids, sample.logprobs, strict=True):
             expected = torch.log_softmax(next_logits(reference, sequence) / 0.7, -1)[token]
             assert logprob == pytest.approx(float(expected), abs=LOGITS_ATOL)
             sequence.append(token)

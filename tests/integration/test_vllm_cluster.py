@@ -11,13 +11,12 @@ Skips only where vLLM is not installed or has no CUDA/CPU platform.
 from __future__ import annotations
 
 import pytest
-import redis
 import torch
 
 from services.cli.local import LocalCluster
-from services.scheduler.state import Keys, read_metrics
 from services.trainer import grpo
 from shared.adapters import AdapterStore
+from shared.client import CloraClient
 from shared.config import DEFAULT_MODEL_DIR
 from shared.messages import Completion
 from tests.integration.test_end_to_end import (
@@ -57,7 +56,7 @@ def vllm_cluster(tmp_path):
     cluster.start()
     try:
         cluster.wait_ready(timeout_s=300.0)
-        yield cluster, redis.Redis.from_url(cluster.url), Keys(cluster.stream_prefix)
+        yield cluster, CloraClient.connect(cluster.url, cluster.stream_prefix)
     finally:
         cluster.stop()
 
@@ -87,15 +86,15 @@ def logprob_gaps(model, completions: list[Completion], temperature: float) -> li
 
 
 def test_experiments_learn_with_the_rollout_on_vllm(vllm_cluster):
-    cluster, client, keys = vllm_cluster
+    cluster, client = vllm_cluster
     learning = {"steps": STEPS, "prompts_per_step": 8, "group_size": 8, "learning_rate": 3e-3, "eval_size": 32,
                 "temperature": 1.0}
     specs = [spec("vllm-sort", "sort", **learning), spec("vllm-reverse", "reverse", **learning)]
-    submit(client, keys, specs)
-    records = {r.experiment_id: r for r in wait_finished(cluster, client, keys, [s.experiment_id for s in specs])}
+    submit(client, specs)
+    records = {r.experiment_id: r for r in wait_finished(cluster, client, [s.experiment_id for s in specs])}
 
     for experiment_id, record in records.items():
-        rewards = [m.reward_mean for m in read_metrics(client, keys, experiment_id)]
+        rewards = [m.reward_mean for m in client.metrics(experiment_id)]
         assert len(rewards) == STEPS
         assert record.final_accuracy > record.start_accuracy, (experiment_id, record, rewards)
         assert max(rewards[-3:]) > min(rewards[:3]), (experiment_id, rewards)
@@ -103,7 +102,7 @@ def test_experiments_learn_with_the_rollout_on_vllm(vllm_cluster):
     # Each train completion's logprobs equal the trainer's recomputation under
     # the version it names: the base (v0), an early and the last trained version.
     store = AdapterStore(cluster.data_dir / "adapters")
-    completions = [c for c in read_stream(client, keys, "completions", Completion)
+    completions = [c for c in read_stream(client, "completions", Completion)
                    if c.purpose == "train" and c.error is None]
     for experiment_id in records:
         by_version: dict[int, list[Completion]] = {}
@@ -117,6 +116,6 @@ def test_experiments_learn_with_the_rollout_on_vllm(vllm_cluster):
             assert gaps and max(gaps) < LOGPROB_TOLERANCE, (experiment_id, version, max(gaps))
 
     # Both tenants' rows ran in the same vLLM engine steps.
-    status = rollout_status_after(client, keys, max(r.finished_at for r in records.values()))
+    status = rollout_status_after(client, max(r.finished_at for r in records.values()))
     assert status["shared_steps"].get("vllm-reverse|vllm-sort", 0) > 0, status
     assert status["adapter_loads"] >= 2 * (STEPS - 1)

@@ -119,10 +119,11 @@ async def test_greedy_tokens_equal_peft_for_base_and_two_adapters_in_one_batch(e
     results = await asyncio.gather(*(engine.generate(prompt, key, greedy) for prompt, key in jobs))
 
     models = {None: load_peft(), a: load_peft(adapter_paths["exp-a"]), b: load_peft(adapter_paths["exp-b"])}
-    for (prompt, key), result in zip(jobs, results):
+    for (prompt, key), result in zip(jobs, results, strict=True):
         assert result.adapter == key
         assert result.samples[0].token_ids == peft_greedy(models[key], prompt, 12), (key, prompt)
-    by_key = {key: [r.samples[0].token_ids for (_, k), r in zip(jobs, results) if k == key] for key in models}
+    by_key = {key: [r.samples[0].token_ids for (_, k), r in zip(jobs, results, strict=True) if k == key]
+              for key in models}
     assert by_key[a] != by_key[None] and by_key[b] != by_key[None]  # the adapters do change the model
     assert engine.stats().shared_steps["exp-a|exp-b"] > 0  # one batch, both tenants in its steps
 
@@ -136,11 +137,11 @@ async def test_sampled_logprobs_equal_the_trainers_recomputation(engine, adapter
     sampling = SamplingParams(n=4, temperature=temperature, max_tokens=16, seed=5)
     results = await asyncio.gather(*(engine.generate(prompt, key, sampling) for key in models))
     compared = 0
-    for key, result in zip(models, results):
+    for key, result in zip(models, results, strict=True):
         for sample in result.samples:
             expected = trainer_logprobs(models[key], prompt, sample.token_ids, temperature)
             assert len(sample.logprobs) == len(expected) >= 1
-            assert max(abs(x - y) for x, y in zip(sample.logprobs, expected)) < LOGPROB_TOLERANCE, key
+            assert max(abs(x - y) for x, y in zip(sample.logprobs, expected, strict=True)) < LOGPROB_TOLERANCE, key
             compared += len(expected)
     assert compared >= 8
 
@@ -169,9 +170,9 @@ async def test_versions_get_fresh_names_and_ids_and_retire(engine, adapter_paths
     await asyncio.gather(engine.register_adapter(v1, adapter_paths["exp-a"]),
                          engine.register_adapter(v1, adapter_paths["exp-a"]),  # the same key twice: one load
                          engine.register_adapter(v2, adapter_paths["exp-b"]))
-    first_id = engine._requests[v1].lora_int_id
-    assert engine._requests[v1].lora_name == "exp-d@v1" and engine._requests[v2].lora_name == "exp-d@v2"
-    assert first_id != engine._requests[v2].lora_int_id
+    first_id = engine.lora_request(v1).lora_int_id
+    assert engine.lora_request(v1).lora_name == "exp-d@v1" and engine.lora_request(v2).lora_name == "exp-d@v2"
+    assert first_id != engine.lora_request(v2).lora_int_id
 
     prompt = engine.tokenizer().encode(PROMPTS[0], add_special_tokens=False)
     greedy = SamplingParams(n=1, temperature=0.0, max_tokens=8)
@@ -181,5 +182,5 @@ async def test_versions_get_fresh_names_and_ids_and_retire(engine, adapter_paths
         await engine.generate(prompt, v1, greedy)
     assert (await engine.generate(prompt, v2, greedy)).adapter == v2  # the other version is untouched
     await engine.register_adapter(v1, adapter_paths["exp-a"])
-    assert engine._requests[v1].lora_int_id > first_id  # never an id twice
+    assert engine.lora_request(v1).lora_int_id > first_id  # never an id twice
     assert engine.failure() is None

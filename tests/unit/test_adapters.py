@@ -25,3 +25,51 @@ def test_anything_else_is_refused_before_a_path_is_built(name):
 def test_version_zero_has_no_path():
     with pytest.raises(AdapterStoreError, match="base model"):
         AdapterStore("/nonexistent-root").path("exp", 0)
+
+
+# ---------------------------------------------------------------- PEFT format (shared.peft_files)
+
+
+def test_the_store_writes_the_peft_file_names():
+    from shared import adapters, peft_files
+
+    assert (adapters.CONFIG_FILE, adapters.WEIGHTS_FILE) == ("adapter_config.json", "adapter_model.safetensors")
+    assert adapters.CONFIG_FILE is peft_files.CONFIG_FILE and adapters.WEIGHTS_FILE is peft_files.WEIGHTS_FILE
+
+
+def test_lora_tensor_names_parse_to_layer_module_and_half():
+    from shared.peft_files import parse_lora_key, saved_tensor_name
+
+    saved = "base_model.model.model.layers.3.mlp.gate_proj.lora_B.weight"
+    assert parse_lora_key(saved) == (3, "gate_proj", "B")
+    assert parse_lora_key(saved.replace("lora_B", "lora_B.default")) == (3, "gate_proj", "B")
+    assert parse_lora_key("base_model.model.lm_head.weight") is None
+    parameter = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"
+    assert saved_tensor_name(parameter) == "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+
+
+def test_config_we_write_gives_the_signatures_scaling():
+    from shared.engine import LoraSignature
+    from shared.peft_files import lora_scaling, peft_config_dict
+
+    signature = LoraSignature(rank=8, alpha=16.0)
+    assert lora_scaling(peft_config_dict(signature, "base"), signature, "v1") == (2.0, 8)
+    rslora = {**peft_config_dict(signature, "base"), "use_rslora": True}
+    assert lora_scaling(rslora, signature, "v1")[0] == pytest.approx(16.0 / 8 ** 0.5)
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"r": 0}, "integer r >= 1"),
+    ({"lora_alpha": "16"}, "numeric lora_alpha"),
+    ({"use_dora": True}, "use_dora"),
+    ({"bias": "all"}, "bias"),
+    ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+    ({"target_modules": ["q_proj", "lm_head"]}, "lm_head"),
+])
+def test_configs_a_deployment_cannot_serve_are_refused_with_the_reason(change, reason):
+    from shared.engine import LoraSignature
+    from shared.peft_files import PeftFormatError, lora_scaling, peft_config_dict
+
+    signature = LoraSignature(rank=8, alpha=16.0)
+    with pytest.raises(PeftFormatError, match=reason):
+        lora_scaling({**peft_config_dict(signature, "base"), **change}, signature, "v1")

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 
 import pytest
 
+from services.rollout.slots import SlotTable
+from services.rollout.step_log import tenant_pairs
 from services.rollout.vllm_engine import (
     GIB_BYTES,
     VLLM_TOP_K_DISABLED,
-    LoraIds,
     StepTenants,
     VLLMEngine,
     collect_samples,
@@ -21,7 +22,6 @@ from services.rollout.vllm_engine import (
     resolve_dtype,
     resolve_max_model_len,
     sampled_logprobs,
-    tenant_pairs,
     to_generated_sample,
     vllm_sampling_kwargs,
 )
@@ -61,17 +61,10 @@ def test_invalid_sampling_is_refused(bad):
         vllm_sampling_kwargs(bad)
 
 
-def test_lora_ids_are_fresh_and_positive():
-    ids = LoraIds()
-    drawn = [ids.next() for _ in range(50)]
-    assert drawn[0] >= 1
-    assert len(set(drawn)) == len(drawn)
-
-
 def test_each_version_gets_its_own_name_and_id():
-    ids = LoraIds()
-    v1 = lora_request_kwargs(AdapterKey("exp-a", 1), ids.next(), "/adapters/exp-a/v1")
-    v2 = lora_request_kwargs(AdapterKey("exp-a", 2), ids.next(), "/adapters/exp-a/v2")
+    ids = SlotTable(None)  # the vLLM engine's ids: an unbounded slot table's fresh numbers
+    v1 = lora_request_kwargs(AdapterKey("exp-a", 1), ids.fresh_slot(), "/adapters/exp-a/v1")
+    v2 = lora_request_kwargs(AdapterKey("exp-a", 2), ids.fresh_slot(), "/adapters/exp-a/v2")
     assert v1["lora_name"] == "exp-a@v1" and v2["lora_name"] == "exp-a@v2"
     assert v1["lora_int_id"] != v2["lora_int_id"]
     assert v2["lora_path"] == "/adapters/exp-a/v2"
@@ -111,7 +104,7 @@ def test_output_translation():
     sample = to_generated_sample(_output(0, [5, 6, 2], "length"))
     assert sample.token_ids == [5, 6, 2]
     assert sample.finish_reason == "length"
-    assert all(math.isclose(a, b) for a, b in zip(sample.logprobs, [-0.1, -0.2, -0.3]))
+    assert all(math.isclose(a, b) for a, b in zip(sample.logprobs, [-0.1, -0.2, -0.3], strict=True))
 
 
 def test_aborted_output_is_an_error():
@@ -199,6 +192,7 @@ def test_engine_on_cpu_sizes_the_kv_cache_keeps_float32_and_fits_the_model():
 def test_tenant_pairs_are_sorted_and_distinct():
     assert tenant_pairs(["b", "a", "c", "a"]) == ["a|b", "a|c", "b|c"]
     assert tenant_pairs(["a"]) == []
+    assert tenant_pairs(["a", None, "b"]) == ["a|b"]  # the base model pairs with no one
 
 
 def test_step_tenants_count_steps_by_tenant_not_version():
@@ -212,3 +206,17 @@ def test_step_tenants_count_steps_by_tenant_not_version():
     assert count == 2
     assert recent == [frozenset({"exp-a", "exp-b"}), frozenset({"exp-a"})]
     assert shared == {"exp-a|exp-b": 1}
+
+
+def test_step_log_counts_pairs_per_step_across_reads():
+    from services.rollout.step_log import TenantStepLog
+
+    log = TenantStepLog(kept=2)
+    both, alone = frozenset({"a", "b", None}), frozenset({"a"})
+    log.record(both)
+    log.record(alone)
+    assert log.shared_steps() == {"a|b": 1}
+    log.record(both)
+    log.record(both)
+    assert log.shared_steps() == {"a|b": 3}  # counts since start, whatever was read in between
+    assert log.steps == 4 and log.recent() == [both, both]
