@@ -139,11 +139,11 @@ def parse_allowlist(text: str) -> list[str]:
 
 def refusal_reason(url: str, allowlist: Sequence[str]) -> str | None:
     """None when ``url`` may be called, else why not."""
-    target = urlsplit(url)
     try:
+        target = urlsplit(url)  # raises ValueError for an unbalanced IPv6 bracket
         target.port  # noqa: B018 (raises ValueError for a malformed port)
-    except ValueError:
-        return f"reward url {url!r} is not a valid URL (bad port)"
+    except ValueError as exc:
+        return f"reward url {url!r} is not a valid URL ({exc})"
     if target.scheme not in DEFAULT_PORTS or not target.hostname:
         return f"reward url {url!r} is not an http(s) URL"
     if target.username or target.password:

@@ -18,7 +18,7 @@ import structlog
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 FORMATS = ("auto", "json", "console")
 # Libraries that are chatty at INFO and say nothing a C-LoRA operator needs.
-QUIET_LIBRARIES = ("httpx", "httpcore", "urllib3", "filelock", "asyncio")
+QUIET_LIBRARIES = ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock", "asyncio")
 
 
 def configure_logging(level: str = "info", fmt: str = "auto") -> None:

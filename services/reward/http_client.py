@@ -19,39 +19,51 @@ Reply ``200`` with a JSON object::
 optional), ``correct`` (bool, optional: the service's verdict, used for
 accuracy). Anything else is a garbage reply.
 
-Each call has a timeout (``RewardSpec.timeout_s``). Failures are classified:
-a refused connection, a timeout, ``5xx``, ``408`` and ``429`` are retried with
+Each attempt has a timeout (``RewardSpec.timeout_s``) covering connect, send
+and the whole reply. Failures are classified: a refused connection, a broken
+connection, a timeout, ``5xx``, ``408`` and ``429`` are retried with
 exponential backoff up to ``RewardSpec.max_attempts`` attempts; other ``4xx``
-and garbage replies fail at once. Redirects are not followed (they could leave
-the allowlist). Only URLs on the reward service's allowlist are called: same
-scheme, host and port as an allowlisted prefix, and a path under its path.
+(``3xx`` included: redirects are not followed, they could leave the allowlist)
+and garbage replies fail at once. Only URLs on the reward service's allowlist
+are called: same scheme, host and port as an allowlisted prefix, and a path
+under its path. A reply is read up to ``MAX_REPLY_BYTES`` (undecoded: no
+compressed reply can grow past the cap).
 
-The client speaks HTTP/1.1 over asyncio streams (``Connection: close``), so a
-slow service costs an open socket, never a thread, and cancelling a call
-really stops it.
+The transport is httpx2 (the maintained httpx line, already installed with
+``huggingface_hub``): one ``AsyncClient`` per reward service, whose pool holds
+at most ``max_connections`` connections (the service passes its scoring slots,
+so a call holding a slot never waits for the pool) and keeps idle ones alive.
+A kept-alive connection the server closed while it sat in the pool fails the
+request before any reply; that one is sent again at once on a new connection,
+within the same attempt. Environment proxies are ignored (``trust_env`` off):
+the allowlist names the host that is called. Calls are coroutines, so a slow
+service costs an open socket, never a thread, and cancelling a call stops it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import urlsplit
 
+import httpx2 as httpx
 import structlog
 
 from services.reward.scoring import RewardError, check_reward_value
-from shared.deployment import port_of, refusal_reason
+from shared.deployment import refusal_reason
 from shared.messages import Completion, RewardSpec
 
 log = structlog.get_logger(__name__)
 
 MAX_REPLY_BYTES = 1 << 20
-MAX_HEADER_LINES = 100
 MAX_BACKOFF_S = 30.0
 RETRYABLE_STATUSES = frozenset({408, 429})
+DEFAULT_MAX_CONNECTIONS = 64
+KEEPALIVE_EXPIRY_S = 5.0  # an idle pooled connection is closed after this
+# identity: the cap counts the bytes that arrive, and nothing is decompressed
+REQUEST_HEADERS = {"Content-Type": "application/json", "Accept": "application/json", "Accept-Encoding": "identity"}
 
 
 @dataclass
@@ -59,7 +71,6 @@ class HttpReward:
     reward: float
     metrics: dict[str, float] = field(default_factory=dict)
     correct: bool | None = None
-
 
 
 # ---------------------------------------------------------------- protocol
@@ -118,101 +129,68 @@ def _snippet(body: bytes, limit: int = 120) -> str:
 # ---------------------------------------------------------------- transport
 
 
-async def post_json(url: str, payload: dict) -> tuple[int, bytes]:
-    """POST ``payload`` as JSON; return (status, body). Connection problems
-    raise a retryable ``RewardError``. No timeout here: the caller wraps it."""
-    parts = urlsplit(url)
-    data = json.dumps(payload).encode("utf-8")
+class _StaleConnection(Exception):
+    """The server closed the connection before replying (see the module doc)."""
+
+
+async def _post_once(http: httpx.AsyncClient, url: str, data: bytes) -> tuple[int, bytes]:
+    """POST ``data``; (status, body) with the body read up to ``MAX_REPLY_BYTES``."""
     try:
-        reader, writer = await asyncio.open_connection(
-            parts.hostname, port_of(parts), ssl=ssl.create_default_context() if parts.scheme == "https" else None,
-        )
-    except OSError as exc:
-        raise RewardError(f"cannot connect to {parts.netloc}: {exc.strerror or exc}", retryable=True) from None
-    try:
-        writer.write(_request_head(parts, len(data)) + data)
-        await writer.drain()
-        return await _read_response(reader)
-    except (OSError, asyncio.IncompleteReadError) as exc:
-        raise RewardError(f"connection to {parts.netloc} broke: {exc}", retryable=True) from None
-    finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError as exc:  # the peer already went away; nothing left to release
-            log.debug("reward_http_close_failed", error=str(exc))
+        async with http.stream("POST", url, content=data, headers=REQUEST_HEADERS) as response:
+            return response.status_code, await _read_capped(response)
+    except httpx.RemoteProtocolError as exc:
+        raise _StaleConnection(str(exc)) from None
 
 
-def _request_head(parts: SplitResult, content_length: int) -> bytes:
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return (
-        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-        f"Accept: application/json\r\nContent-Length: {content_length}\r\nConnection: close\r\n\r\n"
-    ).encode("latin-1")
-
-
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    status_line = await reader.readline()
-    fields = status_line.decode("latin-1").split(maxsplit=2)
-    if len(fields) < 2 or not fields[0].startswith("HTTP/") or not fields[1].isdigit():
-        raise RewardError(f"not an HTTP reply: {_snippet(status_line)}")
-    headers = await _read_headers(reader)
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return int(fields[1]), await _read_chunked(reader)
-    if "content-length" in headers:
-        length = _header_int(headers["content-length"])
-        if length > MAX_REPLY_BYTES:
-            raise RewardError(f"reply of {length} bytes is larger than {MAX_REPLY_BYTES}")
-        return int(fields[1]), await reader.readexactly(length)
-    body = await reader.read(MAX_REPLY_BYTES + 1)
-    if len(body) > MAX_REPLY_BYTES:
-        raise RewardError(f"reply is larger than {MAX_REPLY_BYTES} bytes")
-    return int(fields[1]), body
-
-
-async def _read_headers(reader: asyncio.StreamReader) -> dict[str, str]:
-    headers: dict[str, str] = {}
-    for _ in range(MAX_HEADER_LINES):
-        line = (await reader.readline()).decode("latin-1").rstrip("\r\n")
-        if not line:
-            return headers
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    raise RewardError(f"reply has more than {MAX_HEADER_LINES} header lines")
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_capped(response: httpx.Response) -> bytes:
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_REPLY_BYTES:
+        raise RewardError(f"reply of {declared} bytes is larger than {MAX_REPLY_BYTES}")
     body = bytearray()
-    while True:
-        size = _header_int((await reader.readline()).split(b";")[0].strip() or b"x", base=16)
-        if size == 0:
-            return bytes(body)
-        if len(body) + size > MAX_REPLY_BYTES:
+    async for chunk in response.aiter_raw():  # undecoded: a gzip bomb stays its own size
+        body += chunk
+        if len(body) > MAX_REPLY_BYTES:
             raise RewardError(f"reply is larger than {MAX_REPLY_BYTES} bytes")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)  # the CRLF after each chunk
+    return bytes(body)
 
 
-def _header_int(raw: str | bytes, base: int = 10) -> int:
+async def post_json(http: httpx.AsyncClient, url: str, payload: dict) -> tuple[int, bytes]:
+    """POST ``payload`` as JSON; return (status, body). Transport problems
+    raise a retryable ``RewardError``. No timeout here: the caller wraps it."""
+    data = json.dumps(payload).encode("utf-8")
+    netloc = urlsplit(url).netloc
     try:
-        value = int(raw, base)
-    except ValueError:
-        raise RewardError(f"malformed HTTP length {raw!r}") from None
-    if value < 0:
-        raise RewardError(f"malformed HTTP length {raw!r}")
-    return value
+        try:
+            return await _post_once(http, url, data)
+        except _StaleConnection as exc:
+            log.debug("reward_http_stale_connection", url=url, error=str(exc))
+            return await _post_once(http, url, data)
+    except httpx.ConnectError as exc:
+        raise RewardError(f"cannot connect to {netloc}: {exc}", retryable=True) from None
+    except (httpx.TransportError, _StaleConnection) as exc:
+        raise RewardError(f"connection to {netloc} broke: {exc or type(exc).__name__}", retryable=True) from None
 
 
 # ---------------------------------------------------------------- client
 
 
 class HttpRewardClient:
-    """Calls allowlisted reward URLs with per-call timeouts and retries."""
+    """Calls allowlisted reward URLs with per-attempt timeouts and retries,
+    over a pool of at most ``max_connections`` connections."""
 
-    def __init__(self, allowlist: Sequence[str], backoff_s: float = 0.5) -> None:
+    def __init__(self, allowlist: Sequence[str], backoff_s: float = 0.5,
+                 max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.allowlist = list(allowlist)
         self.backoff_s = backoff_s
+        self.max_connections = max_connections
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections,
+                              keepalive_expiry=KEEPALIVE_EXPIRY_S)
+        # timeout=None: each attempt's timeout covers the whole call (see _attempt)
+        self._http = httpx.AsyncClient(limits=limits, timeout=None, follow_redirects=False, trust_env=False)
+
+    async def aclose(self) -> None:
+        """Close the pooled connections."""
+        await self._http.aclose()
 
     async def score(self, spec: RewardSpec, body: dict) -> HttpReward:
         """One sample's reward; raises ``RewardError`` with the final reason."""
@@ -233,7 +211,9 @@ class HttpRewardClient:
 
     async def _attempt(self, url: str, body: dict, timeout_s: float) -> HttpReward:
         try:
-            status, reply = await asyncio.wait_for(post_json(url, body), timeout_s)
+            async with asyncio.timeout(timeout_s):
+                status, reply = await post_json(self._http, url, body)
         except TimeoutError:
             raise RewardError(f"no reply within {timeout_s:g}s (timeout)", retryable=True) from None
         return parse_reply(status, reply)
+

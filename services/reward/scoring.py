@@ -3,8 +3,10 @@
 Each scorer turns one sample's text (plus the prompt's reference answer) into
 a ``SampleScore``: a reward in [0, 1] and, where the scorer is a verifier, a
 ``correct`` verdict. ``invert`` (``RewardSpec.invert``) rewards the opposite:
-it maps the reward r to 1 - r but leaves ``correct`` alone, so accuracy still
-measures the task while the policy is pushed away from it.
+it maps the reward r to 1 - r but leaves ``correct`` alone: ``correct`` is
+always the verifier's verdict on the task. The scheduler flips it for an
+inverted reward when it counts the experiment's successes
+(``services.scheduler.outgoing.sample_successes``).
 
 A scorer that cannot score (unknown family, missing answer, bad pattern)
 raises ``RewardError`` with a reason a user can act on.

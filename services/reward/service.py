@@ -34,6 +34,7 @@ import asyncio
 from typing import Any
 
 from services.reward.http_client import HttpReward, HttpRewardClient, request_body
+from services.reward.limits import ScoringSlots, bounded_spec
 from services.reward.scoring import (
     BUILTIN_TYPES,
     RewardError,
@@ -41,7 +42,6 @@ from services.reward.scoring import (
     apply_invert,
     score_builtin,
 )
-from services.reward.limits import ScoringSlots, bounded_spec
 from services.reward.worker import WorkerReplies, combine_scores, failed_result
 from shared.bus import RETRYABLE_REDIS_ERRORS
 from shared.config import RewardConfig
@@ -56,20 +56,27 @@ ALLOWLIST_REFRESH_S = 2.0  # how soon `clora allowlist add|remove` takes effect
 
 class RewardService(Service):
     name = "reward"
+    config: RewardConfig
 
     def __init__(self, config: RewardConfig) -> None:
         super().__init__(config)
         self.configured_allowlist = parse_allowlist(config.http_allowlist)
-        self.http = HttpRewardClient(self.configured_allowlist, backoff_s=config.retry_backoff_s)
         self.slots = ScoringSlots(max(1, config.max_inflight), max(1, config.max_inflight_per_experiment))
+        # as many pooled connections as scoring slots: a call holding a slot never waits for the pool
+        self.http = HttpRewardClient(self.configured_allowlist, backoff_s=config.retry_backoff_s,
+                                     max_connections=self.slots.total)
         self.worker_replies: WorkerReplies | None = None  # set in setup (needs the bus)
 
     async def setup(self) -> None:
         await super().setup()
-        self.worker_replies = WorkerReplies(self.bus, self.redis, consumer_name=self.consumer_name,
+        self.worker_replies = WorkerReplies(self.bus, consumer_name=self.consumer_name,
                                             max_entry_bytes=self.config.max_entry_bytes)
         await self.worker_replies.start()
         await self._refresh_allowlist()
+
+    async def close(self) -> None:
+        await self.http.aclose()
+        await super().close()
 
     def consumers(self):
         read_ahead = self.slots.total * READ_AHEAD_PER_SLOT
@@ -148,7 +155,8 @@ class RewardService(Service):
             return failed_result(completion, f"{len(errors)} of {len(outcomes)} samples unscored: "
                                              f"{errors[0].reason}")
         return combine_scores(completion, [
-            SampleScore(reward=o.reward, correct=o.correct, metrics=o.metrics) for o in outcomes
+            SampleScore(reward=o.reward, correct=o.correct, metrics=o.metrics)
+            for o in outcomes if isinstance(o, HttpReward)  # all of them: no errors
         ])
 
     async def _score_http_sample(self, completion: Completion, spec: RewardSpec,
@@ -187,7 +195,7 @@ class RewardService(Service):
 
 def _inverted(scored: ScoredCompletion) -> ScoredCompletion:
     scores = [apply_invert(SampleScore(reward=r, correct=c), True)
-              for r, c in zip(scored.rewards, scored.correct or [None] * len(scored.rewards))]
+              for r, c in zip(scored.rewards, scored.correct or [None] * len(scored.rewards), strict=False)]
     return ScoredCompletion(completion=scored.completion, rewards=[s.reward for s in scores],
                             correct=[s.correct for s in scores], reward_metrics=scored.reward_metrics,
                             reward_error=None)

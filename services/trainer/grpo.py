@@ -16,8 +16,12 @@ One train step of one tenant:
    disabled, see ``reference_logprobs``), averaged over completion tokens.
 
 On-policy the ratio is 1 in value, but its gradient is the policy gradient
-``A * grad log p``. Shapes are in the names: B packed rows, L positions,
-K completion tokens, V vocabulary, N samples of a group.
+``A * grad log p``.
+
+Shape suffixes (STYLE: names say what and what shape): a tensor named
+``x_B_L`` has shape (B, L). B: packed rows (one per prompt group), L: positions
+in a row, K: completion tokens (flat, over all rows), V: vocabulary, N: samples
+of one group.
 """
 
 from __future__ import annotations

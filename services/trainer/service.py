@@ -21,8 +21,8 @@ moves messages. For a job updating version v of tenant T to v+1:
   experiment as ``failed`` when its train job is dead-lettered.
 - v is ahead of the tenant's state (an earlier job is still being retried):
   an event and a retryable error, so the bus redelivers it after the earlier
-  one succeeds rather than losing a step. (The brief allowed dead-lettering;
-  retrying keeps the experiment's versions complete.)
+  one succeeds rather than losing a step (dead-lettering it would leave a
+  gap in the experiment's versions).
 - otherwise: groups sampled by a version older than
   ``v - hyper.max_off_policy_steps`` and groups that failed generation or
   scoring are dropped, groups with identical rewards are skipped (all
@@ -46,6 +46,9 @@ applying the step twice.
 Each trainer also reads ``events`` in a private group: when the scheduler
 says an experiment ended (finished, cancelled, failed), the tenant's adapter
 and Adam state leave memory. Its versions and checkpoints stay on disk.
+
+Shape suffixes as in ``services.trainer.grpo``: ``_K`` one value per
+completion token of the batch, ``_N`` one per sample of a group.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ from services.trainer import grpo
 from services.trainer.tenants import TenantBank
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
-from shared.config import TrainBudget, TrainerConfig
+from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerConfig
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
 from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
@@ -73,7 +76,6 @@ from shared.runtime import Service
 CONSUMER_GROUP = "trainer"
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
 PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
-DEFAULT_RETAIN_VERSIONS = 4
 
 log = structlog.get_logger(__name__)
 
@@ -127,7 +129,7 @@ class TrainerCore:
 
     def __init__(self, model, store: AdapterStore, checkpoint_root: Path, signature: LoraSignature,
                  base_model: str, micro_batch_tokens: int = MICRO_BATCH_TOKENS, budget: TrainBudget | None = None,
-                 retain_versions: int = DEFAULT_RETAIN_VERSIONS) -> None:
+                 retain_versions: int = DEFAULT_ADAPTER_RETAIN_VERSIONS) -> None:
         self.model = model
         self.store = store
         self.signature = signature
@@ -358,7 +360,7 @@ def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
         if advantages_N is None:
             skipped += 1
             continue
-        for sample, advantage in zip(completion.samples, advantages_N.tolist()):
+        for sample, advantage in zip(completion.samples, advantages_N.tolist(), strict=True):
             if sample.token_ids:  # one packed row per group (see ``job_problem``'s row budget)
                 examples.append(grpo.SequenceExample(
                     completion.prompt_token_ids, sample.token_ids, sample.logprobs, advantage, group=group_index))
@@ -370,6 +372,7 @@ def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
 
 class TrainerService(Service):
     name = "trainer"
+    config: TrainerConfig
 
     def __init__(self, config: TrainerConfig) -> None:
         super().__init__(config)

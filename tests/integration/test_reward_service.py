@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import threading
 
@@ -13,6 +14,8 @@ import msgspec
 import pytest
 
 from services.reward import example_http
+from services.reward.http_client import MAX_REPLY_BYTES, HttpRewardClient, request_body
+from services.reward.scoring import RewardError
 from services.reward.service import RewardService
 from services.reward.worker import reward_worker
 from shared.bus import StreamBus
@@ -372,3 +375,104 @@ async def test_malformed_worker_replies_are_dead_lettered_and_replies_keep_flowi
     assert sum("no 'msg' field" in r for r in reasons) == 2
     assert sum("cannot decode" in r for r in reasons) == 6
     assert all(d.payload for d in dead if "no 'msg'" not in d.reason)  # the bytes are kept for inspection
+
+
+# ---------------------------------------------------------------- the HTTP client's guarantees
+
+
+@dataclasses.dataclass
+class KeepAliveServer:
+    """Answers every request on a connection (HTTP/1.1 keep-alive) with ``reply``;
+    counts the connections it accepted and the most open at once."""
+
+    reply: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 15\r\n\r\n{\"reward\": 0.5}"
+    accepted: int = 0
+    open_now: int = 0
+    most_open: int = 0
+    requests: int = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        self.open_now += 1
+        self.most_open = max(self.most_open, self.open_now)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length:"))
+                await reader.readexactly(length)
+                self.requests += 1
+                await asyncio.sleep(0.01)  # let the other calls pile up on the pool
+                writer.write(self.reply)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client closed the connection
+        finally:
+            self.open_now -= 1
+            writer.close()
+
+
+def sample_body() -> dict:
+    return request_body(completion("client", RewardSpec(type="http"), ["42"]), 0)
+
+
+async def test_the_http_client_pools_at_most_max_connections():
+    server = KeepAliveServer()
+    async with raw_server(server) as url:
+        client = HttpRewardClient([url], max_connections=2)
+        try:
+            spec = RewardSpec(type="http", url=url, timeout_s=30, max_attempts=1)
+            first = await asyncio.gather(*(client.score(spec, sample_body()) for _ in range(10)))
+            second = await asyncio.gather(*(client.score(spec, sample_body()) for _ in range(10)))
+        finally:
+            await client.aclose()
+    assert [r.reward for r in first + second] == [0.5] * 20
+    assert server.requests == 20
+    assert server.most_open <= 2 and server.accepted <= 2  # bounded, and kept alive across calls
+
+
+async def test_the_http_client_does_not_follow_redirects():
+    elsewhere = KeepAliveServer()
+    async with raw_server(elsewhere) as elsewhere_url:
+        redirect = KeepAliveServer(reply=(b"HTTP/1.1 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n"
+                                          % elsewhere_url.encode()))
+        async with raw_server(redirect) as url:
+            client = HttpRewardClient([url, elsewhere_url])  # even an allowlisted target is not followed
+            try:
+                with pytest.raises(RewardError) as refused:
+                    await client.score(RewardSpec(type="http", url=url, max_attempts=3), sample_body())
+            finally:
+                await client.aclose()
+    assert "HTTP 302" in refused.value.reason and "attempt 1 of 3" in refused.value.reason
+    assert redirect.requests == 1 and elsewhere.requests == 0
+
+
+@pytest.mark.parametrize("reply", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n{}" % (MAX_REPLY_BYTES + 1),  # declared too large
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"  # chunked, past the cap without a length
+    + b"%x\r\n%s\r\n" % (MAX_REPLY_BYTES, b" " * MAX_REPLY_BYTES) + b"2\r\n  \r\n0\r\n\r\n",
+])
+async def test_the_http_client_caps_the_reply_size(reply):
+    server = KeepAliveServer(reply=reply)
+    async with raw_server(server) as url:
+        client = HttpRewardClient([url])
+        try:
+            with pytest.raises(RewardError) as too_large:
+                await client.score(RewardSpec(type="http", url=url, max_attempts=2), sample_body())
+        finally:
+            await client.aclose()
+    assert "larger than" in too_large.value.reason and "attempt 1 of 2" in too_large.value.reason
+
+
+async def test_the_http_client_decodes_chunked_replies():
+    chunks = [b'{"reward": ', b'0.75, "correct": ', b"true}"]
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    reply += b"".join(b"%x\r\n%s\r\n" % (len(chunk), chunk) for chunk in chunks) + b"0\r\n\r\n"
+    async with raw_server(KeepAliveServer(reply=reply)) as url:
+        client = HttpRewardClient([url])
+        try:
+            scored = await client.score(RewardSpec(type="http", url=url), sample_body())
+        finally:
+            await client.aclose()
+    assert (scored.reward, scored.correct) == (0.75, True)
+

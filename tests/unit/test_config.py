@@ -7,7 +7,21 @@ import dataclasses
 import pytest
 
 from shared.config import (
-    ALL_CONFIGS, BaseConfig, ConfigError, RewardConfig, TrainerConfig, config_env_names, env_name, load_config,
+    ALL_CONFIGS,
+    DEFAULT_DATA_DIR,
+    DEFAULT_STREAM_PREFIX,
+    BaseConfig,
+    ConfigError,
+    ExampleRewardConfig,
+    RewardConfig,
+    RolloutConfig,
+    SchedulerConfig,
+    TrainerConfig,
+    check_lora_agreement,
+    config_env_names,
+    env_name,
+    load_config,
+    lora_disagreements,
 )
 
 
@@ -94,3 +108,90 @@ def test_env_names():
         names = config_env_names(cls)
         assert "REDIS_URL" in names and "CLORA_HEARTBEAT_TTL_S" in names
         assert len(names) == len(dataclasses.fields(cls))
+
+
+def test_the_defaults_are_the_module_constants():
+    for cls in ALL_CONFIGS:
+        config = load_config(cls, [], {})
+        assert (config.stream_prefix, config.data_dir) == (DEFAULT_STREAM_PREFIX, DEFAULT_DATA_DIR)
+
+
+# ---------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize("cls", [*ALL_CONFIGS, ExampleRewardConfig])
+def test_the_defaults_are_valid(cls):
+    load_config(cls, [], {}).validate()
+
+
+@pytest.mark.parametrize("cls, env, variable, expected", [
+    (BaseConfig, {"CLORA_MAX_DELIVERIES": "0"}, "CLORA_MAX_DELIVERIES", "positive"),
+    (BaseConfig, {"CLORA_HEARTBEAT_TTL_S": "nan"}, "CLORA_HEARTBEAT_TTL_S", "positive"),
+    (BaseConfig, {"CLORA_STREAM_PREFIX": ""}, "CLORA_STREAM_PREFIX", "non-empty"),
+    (BaseConfig, {"CLORA_LOG_LEVEL": "loud"}, "CLORA_LOG_LEVEL", "debug, info"),
+    (BaseConfig, {"CLORA_LOG_FORMAT": "xml"}, "CLORA_LOG_FORMAT", "auto, json, console"),
+    (SchedulerConfig, {"CLORA_MAX_CONCURRENT": "-1"}, "CLORA_MAX_CONCURRENT", "positive"),
+    (SchedulerConfig, {"CLORA_MAX_REWARD_BUDGET_S": "0"}, "CLORA_MAX_REWARD_BUDGET_S", "positive"),
+    (SchedulerConfig, {"CLORA_MAX_TRAIN_TOKENS": "0"}, "CLORA_MAX_TRAIN_TOKENS", "positive"),
+    (RolloutConfig, {"CLORA_ENGINE": "tensorrt"}, "CLORA_ENGINE", "torch, vllm"),
+    (RolloutConfig, {"CLORA_DTYPE": "fp8"}, "CLORA_DTYPE", "float32"),
+    (RolloutConfig, {"CLORA_DEVICE": "gpu"}, "CLORA_DEVICE", "cuda:N"),
+    (RolloutConfig, {"CLORA_GPU_MEMORY_UTILIZATION": "1.5"}, "CLORA_GPU_MEMORY_UTILIZATION", "(0, 1]"),
+    (RolloutConfig, {"CLORA_MAX_MODEL_LEN": "-1"}, "CLORA_MAX_MODEL_LEN", "zero or more"),
+    (RolloutConfig, {"CLORA_LORA_RANK": "0"}, "CLORA_LORA_RANK", "positive"),
+    (RolloutConfig, {"CLORA_LORA_TARGETS": " , "}, "CLORA_LORA_TARGETS", "module name"),
+    (RewardConfig, {"CLORA_MAX_INFLIGHT_PER_EXPERIMENT": "0"}, "CLORA_MAX_INFLIGHT_PER_EXPERIMENT", "positive"),
+    (RewardConfig, {"CLORA_RETRY_BACKOFF_S": "-0.5"}, "CLORA_RETRY_BACKOFF_S", "zero or more"),
+    (TrainerConfig, {"CLORA_SHARD": "2", "CLORA_NUM_SHARDS": "2"}, "CLORA_SHARD", "0..num_shards-1"),
+    (TrainerConfig, {"CLORA_ADAPTER_RETAIN_VERSIONS": "0"}, "CLORA_ADAPTER_RETAIN_VERSIONS", "positive"),
+    (TrainerConfig, {"CLORA_DTYPE": "half"}, "CLORA_DTYPE", "bfloat16"),
+    (ExampleRewardConfig, {"CLORA_PORT": "70000"}, "CLORA_PORT", "TCP port"),
+])
+def test_out_of_range_values_are_refused_naming_the_variable_and_the_range(cls, env, variable, expected):
+    with pytest.raises(ConfigError) as refused:
+        load_config(cls, [], env)
+    message = str(refused.value)
+    assert variable in message and expected in message
+    flag = "--" + variable.removeprefix("CLORA_").lower().replace("_", "-")
+    assert flag in message
+
+
+@pytest.mark.parametrize("cls, env", [
+    (RolloutConfig, {"CLORA_DEVICE": "cuda:1", "CLORA_DTYPE": "float16", "CLORA_ENGINE": "vllm",
+                     "CLORA_MAX_MODEL_LEN": "0", "CLORA_TORCH_THREADS": "0"}),
+    (TrainerConfig, {"CLORA_SHARD": "3", "CLORA_NUM_SHARDS": "4", "CLORA_LOG_LEVEL": "DEBUG"}),
+    (RewardConfig, {"CLORA_RETRY_BACKOFF_S": "0"}),
+])
+def test_edge_values_in_range_are_accepted(cls, env):
+    load_config(cls, [], env)
+
+
+def test_a_flag_value_is_validated_too():
+    with pytest.raises(ConfigError, match="--max-rows"):
+        load_config(RolloutConfig, ["--max-rows", "0"], {})
+
+
+# ---------------------------------------------------------------- agreement between services
+
+
+def test_services_with_the_same_lora_settings_agree():
+    env = {"CLORA_LORA_RANK": "16", "CLORA_LORA_TARGETS": "q_proj,v_proj"}
+    configs = {"scheduler": load_config(SchedulerConfig, [], env), "rollout": load_config(RolloutConfig, [], env),
+               "trainer": load_config(TrainerConfig, [], {**env, "CLORA_LORA_TARGETS": " v_proj , q_proj"})}
+    assert lora_disagreements(configs) == []
+    check_lora_agreement(configs)
+
+
+def test_every_lora_disagreement_is_named():
+    configs = {
+        "scheduler": SchedulerConfig(),
+        "rollout": RolloutConfig(lora_rank=16),
+        "trainer": TrainerConfig(lora_alpha=32.0, lora_targets="q_proj"),
+    }
+    problems = lora_disagreements(configs)
+    assert len(problems) == 3
+    assert any("CLORA_LORA_RANK" in p and "rollout has 16" in p for p in problems)
+    assert any("CLORA_LORA_ALPHA" in p and "trainer has 32.0" in p for p in problems)
+    assert any("CLORA_LORA_TARGETS" in p and "trainer has 'q_proj'" in p for p in problems)
+    with pytest.raises(ConfigError, match="disagree"):
+        check_lora_agreement(configs)

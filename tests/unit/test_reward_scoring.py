@@ -8,9 +8,9 @@ import asyncio
 import pytest
 
 from services.reward.http_client import parse_reply, request_body
-from shared.deployment import parse_allowlist, refusal_reason
 from services.reward.scoring import RewardError, SampleScore, apply_invert, check_reward_value, score_builtin
 from services.reward.worker import combine_scores, score_with_function, to_sample_score
+from shared.deployment import parse_allowlist, refusal_reason
 from shared.messages import Completion, Prompt, RewardSpec, Sample
 
 
@@ -100,6 +100,7 @@ def test_allowlisted_urls(url):
     ("http://rewards.example.com.evil.com/", "allowlist"),   # prefix trick on the name
     ("http://u:p@127.0.0.1:8088/score", "credentials"),
     ("file:///etc/passwd", "http(s)"),
+    ("http://[::1/score", "valid URL"),                      # unbalanced IPv6 bracket: a reason, not a crash
 ])
 def test_refused_urls_say_why(url, needle):
     reason = refusal_reason(url, ALLOW)
