@@ -59,15 +59,16 @@ ENV_EXCEPTIONS = {
     "trainer": MODEL_LIBRARY_ENV,
 }
 
-INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?-)(?P<default>[^}]*))?\}")
+INTERPOLATION = re.compile(r"\$\$|\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:?[-?])(?P<default>[^}]*))?\}")
 
 
 # ---------------------------------------------------------------- helpers
 
 
 def interpolate(value, environ: dict[str, str] | None = None):
-    """Compose's ``${VAR:-default}`` / ``${VAR-default}`` / ``${VAR}`` with
-    ``environ`` (default: empty, i.e. the file's own defaults)."""
+    """Compose's ``${VAR:-default}`` / ``${VAR-default}`` / ``${VAR}`` /
+    ``${VAR:?error}`` with ``environ`` (default: empty, i.e. the file's own
+    defaults); a required variable that is missing is a ValueError."""
     if not isinstance(value, str):
         return value
     environ = environ or {}
@@ -76,8 +77,10 @@ def interpolate(value, environ: dict[str, str] | None = None):
         if match.group(0) == "$$":  # an escaped dollar sign
             return "$"
         name, op, default = match.group("name"), match.group("op"), match.group("default") or ""
-        if name in environ and (environ[name] != "" or op != ":-"):
+        if name in environ and (environ[name] != "" or op not in (":-", ":?")):
             return environ[name]
+        if op and op.endswith("?"):
+            raise ValueError(f"${{{name}}} is required: {default}")
         return default if op else ""
 
     return INTERPOLATION.sub(substitute, value)
@@ -231,7 +234,7 @@ def test_compose_cpu_profile_needs_no_gpu_and_gpu_profile_uses_vllm(compose):
     cpu = active_services(compose, "cpu")
     assert not [name for name, service in cpu.items() if reserves_gpu(service)], "the cpu profile asks for a GPU"
     by_subcommand = {}
-    for name, service in cpu.items():
+    for service in cpu.values():
         invocation = clora_invocation(command_argv(service.get("command")))
         if invocation:
             by_subcommand[invocation[0]] = compose_env(service)
@@ -253,7 +256,7 @@ def test_compose_cpu_profile_needs_no_gpu_and_gpu_profile_uses_vllm(compose):
 @pytest.mark.parametrize("profile", ["cpu", "gpu"])
 def test_compose_stack_agrees_on_signature_shards_and_adapter_volume(compose, profile):
     services = {}
-    for name, service in active_services(compose, profile).items():
+    for service in active_services(compose, profile).values():
         invocation = clora_invocation(command_argv(service.get("command")))
         if invocation:
             services[invocation[0]] = service
@@ -266,14 +269,15 @@ def test_compose_stack_agrees_on_signature_shards_and_adapter_volume(compose, pr
     assert scheduler.num_trainer_shards == trainer.num_shards == 1  # one trainer service per stack
     assert trainer.shard == 0
 
+    # The scheduler verifies every announced version in the adapter store: it needs the volume too.
     mounts = {}
-    for sub in ("rollout", "trainer"):
-        data_dir = envs[sub]["CLORA_DATA_DIR"]
+    for sub in ("rollout", "trainer", "scheduler"):
+        data_dir = envs[sub].get("CLORA_DATA_DIR")
         sources = [str(v).split(":")[0] for v in services[sub].get("volumes", [])
                    if str(v).split(":")[1] == data_dir]
         assert sources, f"profile {profile}: {sub} has no volume at CLORA_DATA_DIR={data_dir}"
         mounts[sub] = (sources[0], data_dir)
-    assert mounts["rollout"] == mounts["trainer"], f"profile {profile}: adapters not shared: {mounts}"
+    assert len(set(mounts.values())) == 1, f"profile {profile}: adapters not shared: {mounts}"
     assert mounts["rollout"][0] in (compose.get("volumes") or {}), "the adapter volume must be a named volume"
 
 
@@ -390,7 +394,8 @@ def test_k8s_gpu_workloads_and_scale_out(k8s_docs):
         claims = {v["name"]: v["persistentVolumeClaim"]["claimName"]
                   for v in doc["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v}
         assert claims[volume] == "clora-adapters", f"{subcommand}: adapters must be on the shared claim"
-    pvc = next(d for d in k8s_docs if d.get("kind") == "PersistentVolumeClaim" and d["metadata"]["name"] == "clora-adapters")
+    pvc = next(d for d in k8s_docs
+               if d.get("kind") == "PersistentVolumeClaim" and d["metadata"]["name"] == "clora-adapters")
     assert "ReadWriteMany" in pvc["spec"]["accessModes"]
 
     rollout_doc, _ = workloads["rollout"]
@@ -421,3 +426,87 @@ def test_k8s_redis_is_external_and_kustomization_lists_every_manifest(k8s_docs):
     kustomization = yaml.safe_load((K8S_DIR / "kustomization.yaml").read_text())
     manifests = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml"}
     assert set(kustomization["resources"]) == manifests
+
+
+# ---------------------------------------------------------------- host-network override and images
+
+HOSTNET_FILE = ROOT / "deploy" / "compose.hostnet.yml"
+HOSTNET_PORTS = {"CLORA_REDIS_HOST_PORT": "23456", "CLORA_EXAMPLE_REWARD_PORT": "23457"}
+
+
+@pytest.fixture(scope="module")
+def hostnet() -> dict:
+    return yaml.safe_load(HOSTNET_FILE.read_text())
+
+
+def test_hostnet_override_puts_every_service_on_loopback(compose, hostnet):
+    assert set(hostnet["services"]) == set(compose["services"]), "the override must cover every service"
+    for name, service in hostnet["services"].items():
+        assert service.get("network_mode") == "host", f"override: {name!r} is not on the host network"
+        assert "networks" not in service and "ports" not in service, f"override: {name!r} adds networks or ports"
+    for name, (subcommand, _, _) in clora_services(compose).items():
+        if subcommand not in HEARTBEAT_SERVICES:
+            continue
+        env = {k: str(interpolate(v, HOSTNET_PORTS)) for k, v in hostnet["services"][name]["environment"].items()}
+        assert env["REDIS_URL"] == "redis://127.0.0.1:23456/0", f"override: {name!r} REDIS_URL {env['REDIS_URL']}"
+
+
+def test_hostnet_override_runs_redis_from_the_project_image_on_the_chosen_port(compose, hostnet):
+    redis_service = hostnet["services"]["redis"]
+    assert interpolate(redis_service["image"]) == interpolate(compose["services"]["scheduler"]["image"])
+    argv = [interpolate(part, HOSTNET_PORTS) for part in command_argv(redis_service["command"])]
+    assert argv[0] == "valkey-server"
+    assert argv[argv.index("--bind") + 1] == "127.0.0.1" and argv[argv.index("--port") + 1] == "23456"
+    assert argv[argv.index("--appendonly") + 1] == "yes" and argv[argv.index("--dir") + 1] == "/data"
+    assert "valkey-server" in (ROOT / "deploy" / "Dockerfile.cpu").read_text(), "the image must ship valkey-server"
+
+    reward_command = command_argv(hostnet["services"]["example-reward"]["command"])
+    reward_argv = [interpolate(part, HOSTNET_PORTS) for part in reward_command]
+    invocation = clora_invocation(reward_argv)
+    check_service_argv(*invocation, {}, "override example-reward")
+    assert reward_argv[reward_argv.index("--host") + 1] == "127.0.0.1"
+    allowlist = interpolate(hostnet["services"]["reward"]["environment"]["CLORA_HTTP_ALLOWLIST"], HOSTNET_PORTS)
+    assert allowlist == f"http://127.0.0.1:{reward_argv[reward_argv.index('--port') + 1]}/"
+
+
+def test_hostnet_override_merges_and_demands_its_ports():
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither docker-compose nor `docker compose` is installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COMPOSE_", "CLORA_"))}
+    files = ["-f", str(COMPOSE_FILE), "-f", str(HOSTNET_FILE), "--profile", "cpu"]
+    merged = subprocess.run([*cli, *files, "config"], cwd=ROOT, env={**env, **HOSTNET_PORTS},
+                            capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S)
+    assert merged.returncode == 0, merged.stderr
+    services = yaml.safe_load(merged.stdout)["services"]
+    assert {name: s.get("network_mode") for name, s in services.items()} == dict.fromkeys(services, "host")
+    assert services["scheduler"]["environment"]["REDIS_URL"] == "redis://127.0.0.1:23456/0"
+    unset = subprocess.run([*cli, *files, "config", "-q"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S)
+    assert unset.returncode != 0 and "CLORA_REDIS_HOST_PORT" in unset.stderr
+
+
+def dockerfile_args(path: Path) -> dict[str, str]:
+    return dict(re.findall(r"^ARG (\w+)=(\S+)", path.read_text(), re.M))
+
+
+def test_cpu_dockerfile_takes_base_and_torch_source_as_build_args():
+    dockerfile = ROOT / "deploy" / "Dockerfile.cpu"
+    args = dockerfile_args(dockerfile)
+    assert args["BASE_IMAGE"] == "python:3.11-slim"
+    assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+    assert args["TORCH_VERSION"].endswith("+cpu"), "pin the CPU build: PyPI's plain torch is the CUDA one"
+    text = dockerfile.read_text()
+    assert re.search(r"^FROM \$\{BASE_IMAGE\} AS deps$", text, re.M), "the dependencies stage"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, re.M), "the final stage"
+    # The wheel folder is part of the build context and exists in the checkout.
+    assert "COPY deploy/wheels/ " in text and (ROOT / "deploy" / "wheels").is_dir()
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()]
+    assert not [p for p in ignored if p.startswith("deploy/wheels") or p in ("deploy", "deploy/", "deploy/*")]
+
+
+def test_gpu_dockerfile_takes_its_base_as_a_build_arg():
+    dockerfile = ROOT / "deploy" / "Dockerfile.gpu"
+    args = dockerfile_args(dockerfile)
+    assert args["BASE_IMAGE"] == "vllm/vllm-openai:${VLLM_VERSION}"
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile.read_text(), re.M)
