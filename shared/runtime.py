@@ -36,7 +36,6 @@ from urllib.parse import urlsplit, urlunsplit
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-
 from redis.exceptions import AuthenticationError, ResponseError
 
 from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer, is_redis_outage

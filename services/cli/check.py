@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
     try:
         live = _live_heartbeats(config.redis_url, pattern)
     except redis.RedisError as exc:
-        print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}", file=sys.stderr)
+        print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}",
+              file=sys.stderr)
         return 1
     if not live:
         print(f"{args.service}: not alive: no heartbeat for {described} under prefix {config.stream_prefix!r}",

@@ -207,7 +207,7 @@ class LocalCluster:
                 if all(client.exists(key) for key in keys):
                     return
                 if time.monotonic() > deadline:
-                    missing = [p.name for p, k in zip(wanted, keys) if not client.exists(k)]
+                    missing = [p.name for p, k in zip(wanted, keys, strict=True) if not client.exists(k)]
                     raise ClusterError(f"not ready after {timeout_s:.0f}s: {missing}")
                 time.sleep(READY_POLL_S)
         finally:
@@ -450,7 +450,7 @@ def _run_demo(cluster: LocalCluster, specs: list, timeout_s: float):
 
 def _demo_rows(specs: list, records: list) -> list[dict]:
     rows = []
-    for spec, record in zip(specs, records):
+    for spec, record in zip(specs, records, strict=True):
         wall_s = None
         if record is not None and record.finished_at and record.submitted_at:
             wall_s = round(record.finished_at - record.submitted_at, 1)
