@@ -350,7 +350,7 @@ Message = (
 
 # Stream name (without prefix) -> the message kinds it carries. Sharded
 # streams (``train_jobs``, ``reward``) get a ``:<suffix>`` when used.
-STREAM_KINDS: dict[str, tuple[type, ...]] = {
+STREAM_KINDS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     "experiments": (ExperimentSubmit, ExperimentCancel),
     "tasks": (TaskPush,),
     "rollout_requests": (RolloutRequest,),

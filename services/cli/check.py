@@ -106,7 +106,8 @@ def _live_heartbeats(redis_url: str, pattern: str) -> list[dict]:
     finally:
         client.close()
     # A key can expire between SCAN and MGET: then it is not live.
-    return [decode_heartbeat(value) for value in values if value is not None]
+    # bytes: the client does not decode responses (redis-py types them bytes | str)
+    return [decode_heartbeat(value) for value in values if value is not None]  # type: ignore[arg-type]
 
 
 def _describe(heartbeat: dict) -> str:
