@@ -186,7 +186,7 @@ async def engine_rates(args, model_dir: Path, adapters: list[Path], signature: L
     start_s = time.perf_counter() - started
     try:
         keys = [AdapterKey(f"tenant{i}", 1) for i in range(args.tenants)]
-        for key, path in zip(keys, adapters):
+        for key, path in zip(keys, adapters, strict=True):
             await engine.register_adapter(key, path=path)
         vocab = model_vocab_size(model_dir)
         prompts = [make_prompt(vocab, i) for i in range(args.tenants)]
@@ -194,10 +194,10 @@ async def engine_rates(args, model_dir: Path, adapters: list[Path], signature: L
 
         async def mixed() -> int:
             return count_tokens(await asyncio.gather(*[
-                engine.generate(p, k, sampling) for p, k in zip(prompts, keys)]))
+                engine.generate(p, k, sampling) for p, k in zip(prompts, keys, strict=True)]))
 
         async def serial() -> int:
-            return count_tokens([await engine.generate(p, k, sampling) for p, k in zip(prompts, keys)])
+            return count_tokens([await engine.generate(p, k, sampling) for p, k in zip(prompts, keys, strict=True)])
 
         async def base() -> int:
             return count_tokens(await asyncio.gather(*[engine.generate(p, None, sampling) for p in prompts]))

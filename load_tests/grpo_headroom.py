@@ -70,7 +70,8 @@ def policy_gradient_loss(model, tokenizer, sequences_R_T, prompt_width: int, adv
     mask_R_C = completion_mask(sequences_R_T[:, prompt_width:], eos_id)
     attention_mask_R_T = torch.cat([prompt_mask_R_P, mask_R_C], dim=1).long()
     position_ids_R_T = (attention_mask_R_T.cumsum(dim=1) - 1).clamp(min=0)
-    logits_R_T_V = model(input_ids=sequences_R_T, attention_mask=attention_mask_R_T, position_ids=position_ids_R_T).logits
+    logits_R_T_V = model(input_ids=sequences_R_T, attention_mask=attention_mask_R_T,
+                         position_ids=position_ids_R_T).logits
     # Logits at position t predict token t+1: the completion starts at prompt_width.
     logprobs_R_C_V = torch.log_softmax(logits_R_T_V[:, prompt_width - 1 : -1].float(), dim=-1)
     token_logprobs_R_C = logprobs_R_C_V.gather(-1, sequences_R_T[:, prompt_width:, None]).squeeze(-1)
@@ -79,14 +80,17 @@ def policy_gradient_loss(model, tokenizer, sequences_R_T, prompt_width: int, adv
 
 def grpo_step(model, tokenizer, optimizer, family: TaskFamily, step: int, args) -> dict:
     prompts = family.generate(seed=10_000 + step, n=args.prompts, split="train")
-    sequences_R_T, prompt_width, texts = sample_group(model, tokenizer, [p.text for p in prompts], args.group, args.temperature)
+    sequences_R_T, prompt_width, texts = sample_group(model, tokenizer, [p.text for p in prompts], args.group,
+                                                      args.temperature)
     answers_R = [p.answer for p in prompts for _ in range(args.group)]
-    rewards_G_N = torch.tensor([float(family.verify(t, a or "")) for t, a in zip(texts, answers_R)]).view(-1, args.group)
+    rewards_R = [float(family.verify(t, a or "")) for t, a in zip(texts, answers_R, strict=True)]
+    rewards_G_N = torch.tensor(rewards_R).view(-1, args.group)
     advantages_G_N = rewards_G_N - rewards_G_N.mean(dim=1, keepdim=True)
     keep_G = rewards_G_N.std(dim=1) > 0
     if keep_G.any():
         keep_R = keep_G.repeat_interleave(args.group)
-        loss = policy_gradient_loss(model, tokenizer, sequences_R_T[keep_R], prompt_width, advantages_G_N.view(-1)[keep_R])
+        loss = policy_gradient_loss(model, tokenizer, sequences_R_T[keep_R], prompt_width,
+                                    advantages_G_N.view(-1)[keep_R])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
@@ -112,7 +116,8 @@ def run_tenant(family_name: str, args) -> dict:
         if step % args.eval_every == 0 or step == args.steps:
             model.eval()
             curve.append({"step": step, "greedy_accuracy": greedy_accuracy(model, tokenizer, family, eval_prompts)})
-            print(f"  {family_name:8s} step {step:3d} reward {stats['reward']:.2f} greedy {curve[-1]['greedy_accuracy']:.1%}", flush=True)
+            print(f"  {family_name:8s} step {step:3d} reward {stats['reward']:.2f} "
+                  f"greedy {curve[-1]['greedy_accuracy']:.1%}", flush=True)
     return {
         "family": family_name,
         "start_accuracy": curve[0]["greedy_accuracy"],
@@ -146,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'family':8s} {'start':>7s} {'final':>7s} {'gain':>7s} {'s/step':>7s}")
     for r in results:
         gain = r["final_accuracy"] - r["start_accuracy"]
-        print(f"{r['family']:8s} {r['start_accuracy']:7.1%} {r['final_accuracy']:7.1%} {gain:+7.1%} {r['mean_step_s']:7.2f}")
+        print(f"{r['family']:8s} {r['start_accuracy']:7.1%} {r['final_accuracy']:7.1%} {gain:+7.1%} "
+              f"{r['mean_step_s']:7.2f}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     args.json.write_text(json.dumps({"settings": settings, "tenants": results}, indent=2) + "\n")
     return 0

@@ -39,7 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"family": name, "committed": before, "rebuilt": after})
         print(f"{name:8s} {before:10.1%} {after:10.1%} {after - before:+7.1%}")
     print(f"build_s committed {committed['build_s']} rebuilt {rebuilt['build_s']}; within tolerance: {ok}")
-    args.json.write_text(json.dumps({"families": rows, "within_tolerance": ok, "build_s": rebuilt["build_s"]}, indent=2) + "\n")
+    result = {"families": rows, "within_tolerance": ok, "build_s": rebuilt["build_s"]}
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0 if ok else 1
 
 

@@ -335,22 +335,22 @@ class StepMetrics(_Message, tag="step_metrics"):
 
 # ---------------------------------------------------------------- streams
 
-Message = Union[
-    ExperimentSubmit,
-    ExperimentCancel,
-    TaskPush,
-    RolloutRequest,
-    Completion,
-    ScoredCompletion,
-    TrainJob,
-    AdapterPublished,
-    ExperimentEvent,
-    StepMetrics,
-]
+Message = (
+    ExperimentSubmit
+    | ExperimentCancel
+    | TaskPush
+    | RolloutRequest
+    | Completion
+    | ScoredCompletion
+    | TrainJob
+    | AdapterPublished
+    | ExperimentEvent
+    | StepMetrics
+)
 
 # Stream name (without prefix) -> the message kinds it carries. Sharded
 # streams (``train_jobs``, ``reward``) get a ``:<suffix>`` when used.
-STREAM_KINDS: dict[str, tuple[type, ...]] = {
+STREAM_KINDS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     "experiments": (ExperimentSubmit, ExperimentCancel),
     "tasks": (TaskPush,),
     "rollout_requests": (RolloutRequest,),
@@ -367,7 +367,10 @@ STREAM_KINDS: dict[str, tuple[type, ...]] = {
 
 _ENCODER = msgspec.msgpack.Encoder()
 _DECODERS: dict[str, msgspec.msgpack.Decoder] = {
-    name: msgspec.msgpack.Decoder(Union[kinds] if len(kinds) > 1 else kinds[0])  # type: ignore[valid-type]
+    # a union of a tuple of types known only at run time: only typing.Union spells it
+    name: msgspec.msgpack.Decoder(
+        Union[kinds] if len(kinds) > 1 else kinds[0]  # type: ignore[valid-type]  # noqa: UP007
+    )
     for name, kinds in STREAM_KINDS.items()
 }
 _ANY_DECODER = msgspec.msgpack.Decoder(Message)

@@ -30,13 +30,12 @@ import signal
 import socket
 import time
 from collections.abc import Coroutine
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import msgspec
 import redis.asyncio as aioredis
 import structlog
-
 from redis.exceptions import AuthenticationError, ResponseError
 
 from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer, is_redis_outage
@@ -68,6 +67,16 @@ def decode_heartbeat(value: bytes) -> dict[str, Any]:
     return msgspec.msgpack.decode(value)
 
 
+T = TypeVar("T")
+
+
+def set_up(value: T | None, what: str) -> T:
+    """``value`` once a service's ``setup()`` has set it; a clear error before."""
+    if value is None:
+        raise RuntimeError(f"{what} used before setup()")
+    return value
+
+
 def redact_url(url: str) -> str:
     """``redis://user:secret@host`` -> ``redis://user:***@host``."""
     parts = urlsplit(url)
@@ -91,9 +100,9 @@ class Service:
         self.log = structlog.get_logger(f"services.{self.name}").bind(service=self.name, consumer=self.consumer_name)
         self.stopping = asyncio.Event()
         self.started_at = time.time()
-        # set by setup()
-        self.redis: aioredis.Redis | None = None
-        self.bus: StreamBus | None = None
+        # set by setup() (read through the ``redis`` and ``bus`` properties)
+        self._redis: aioredis.Redis | None = None
+        self._bus: StreamBus | None = None
         # set by run()
         self._consumers: list[StreamConsumer] = []
 
@@ -103,9 +112,9 @@ class Service:
         """Connect to Redis (waiting for it until stopped) and build the bus."""
         if not self.config.redis_url:
             raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
-        self.redis = aioredis.Redis.from_url(self.config.redis_url)
-        await _wait_for_redis(self.redis, self.config.redis_url, self.stopping)
-        self.bus = StreamBus(self.redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
+        self._redis = aioredis.Redis.from_url(self.config.redis_url)
+        await _wait_for_redis(self._redis, self.config.redis_url, self.stopping)
+        self._bus = StreamBus(self._redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
 
     def consumers(self) -> list[StreamConsumer]:
         return []
@@ -118,11 +127,21 @@ class Service:
         return {}
 
     async def close(self) -> None:
-        if self.redis is not None:
-            await self.redis.aclose()
-            self.redis = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
 
     # ------------------------------------------------------------ helpers
+
+    @property
+    def redis(self) -> aioredis.Redis:
+        """The connection ``setup()`` opened (an error before it and after ``close()``)."""
+        return set_up(self._redis, f"{self.name}: redis")
+
+    @property
+    def bus(self) -> StreamBus:
+        """The stream bus ``setup()`` built (an error before it)."""
+        return set_up(self._bus, f"{self.name}: bus")
 
     def consumer(self, stream: str, group: str, handler: Handler, **options: Any) -> StreamConsumer:
         """``bus.consumer`` with this service's consumer name and the config's
@@ -241,7 +260,9 @@ class Service:
     async def _remove_heartbeat(self) -> None:
         key = heartbeat_key(self.config.stream_prefix, self.name, self.consumer_name)
         try:
-            removal = asyncio.create_task(self.redis.delete(key), name=f"heartbeat-removal:{self.name}")
+            # redis-py types its asyncio commands as Awaitable; they are coroutines
+            removal: asyncio.Task[int] = asyncio.create_task(
+                self.redis.delete(key), name=f"heartbeat-removal:{self.name}")  # type: ignore[arg-type]
             await asyncio.wait_for(asyncio.shield(removal), HEARTBEAT_REMOVAL_TIMEOUT_S)
         except (TimeoutError, ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
             self.log.warning("heartbeat_not_removed", error=repr(exc))  # it expires on its own

@@ -48,7 +48,8 @@ def main(argv: list[str]) -> int:
     try:
         live = _live_heartbeats(config.redis_url, pattern)
     except redis.RedisError as exc:
-        print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}", file=sys.stderr)
+        print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}",
+              file=sys.stderr)
         return 1
     if not live:
         print(f"{args.service}: not alive: no heartbeat for {described} under prefix {config.stream_prefix!r}",
@@ -105,7 +106,8 @@ def _live_heartbeats(redis_url: str, pattern: str) -> list[dict]:
     finally:
         client.close()
     # A key can expire between SCAN and MGET: then it is not live.
-    return [decode_heartbeat(value) for value in values if value is not None]
+    # bytes: the client does not decode responses (redis-py types them bytes | str)
+    return [decode_heartbeat(value) for value in values if value is not None]  # type: ignore[arg-type]
 
 
 def _describe(heartbeat: dict) -> str:

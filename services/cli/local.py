@@ -60,6 +60,14 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def running(self) -> subprocess.Popen | None:
+        """The process while it runs, else None."""
+        return self.process if self.alive() else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode if self.process is not None else None
+
     def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
         try:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
@@ -75,7 +83,7 @@ class LocalCluster:
     (e.g. ``{"rollout": {"CLORA_MAX_ROWS": "64"}}``). Use as a context manager
     or call ``start()`` / ``stop()``."""
 
-    data_dir: str | Path
+    data_dir: Path  # a str is accepted too: __post_init__ resolves it to a Path
     redis_url: str | None = None
     num_rollout_workers: int = 1
     num_trainer_shards: int = 1
@@ -128,8 +136,9 @@ class LocalCluster:
         for service in STOP_ORDER:
             group = [p for p in self.processes.values() if p.service == service]
             for process in group:
-                if process.alive():
-                    process.process.send_signal(signal.SIGTERM)
+                popen = process.running()
+                if popen is not None:
+                    popen.send_signal(signal.SIGTERM)
             for process in group:
                 _wait_or_kill(process)
         if self._redis is not None:
@@ -161,18 +170,17 @@ class LocalCluster:
         for them to exit; returns their pids."""
         pids = []
         for process in self.select(name):
-            if process.alive():
-                pids.append(process.pid)
-                process.process.send_signal(sig)
+            popen = process.running()
+            if popen is not None:
+                pids.append(popen.pid)
+                popen.send_signal(sig)
                 _wait_or_kill(process)
         return pids
 
     def restart(self, name: str, sig: int = signal.SIGTERM) -> dict[str, int]:
         """Stop (``sig``, default a clean SIGTERM) and start again; new pids."""
         self.kill(name, sig)
-        for process in self.select(name):
-            self._spawn(process)
-        return {p.name: p.pid for p in self.select(name)}
+        return {process.name: self._spawn(process) for process in self.select(name)}
 
     def start_service(self, name: str) -> None:
         """Start the process(es) ``name`` again after a ``kill``."""
@@ -188,7 +196,7 @@ class LocalCluster:
     def check_alive(self) -> None:
         dead = self.dead()
         if dead:
-            details = "\n".join(f"--- {p.name} exited {p.process.returncode}; log tail:\n{p.log_tail()}" for p in dead)
+            details = "\n".join(f"--- {p.name} exited {p.returncode}; log tail:\n{p.log_tail()}" for p in dead)
             raise ClusterError(f"service process(es) died: {', '.join(p.name for p in dead)}\n{details}")
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, names: Sequence[str] | None = None) -> None:
@@ -207,7 +215,7 @@ class LocalCluster:
                 if all(client.exists(key) for key in keys):
                     return
                 if time.monotonic() > deadline:
-                    missing = [p.name for p, k in zip(wanted, keys) if not client.exists(k)]
+                    missing = [p.name for p, k in zip(wanted, keys, strict=True) if not client.exists(k)]
                     raise ClusterError(f"not ready after {timeout_s:.0f}s: {missing}")
                 time.sleep(READY_POLL_S)
         finally:
@@ -243,15 +251,17 @@ class LocalCluster:
             return {"CLORA_SHARD": str(index), "CLORA_NUM_SHARDS": str(self.num_trainer_shards)}
         return {}
 
-    def _spawn(self, process: ServiceProcess) -> None:
+    def _spawn(self, process: ServiceProcess) -> int:
+        """Start ``process``; its pid."""
         env = {**os.environ, **process.env, "REDIS_URL": self.url}
         with open(process.log_path, "ab") as log_file:
-            process.process = subprocess.Popen(
+            popen = process.process = subprocess.Popen(
                 [self.python, "-m", "services.cli", process.service],
                 env=env, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # a terminal's Ctrl-C reaches us only; we stop them in order
             )
         process.starts += 1
+        return popen.pid
 
 
 def _saved_port(path: Path) -> int | None:
@@ -450,7 +460,7 @@ def _run_demo(cluster: LocalCluster, specs: list, timeout_s: float):
 
 def _demo_rows(specs: list, records: list) -> list[dict]:
     rows = []
-    for spec, record in zip(specs, records):
+    for spec, record in zip(specs, records, strict=True):
         wall_s = None
         if record is not None and record.finished_at and record.submitted_at:
             wall_s = round(record.finished_at - record.submitted_at, 1)

@@ -26,7 +26,7 @@ def score(body: dict) -> dict:
     """The reply for one valid request body."""
     answer = body.get("answer")
     completion = body["completion"]
-    correct = bool(answer) and answer.strip() in completion
+    correct = bool(answer and answer.strip() in completion)
     return {"reward": float(correct), "correct": correct, "metrics": {"length": float(len(completion))}}
 
 
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info")
     server = make_server(config.host, config.port)
     host, port = server.server_address[:2]
-    log.info("example_reward_listening", url=f"http://{host}:{port}/")
+    # typeshed types the host as str | bytes; an AF_INET server's is a str
+    log.info("example_reward_listening", url=f"http://{host}:{port}/")  # type: ignore[str-bytes-safe]
     try:
         server.serve_forever()
     except KeyboardInterrupt:

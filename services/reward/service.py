@@ -47,7 +47,7 @@ from shared.bus import RETRYABLE_REDIS_ERRORS
 from shared.config import RewardConfig
 from shared.deployment import parse_allowlist, read_allowlist_async
 from shared.messages import Completion, ExperimentEvent, RewardSpec, ScoredCompletion, now
-from shared.runtime import Service
+from shared.runtime import Service, set_up
 
 CONSUMER_GROUP = "reward"
 READ_AHEAD_PER_SLOT = 8  # completions read (in flight or waiting) per scoring slot: see the module doc
@@ -65,18 +65,22 @@ class RewardService(Service):
         # as many pooled connections as scoring slots: a call holding a slot never waits for the pool
         self.http = HttpRewardClient(self.configured_allowlist, backoff_s=config.retry_backoff_s,
                                      max_connections=self.slots.total)
-        self.worker_replies: WorkerReplies | None = None  # set in setup (needs the bus)
+        self._worker_replies: WorkerReplies | None = None  # set in setup (needs the bus)
 
     async def setup(self) -> None:
         await super().setup()
-        self.worker_replies = WorkerReplies(self.bus, consumer_name=self.consumer_name,
-                                            max_entry_bytes=self.config.max_entry_bytes)
+        self._worker_replies = WorkerReplies(self.bus, consumer_name=self.consumer_name,
+                                             max_entry_bytes=self.config.max_entry_bytes)
         await self.worker_replies.start()
         await self._refresh_allowlist()
 
     async def close(self) -> None:
         await self.http.aclose()
         await super().close()
+
+    @property
+    def worker_replies(self) -> WorkerReplies:
+        return set_up(self._worker_replies, "reward: worker_replies")
 
     def consumers(self):
         read_ahead = self.slots.total * READ_AHEAD_PER_SLOT
@@ -107,7 +111,7 @@ class RewardService(Service):
             self.log.info("reward_allowlist", prefixes=allowlist)
 
     def status(self) -> dict[str, Any]:
-        replies_dead_lettered = self.worker_replies.dead_lettered if self.worker_replies else 0
+        replies_dead_lettered = self._worker_replies.dead_lettered if self._worker_replies else 0
         return {"scoring_slots": self.slots.status(), "reward_replies_dead_lettered": replies_dead_lettered}
 
     async def on_completion(self, completion: Completion, entry) -> None:

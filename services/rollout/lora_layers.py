@@ -105,6 +105,12 @@ class SegmentPlan:
 class MultiLoraLinear(nn.Module):
     """Fused base linears of one input plus stacked per-slot LoRA factors."""
 
+    # buffers, registered in __init__ (declared here for the type checker)
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    lora_A_S_I_R: torch.Tensor
+    lora_B_S_R_O: torch.Tensor
+
     def __init__(
         self,
         linears: dict[str, nn.Linear],
@@ -175,7 +181,7 @@ class MultiLoraLinear(nn.Module):
 
     def _gather(self, slot_idx_B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         key = self.selection.reuse_key
-        if key is not None and key == self._gathered_key:
+        if key is not None and key == self._gathered_key and self._gathered is not None:
             return self._gathered
         gathered = (
             self.lora_A_S_I_R.index_select(0, slot_idx_B),

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -39,7 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from services.rollout.slots import SlotTable
-from shared.adapters import AdapterStore, AdapterStoreError, check_tenant_name
+from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.config import RolloutConfig
 from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GenerationResult
 from shared.messages import (
@@ -51,7 +52,7 @@ from shared.messages import (
     Sample,
     now,
 )
-from shared.runtime import Service
+from shared.runtime import Service, set_up
 
 REQUEST_GROUP = "rollout"
 ENGINE_WATCH_INTERVAL_S = 1.0
@@ -66,6 +67,11 @@ class AdapterLoadError(Exception):
         super().__init__(f"{key.name}: {reason}")
         self.key = key
         self.reason = reason
+
+
+def forget_when_done(tasks: dict[AdapterKey, asyncio.Task], key: AdapterKey) -> Callable[[asyncio.Task], object]:
+    """A done callback that drops ``key`` from ``tasks`` (``key`` bound now, not when it runs)."""
+    return lambda _task: tasks.pop(key, None)
 
 
 def adapter_key(experiment_id: str, version: int) -> AdapterKey | None:
@@ -121,7 +127,7 @@ class AdapterSet:
         if task is None:
             task = asyncio.create_task(self._register(key), name=f"adapter-load:{key.name}")
             self._loading[key] = task
-            task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
+            task.add_done_callback(forget_when_done(self._loading, key))
         await asyncio.shield(task)  # one caller cancelled must not cancel the others' load
 
     async def _register(self, key: AdapterKey) -> None:
@@ -163,7 +169,7 @@ class AdapterSet:
             self.table.retire(key)  # idle, so gone at once: new users reload instead of racing
             task = asyncio.create_task(self._retire(key), name=f"adapter-retire:{key.name}")
             self._retiring[key] = task
-            task.add_done_callback(lambda _t, k=key: self._retiring.pop(k, None))
+            task.add_done_callback(forget_when_done(self._retiring, key))
             await asyncio.shield(task)
 
     async def _retire(self, key: AdapterKey) -> None:
@@ -192,13 +198,14 @@ def stop_tokens(tokenizer, request_stop_ids: list[int]) -> set[int]:
 
 class RolloutService(Service):
     name = "rollout"
+    config: RolloutConfig
 
     def __init__(self, config: RolloutConfig, engine: Engine | None = None) -> None:
         super().__init__(config)
-        self.engine = engine  # built in setup() from config.engine unless given (tests)
+        self._engine = engine  # built in setup() from config.engine unless given (tests)
         # Where every adapter version comes from: messages name (experiment, version), never a path.
-        self.store = AdapterStore(Path(config.adapter_dir).resolve())
-        self.adapters: AdapterSet | None = None
+        self.store = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
+        self._adapters: AdapterSet | None = None  # set in setup
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
@@ -207,13 +214,13 @@ class RolloutService(Service):
 
     async def setup(self) -> None:
         await super().setup()
-        if self.engine is None:
+        if self._engine is None:
             from services.rollout.engines import build_engine
 
-            self.engine = build_engine(self.config)
-        await self.engine.start()
+            self._engine = build_engine(self.config)
+        await self._engine.start()
         keep = self.config.adapter_keep_versions
-        self.adapters = AdapterSet(self.engine, self.store, keep, self.log)
+        self._adapters = AdapterSet(self._engine, self.store, keep, self.log)
         # This worker's private announcement group, from the stream's end:
         # versions announced before it started are loaded on demand instead.
         self._watch_group = f"rollout-watch-{self.consumer_name}"
@@ -221,6 +228,14 @@ class RolloutService(Service):
         self.log.info("rollout_ready", capacity_rows=self.engine.capacity_rows,
                       request_concurrency=self.request_concurrency(), keep_versions=keep,
                       adapter_dir=str(self.store.root))
+
+    @property
+    def engine(self) -> Engine:
+        return set_up(self._engine, "rollout: engine")
+
+    @property
+    def adapters(self) -> AdapterSet:
+        return set_up(self._adapters, "rollout: adapters")
 
     def request_concurrency(self) -> int:
         typical_n = self.config.typical_group_size
@@ -262,13 +277,13 @@ class RolloutService(Service):
             task.cancel()
         if self._preloads:
             await asyncio.wait(list(self._preloads.values()), timeout=5.0)
-        if self._watch_group and self.redis is not None:
+        if self._watch_group and self._redis is not None:
             try:  # the group is private to this worker name: do not leave it behind
                 await self.redis.xgroup_destroy(self.bus.key("adapters"), self._watch_group)
             except (ResponseError, RedisConnectionError, OSError) as exc:
                 self.log.warning("watch_group_cleanup_skipped", error=repr(exc))
-        if self.engine is not None:
-            await self.engine.close()
+        if self._engine is not None:
+            await self._engine.close()
         await super().close()
 
     # -------------------------------------------------------------- requests

@@ -20,6 +20,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, cast
 
 import structlog
 import torch
@@ -35,6 +36,7 @@ from shared.engine import (
     Engine,
     EngineError,
     EngineStats,
+    FinishReason,
     GeneratedSample,
     GenerationResult,
     LoraSignature,
@@ -144,7 +146,7 @@ class TorchEngine(Engine):
         self._ignore_eos = ignore_eos
         # set by start()
         self._runner: ModelRunner | None = None
-        self._tokenizer = None
+        self._tokenizer: Any = None  # a transformers tokenizer
         self._thread: threading.Thread | None = None
         # shared between the asyncio thread and the engine thread (under _lock)
         self._lock = threading.Lock()
@@ -202,6 +204,19 @@ class TorchEngine(Engine):
     def failure(self) -> str | None:
         return self._failure
 
+    @property
+    def runner(self) -> ModelRunner:
+        """The model runner ``start()`` loaded (an error before it)."""
+        if self._runner is None:
+            raise EngineError("engine is not started")
+        return self._runner
+
+    def _batch_state(self) -> tuple[RowSampling, torch.Tensor]:
+        """The running rows' sampling parameters and last tokens (set by ``start()``)."""
+        if self._row_sampling is None or self._last_tokens_B is None:
+            raise EngineError("engine is not started")
+        return self._row_sampling, self._last_tokens_B
+
     def _check_alive(self) -> None:
         if self._failure is not None:
             raise EngineError(f"engine failed: {self._failure}")
@@ -222,12 +237,12 @@ class TorchEngine(Engine):
         if task is None:
             task = asyncio.create_task(self._load_adapter(key, path, tensors), name=f"load_adapter:{key.name}")
             self._loading[key] = task
-            task.add_done_callback(lambda _t, k=key: self._loading.pop(k, None))
+            task.add_done_callback(lambda _t: self._loading.pop(key, None))
         await asyncio.shield(task)
 
     async def _load_adapter(self, key: AdapterKey, path, tensors) -> None:
         started = time.monotonic()
-        adapter = await asyncio.to_thread(self._runner.prepare, None if path is None else Path(path), tensors)
+        adapter = await asyncio.to_thread(self.runner.prepare, None if path is None else Path(path), tensors)
         written = asyncio.get_running_loop().create_future()
         self._post(_SlotWrite(key, adapter, written))
         await written
@@ -259,7 +274,7 @@ class TorchEngine(Engine):
             raise
 
     def _validate(self, prompt_token_ids: list[int], sampling: SamplingParams) -> None:
-        runner = self._runner
+        runner = self.runner
         if not prompt_token_ids:
             raise EngineError("empty prompt")
         if min(prompt_token_ids) < 0 or max(prompt_token_ids) >= runner.vocab_size:
@@ -282,7 +297,7 @@ class TorchEngine(Engine):
                     raise AdapterNotLoaded(f"adapter {adapter.name} is not loaded") from None
         stop_ids = frozenset(sampling.stop_token_ids)
         if not self._ignore_eos:
-            stop_ids |= self._runner.eos_token_ids
+            stop_ids |= self.runner.eos_token_ids
         return _Request(
             prompt_token_ids=prompt, adapter=adapter, slot=slot, sampling=sampling, stop_ids=stop_ids,
             future=asyncio.get_running_loop().create_future(), submitted_at=time.monotonic(),
@@ -367,7 +382,7 @@ class TorchEngine(Engine):
             slot, evicted = claim
             if evicted is not None:
                 log.info("adapter_evicted", adapter=evicted.name)
-            self._runner.write_slot(slot, write.adapter)
+            self.runner.write_slot(slot, write.adapter)
             with self._lock:
                 self._slots.place(write.key, slot)
                 self._stats.adapter_loads += 1
@@ -411,7 +426,8 @@ class TorchEngine(Engine):
     # ---------------------------------------------------------------- execute + update
 
     def _prefill(self, requests: list[_Request]) -> None:
-        runner = self._runner
+        runner = self.runner
+        row_sampling, last_tokens_B = self._batch_state()
         B0 = len(self._rows)
         logits_N_V = runner.prefill(
             [r.prompt_token_ids for r in requests], [r.slot for r in requests],
@@ -421,11 +437,11 @@ class TorchEngine(Engine):
         params = [r.sampling for r in requests for _ in range(r.sampling.n)]
         seeds = [seed for r in requests for seed in r.seeds]
         new_sampling = RowSampling.build(params, seeds, runner.vocab_size, runner.device)
-        self._row_sampling = self._row_sampling.cat(new_sampling)
+        self._row_sampling = row_sampling.cat(new_sampling)
         self._rows.extend(_Row(r, i) for r in requests for i in range(r.sampling.n))
         flags = flags_for(params)
         tokens_N, logprobs_N = sample_tokens(logits_N_V, new_sampling, flags, runner.pos_B[B0:])
-        self._last_tokens_B = torch.cat([self._last_tokens_B, tokens_N])
+        self._last_tokens_B = torch.cat([last_tokens_B, tokens_N])
         now = time.monotonic()
         for request in requests:
             request.first_token_at = now
@@ -435,9 +451,10 @@ class TorchEngine(Engine):
         self._record(B0, tokens_N.tolist(), logprobs_N.tolist())
 
     def _decode(self) -> None:
-        runner = self._runner
-        logits_B_V = runner.decode(self._last_tokens_B)
-        tokens_B, logprobs_B = sample_tokens(logits_B_V, self._row_sampling, self._flags, runner.pos_B)
+        runner = self.runner
+        row_sampling, last_tokens_B = self._batch_state()
+        logits_B_V = runner.decode(last_tokens_B)
+        tokens_B, logprobs_B = sample_tokens(logits_B_V, row_sampling, self._flags, runner.pos_B)
         self._last_tokens_B = tokens_B
         with self._lock:
             self._stats.decode_steps += 1
@@ -464,7 +481,7 @@ class TorchEngine(Engine):
         self._remove_rows(indices)  # before resolving: a caller's next stats() no longer sees them
         for row in finished_rows:
             request = row.request
-            reason = "stop" if row.token_ids[-1] in request.stop_ids else "length"
+            reason: FinishReason = "stop" if row.token_ids[-1] in request.stop_ids else "length"
             request.samples[row.sample_index] = GeneratedSample(row.token_ids, row.logprobs, reason)
             request.rows_left -= 1
             if request.rows_left == 0:
@@ -474,7 +491,7 @@ class TorchEngine(Engine):
         self._release(request)
         _resolve(request.future, GenerationResult(
             prompt_token_ids=request.prompt_token_ids,
-            samples=request.samples,
+            samples=cast(list[GeneratedSample], request.samples),  # rows_left == 0: every sample is set
             adapter=request.adapter,
             queue_wait_s=request.admitted_at - request.submitted_at,
             time_to_first_token_s=request.first_token_at - request.submitted_at,
@@ -482,11 +499,12 @@ class TorchEngine(Engine):
         ))
 
     def _remove_rows(self, indices: list[int]) -> None:
-        order_B = self._runner.remove_rows(indices)
+        row_sampling, last_tokens_B = self._batch_state()
+        order_B = self.runner.remove_rows(indices)
         order = order_B.tolist()
         self._rows = [self._rows[i] for i in order]
-        self._row_sampling = self._row_sampling.select(order_B)
-        self._last_tokens_B = self._last_tokens_B.index_select(0, order_B)
+        self._row_sampling = row_sampling.select(order_B)
+        self._last_tokens_B = last_tokens_B.index_select(0, order_B)
         self._rows_changed()
 
     def _rows_changed(self) -> None:

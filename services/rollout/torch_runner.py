@@ -20,6 +20,7 @@ dimension, ``_V`` vocabulary.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ class _Layer:
     o: MultiLoraLinear
     gate_up: MultiLoraLinear
     down: MultiLoraLinear
-    act: object
+    act: Callable[[torch.Tensor], torch.Tensor]
 
 
 class ModelRunner:
@@ -187,6 +188,7 @@ class ModelRunner:
             except PeftFormatError as exc:
                 raise EngineError(str(exc)) from exc
         else:
+            assert tensors is not None  # exactly one of the two was given
             scaling = self.signature.scaling
         return prepare_adapter(tensors, scaling, self.signature, self.lora_groups, self.device, self.dtype)
 

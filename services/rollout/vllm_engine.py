@@ -57,6 +57,7 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import structlog
 import torch
@@ -274,7 +275,7 @@ class VLLMEngine(Engine):
         self.ignore_eos = ignore_eos  # benchmarks: every row makes max_tokens tokens
         # set in start()
         self._llm = None
-        self._tokenizer = None
+        self._tokenizer: Any = None  # a transformers tokenizer
         self._on_cpu = False
         self._step_tenants = StepTenants()
         # adapter bookkeeping: the table's slot numbers are the lora_int_ids

@@ -66,7 +66,8 @@ class Lease:
 
     async def holder_now(self) -> str | None:
         value = await self.redis.get(self.key)
-        return None if value is None else value.decode()
+        # bytes: the client does not decode responses (redis-py types it bytes | str)
+        return None if value is None else value.decode()  # type: ignore[union-attr]
 
     async def acquire(self, stopping: asyncio.Event, on_wait) -> bool:
         """Wait until this holder has the lease (True) or ``stopping`` is set

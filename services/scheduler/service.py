@@ -61,7 +61,7 @@ from services.scheduler.effects import Effects
 from services.scheduler.lease import Lease
 from services.scheduler.state import ExperimentView, Keys, StateStore, StoredRecord
 from shared import messages
-from shared.adapters import AdapterStore, AdapterStoreError
+from shared.adapters import AdapterStoreError, DirectoryAdapterStore
 from shared.bus import RETRYABLE_REDIS_ERRORS, DeadLetter
 from shared.config import SchedulerConfig
 from shared.deployment import (
@@ -80,7 +80,7 @@ from shared.messages import (
     TaskPush,
     is_experiment_id,
 )
-from shared.runtime import Service
+from shared.runtime import Service, set_up
 
 CONSUMER_GROUP = "scheduler"
 DEAD_LETTER_GROUP = "scheduler-dead-letters"
@@ -94,15 +94,16 @@ Decision = Callable[[], Awaitable[Effects]]
 
 class SchedulerService(Service):
     name = "scheduler"
+    config: SchedulerConfig
 
     def __init__(self, config: SchedulerConfig) -> None:
         super().__init__(config)
         # where versions are: announcements are checked against it, never trusted
-        self.adapters = AdapterStore(Path(config.adapter_dir).resolve())
+        self.adapters = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
         self.core = SchedulerCore(Keys(config.stream_prefix), SchedulerRules.from_config(config))
-        # set in setup
-        self.store: StateStore | None = None
-        self.lease: Lease | None = None
+        # set in setup (read through the ``store`` and ``lease`` properties)
+        self._store: StateStore | None = None
+        self._lease: Lease | None = None
         self.leading = False  # holds the lease: the one scheduler of this prefix
         self._lock = asyncio.Lock()
         self._needs_recovery = False
@@ -112,14 +113,22 @@ class SchedulerService(Service):
     async def setup(self) -> None:
         """Connect, wait to be the one scheduler (standby meanwhile), then recover."""
         await super().setup()
-        self.store = StateStore(self.redis, self.config.stream_prefix)
-        self.lease = Lease(self.redis, self.store.keys.scheduler_lease, self.consumer_name, self.config.lease_ttl_s)
+        self._store = StateStore(self.redis, self.config.stream_prefix)
+        self._lease = Lease(self.redis, self._store.keys.scheduler_lease, self.consumer_name, self.config.lease_ttl_s)
         self.leading = await self.lease.acquire(self.stopping, on_wait=self._on_standby)
         if self.leading:
             self.log.info("scheduler_leading", lease_ttl_s=self.config.lease_ttl_s)
             # clients validate specs with these same limits before sending (shared.deployment)
             await write_deployment_async(self.redis, self.config.stream_prefix, deployment_from_config(self.config))
             await self.recover()
+
+    @property
+    def store(self) -> StateStore:
+        return set_up(self._store, "scheduler: store")
+
+    @property
+    def lease(self) -> Lease:
+        return set_up(self._lease, "scheduler: lease")
 
     def _lease_regained(self) -> None:
         """The lease lapsed during a Redis outage and is ours again: nobody

@@ -179,7 +179,7 @@ def build_batch(examples: Sequence[SequenceExample], pad_id: int = 0) -> TrainBa
     position_ids_B_L = torch.zeros((B, L), dtype=torch.long)
     # Padding attends to itself only: no all-masked query row, so no NaN anywhere.
     attend_B_L_L = torch.eye(L, dtype=torch.bool).repeat(B, 1, 1)
-    tokens = {"row": [], "position": [], "target": [], "behaviour": [], "advantage": []}
+    tokens: dict[str, list] = {"row": [], "position": [], "target": [], "behaviour": [], "advantage": []}
     row_offsets = [0]
     for b, row in enumerate(rows):
         n = len(row.input_ids)
@@ -230,7 +230,7 @@ def _pack_row(prompt: tuple[int, ...], group: list[SequenceExample]) -> _PackedR
     attend_N_N = torch.zeros((N, N), dtype=torch.bool)
     attend_N_N[:P, :P] = torch.ones((P, P), dtype=torch.bool).tril()
     input_ids, positions = list(prompt), list(range(P))
-    tokens = {"position": [], "target": [], "behaviour": [], "advantage": []}
+    tokens: dict[str, list] = {"position": [], "target": [], "behaviour": [], "advantage": []}
     for example in group:
         start, inputs = len(input_ids), list(example.completion_ids[:-1])
         span = slice(start, start + len(inputs))

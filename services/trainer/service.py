@@ -71,7 +71,7 @@ from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerC
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
 from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
-from shared.runtime import Service
+from shared.runtime import Service, set_up
 
 CONSUMER_GROUP = "trainer"
 MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients accumulate across micro-batches
@@ -115,9 +115,10 @@ def load_policy_model(model_dir: str, signature: LoraSignature, device: str = "a
     # sdpa takes the packed batches' custom 4D masks (flash-attention kernels would not).
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype, torch_device),
                                                 attn_implementation="sdpa")
-    base.to(torch_device)
-    lora_config = LoraConfig(
-        r=signature.rank, lora_alpha=signature.alpha, target_modules=list(signature.target_modules),
+    base.to(torch_device)  # type: ignore[arg-type]  # transformers' typing of the wrapped `to`
+    lora_config = LoraConfig(  # peft types lora_alpha as int; it takes a float scale too
+        r=signature.rank, lora_alpha=signature.alpha,  # type: ignore[arg-type]
+        target_modules=list(signature.target_modules),
         lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
     )
     model = get_peft_model(base, lora_config)
@@ -376,11 +377,11 @@ class TrainerService(Service):
 
     def __init__(self, config: TrainerConfig) -> None:
         super().__init__(config)
-        self.store: AdapterStore = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
+        self.store = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
         self.stream = f"train_jobs:{config.shard}"
         # One thread owns the model: torch work never runs on the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-model")
-        self.core: TrainerCore | None = None  # set in setup
+        self._core: TrainerCore | None = None  # set in setup
         # This trainer's private view of the events stream (from its first start on): ended experiments leave memory.
         self.events_group = f"trainer-watch-{self.consumer_name}"
         self.jobs_trained = 0
@@ -388,10 +389,14 @@ class TrainerService(Service):
 
     async def setup(self) -> None:
         await super().setup()
-        self.core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
+        self._core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
         await self.bus.ensure_group("events", self.events_group, start_id="$")
         self.log.info("trainer_ready", model_dir=self.config.model_dir, device=str(self.core.device),
                       stream=self.stream, adapter_dir=str(self.store.root))
+
+    @property
+    def core(self) -> TrainerCore:
+        return set_up(self._core, "trainer: core")
 
     def consumers(self):
         return [
@@ -400,7 +405,7 @@ class TrainerService(Service):
         ]
 
     def status(self) -> dict:
-        tenants = len(self.core.bank.tenants) if self.core else 0
+        tenants = len(self._core.bank.tenants) if self._core else 0
         return {"tenants": tenants, "jobs_trained": self.jobs_trained, "jobs_republished": self.jobs_republished}
 
     async def on_train_job(self, job: TrainJob, entry: Entry) -> None:

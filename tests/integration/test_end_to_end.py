@@ -69,7 +69,7 @@ def wait_finished(cluster: LocalCluster, client: CloraClient, ids: list[str],
         return False
 
     records = watch_until_done(client, None, ids, timeout_s=RUN_TIMEOUT_S, display=_Quiet(), should_stop=should_stop)
-    for experiment_id, record in zip(ids, records):
+    for experiment_id, record in zip(ids, records, strict=True):
         expected = statuses.get(experiment_id, "finished")
         assert record is not None and record.status == expected, (experiment_id, record)
     return records
@@ -180,7 +180,7 @@ def test_two_rollout_workers_two_trainer_shards(cluster_factory):
     cluster, client = cluster_factory(num_rollout_workers=2, num_trainer_shards=2)
     ids = ["shard-a", "shard-b", "shard-c", "shard-d"]
     families = ["sort", "sort_desc", "add", "sub"]
-    submit(client, [spec(i, f, steps=4, eval_size=8) for i, f in zip(ids, families)])
+    submit(client, [spec(i, f, steps=4, eval_size=8) for i, f in zip(ids, families, strict=True)])
     wait_finished(cluster, client, ids)
 
     workers = {c.worker for c in read_stream(client, "completions", Completion)}

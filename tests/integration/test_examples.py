@@ -65,7 +65,7 @@ def test_every_example_spec_on_the_shipped_model_learns(tmp_path, example_reward
             records = [client.wait(experiment_id, RUN_TIMEOUT_S) for experiment_id in ids]
         cluster.check_alive()
     with capsys.disabled():
-        for spec, record in zip(specs, records):
+        for spec, record in zip(specs, records, strict=True):
             print(f"\n{spec.experiment_id}: {record.status}, {record.step} steps, held-out "
                   f"{record.start_accuracy} -> {record.final_accuracy}, {record.errors} failed groups")
     for record in records:

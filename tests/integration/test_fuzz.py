@@ -33,7 +33,7 @@ from services.cli.local import LocalCluster
 from services.reward.worker import REPLIES_READER, REPLIES_STREAM, reward_stream, serve_reward_worker, worker_group
 from services.scheduler.state import Keys
 from shared import messages as m
-from shared.bus import DEAD_LETTER_STREAM, StreamBus
+from shared.bus import DEAD_LETTER_STREAM
 from shared.config import DEFAULT_MODEL_DIR
 from tests.integration.cluster_procs import (
     CLUSTER_ENV,
@@ -216,11 +216,11 @@ def send(client: redis.Redis, keys: Keys, corpus: dict[str, list[tuple[str, dict
                 pipe.xadd(keys.stream(stream), entries[index][1])
                 order.append(stream)
                 if len(order) % 200 == 0:
-                    for name, entry_id in zip(order[-200:], pipe.execute()):
+                    for name, entry_id in zip(order[-200:], pipe.execute(), strict=True):
                         ids[name].append(entry_id.decode())
     tail = len(order) % 200
     if tail:
-        for name, entry_id in zip(order[-tail:], pipe.execute()):
+        for name, entry_id in zip(order[-tail:], pipe.execute(), strict=True):
             ids[name].append(entry_id.decode())
     return ids
 
@@ -264,9 +264,10 @@ def test_fuzz_every_stream_while_a_legitimate_experiment_runs(tmp_path, capsys):
             ids[stream] += more
         sent_s = time.monotonic() - started
         record = wait_finished(cluster, client, keys, LEGIT, RUN_TIMEOUT_S)
-        refused_ids = {stream: {entry_id for entry_id, (label, _) in zip(ids[stream], corpus[stream])
+        refused_ids = {stream: {entry_id for entry_id, (label, _) in zip(ids[stream], corpus[stream], strict=True)
                                 if not label.startswith("hostile")} for stream in STREAMS}
-        labels = {entry_id: label for stream in STREAMS for entry_id, (label, _) in zip(ids[stream], corpus[stream])}
+        labels = {entry_id: label for stream in STREAMS
+                  for entry_id, (label, _) in zip(ids[stream], corpus[stream], strict=True)}
         letters = _wait_dead_letters(cluster, client, keys, refused_ids, labels)
 
         # -------------------------------------------------- the figures

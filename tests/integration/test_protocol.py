@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import redis
 
 from services.cli.local import LocalCluster
 from shared.client import CloraClient

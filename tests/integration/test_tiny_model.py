@@ -56,7 +56,8 @@ def test_loads_offline_with_no_environment():
 
 def test_model_dir_is_complete_and_small():
     names = {p.name for p in MODEL_DIR.iterdir()}
-    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md", "eval.json"} <= names
+    assert {"config.json", "model.safetensors", "tokenizer.json", "generation_config.json", "README.md",
+            "eval.json"} <= names
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) <= MAX_MODEL_DIR_BYTES
 
 

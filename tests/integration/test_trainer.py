@@ -91,7 +91,8 @@ def sample_group(model, prompt_ids: list[int], n: int, generator: torch.Generato
 
 def scored_group(tenant: str, step: int, index: int, prompt_ids, completions, logprobs, rewards,
                  adapter_version: int) -> ScoredCompletion:
-    samples = [Sample(token_ids=t, logprobs=lp, text="", finish_reason="length") for t, lp in zip(completions, logprobs)]
+    samples = [Sample(token_ids=t, logprobs=lp, text="", finish_reason="length")
+               for t, lp in zip(completions, logprobs, strict=True)]
     completion = Completion(
         request_id=f"{tenant}:s{step}:p{index}", experiment_id=tenant, step=step, purpose="train",
         prompt=Prompt(prompt_id=f"p{index}", text=""), prompt_token_ids=list(prompt_ids), samples=samples,
@@ -155,7 +156,8 @@ def test_store_writes_complete_immutable_versions(tmp_path):
     path, digest = store.write_version("exp", 1, tensors, SIGNATURE, "base")
     assert store.is_complete("exp", 1) and store.verify(path) == digest
     assert (path / DIGEST_FILE).read_text() == digest
-    assert torch.equal(store.load_tensors(path)["base_model.model.x.lora_A.weight"], tensors["base_model.model.x.lora_A.weight"])
+    assert torch.equal(store.load_tensors(path)["base_model.model.x.lora_A.weight"],
+                       tensors["base_model.model.x.lora_A.weight"])
     # Immutable: writing the same version again changes nothing and returns the existing digest.
     again = store.write_version("exp", 1, {"base_model.model.x.lora_A.weight": torch.zeros(8, 4)}, SIGNATURE, "base")
     assert again == (path, digest)
@@ -225,7 +227,7 @@ def test_two_tenants_learn_opposite_rewards_while_an_idle_tenant_stays_bit_ident
                 assert_identical(other_before, snapshot(bank.get(other)))
     assert updates >= steps  # most steps had signal
     learned = {}
-    for tenant, token in targets.items():
+    for tenant in targets:
         bank.swap_in(tenant)
         learned[tenant] = {t: target_probability(model, tok) for t, tok in targets.items()}
     assert learned["likes-x"]["likes-x"] > max(0.3, 3 * base_probability["likes-x"])
@@ -451,7 +453,8 @@ async def test_an_ended_experiment_leaves_trainer_memory_and_a_late_job_restores
         busy_before = snapshot(bank.get("busy"))
         # Events that do not end an experiment, or name one this trainer never saw, change nothing.
         for experiment_id, code in (("done", "admitted"), ("done", "nan_loss"), ("elsewhere", "finished")):
-            await bus.publish(ExperimentEvent(experiment_id=experiment_id, level="info", code=code, message="", ts=now()))
+            await bus.publish(ExperimentEvent(experiment_id=experiment_id, level="info", code=code, message="",
+                                              ts=now()))
         await bus.publish(ExperimentEvent(experiment_id="done", level="info", code="finished", message="", ts=now()))
         for _ in range(int(EVENTUALLY_S / 0.05)):
             if not bank.has("done"):

@@ -9,7 +9,6 @@ import torch
 
 from services.trainer import grpo
 
-
 # ---------------------------------------------------------------- advantages
 
 
@@ -119,16 +118,17 @@ def test_packed_logprobs_and_gradients_equal_one_sequence_at_a_time():
     for example in examples:
         sequence = torch.tensor([list(example.prompt_ids) + list(example.completion_ids)])
         logits_T_V = model(input_ids=sequence[:, :-1]).logits[0]
-        alone = grpo.token_logprobs(logits_T_V[len(example.prompt_ids) - 1:], sequence[0, len(example.prompt_ids):], 0.7)
+        prompt_len = len(example.prompt_ids)
+        alone = grpo.token_logprobs(logits_T_V[prompt_len - 1:], sequence[0, prompt_len:], 0.7)
         expected[tuple(example.completion_ids)] = alone
         alone_sum = alone_sum + (alone * example.advantage).sum()
     alone_grads = torch.autograd.grad(alone_sum, lora)
     starts = [0, 4, 5, 7]  # packed order: prompt [1,2,3] completions, then prompt [9,10]
     order = [examples[0], examples[1], examples[3], examples[2]]
-    for start, example in zip(starts, order):
+    for start, example in zip(starts, order, strict=True):
         got = packed_K[start:start + len(example.completion_ids)]
         assert torch.allclose(got, expected[tuple(example.completion_ids)], atol=1e-5)
-    for packed, alone in zip(packed_grads, alone_grads):
+    for packed, alone in zip(packed_grads, alone_grads, strict=True):
         assert torch.allclose(packed, alone, atol=1e-5)
 
 

@@ -71,7 +71,8 @@ def test_sharded_stream_names_decode_by_their_base():
 
 
 def test_plain_msgpack_from_a_client_decodes_with_defaults():
-    spec = {"experiment_id": "exp-2", "task": {"family": "addition"}, "reward": {"type": "family", "family": "addition"}}
+    spec = {"experiment_id": "exp-2", "task": {"family": "addition"},
+            "reward": {"type": "family", "family": "addition"}}
     message = m.decode(msgpack.packb({"kind": "experiment_submit", "spec": spec}), "experiments")
     assert isinstance(message, m.ExperimentSubmit)
     assert message.schema == m.SCHEMA_VERSION  # omitted schema: the current one

@@ -123,7 +123,8 @@ def documented_codes() -> set[str]:
 
 def test_event_code_table_lists_exactly_the_codes_services_send():
     sent = codes_in_services()
-    assert {"finished", "waiting_for_prompts", "duplicate_experiment", "train_job_over_budget"} <= sent  # the scan works
+    # the scan works
+    assert {"finished", "waiting_for_prompts", "duplicate_experiment", "train_job_over_budget"} <= sent
     assert sent <= m.EVENT_CODES, sent - m.EVENT_CODES
     assert documented_codes() == m.EVENT_CODES
 

@@ -104,7 +104,7 @@ def test_sort_desc_shares_prompts_with_sort():
     ascending = get_family("sort").generate(5, 30, "eval")
     descending = get_family("sort_desc").generate(5, 30, "eval")
     assert [p.text for p in ascending] == [p.text for p in descending]
-    assert all(d.answer == a.answer[::-1] for a, d in zip(ascending, descending))
+    assert all(d.answer == a.answer[::-1] for a, d in zip(ascending, descending, strict=True))
 
 
 def test_get_family_names_the_known_families():

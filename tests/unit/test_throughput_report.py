@@ -62,7 +62,8 @@ def test_quick_is_a_small_smoke_run_and_explicit_flags_win():
     assert (quick.experiments, quick.steps, quick.concurrency, quick.spec_fields["eval_size"]) == (2, 2, (1, 2), 16)
     custom = tp.parse_args(["--quick", "--steps", "1", "--eval-size", "4", "--experiments", "3", "--family", "add"],
                            demo_advice=ADVICE)
-    assert (custom.experiments, custom.steps, custom.spec_fields["steps"], custom.spec_fields["eval_size"]) == (3, 1, 1, 4)
+    assert (custom.experiments, custom.steps, custom.spec_fields["steps"],
+            custom.spec_fields["eval_size"]) == (3, 1, 1, 4)
     assert custom.family == "add"
 
 
@@ -186,7 +187,8 @@ def test_bottleneck_names_the_busiest_service_above_the_threshold():
 
 
 def test_ratios_against_both_serial_baselines():
-    rows = [{"mode": "serial-warm", "experiments_per_hour": 100.0}, {"mode": "serial-cold", "experiments_per_hour": 50.0},
+    rows = [{"mode": "serial-warm", "experiments_per_hour": 100.0},
+            {"mode": "serial-cold", "experiments_per_hour": 50.0},
             {"mode": "concurrent", "experiments_per_hour": 300.0}]
     tp.add_throughput_ratios(rows)
     assert rows[2]["throughput_ratio_vs_serial_warm"] == pytest.approx(3.0)
