@@ -155,6 +155,8 @@ class SchedulerConfig(BaseConfig, LoraConfig, RewardLimits, TrainBudget):
     train_queue_depth: int = 2  # outstanding train jobs per shard
     stall_timeout_s: float = 300.0  # re-publish a step's missing work after this long
     max_tokens_limit: int = 4096  # largest max_tokens an experiment may ask for
+    # the model's context in tokens, as the rollout's (same CLORA_MAX_MODEL_LEN); 0: unknown, max_tokens not checked
+    max_model_len: int = 0
     lease_ttl_s: float = 30.0  # one scheduler at a time: a standby takes over this long after the leader died
     ended_ttl_s: float = 7 * 24 * 3600.0  # an ended experiment's step data expires after this; its summary stays
     # the reward service's configured URL prefixes (same CLORA_HTTP_ALLOWLIST): refused at submit otherwise
@@ -164,6 +166,7 @@ class SchedulerConfig(BaseConfig, LoraConfig, RewardLimits, TrainBudget):
         super().validate()
         self._require_positive("max_concurrent", "num_trainer_shards", "train_queue_depth", "stall_timeout_s",
                                "max_tokens_limit", "lease_ttl_s", "ended_ttl_s")
+        self._require_non_negative("max_model_len")
 
 
 @dataclass

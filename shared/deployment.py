@@ -39,6 +39,7 @@ class DeploymentInfo(msgspec.Struct, kw_only=True):
     lora_targets: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     families: list[str] = []  # known task families; [] = this client's own list (shared.tasks)
     max_tokens_limit: int = 4096  # largest max_tokens
+    max_model_len: int = 0  # the model's context in tokens; 0: unknown (max_tokens not checked against it)
     max_reward_timeout_s: float = 60.0  # RewardLimits
     max_reward_attempts: int = 5
     max_reward_budget_s: float = 120.0

@@ -49,7 +49,11 @@ class _Message(_Struct, tag_field="kind", kw_only=True):
 
 class SamplingParams(_Struct):
     """How to sample. ``top_k`` 0 and ``top_p`` 1.0 mean no truncation;
-    ``temperature`` 0 means greedy; ``seed`` None means nondeterministic."""
+    ``temperature`` 0 means greedy; ``seed`` None means nondeterministic.
+    ``stop``: strings that end a completion where one first appears in its
+    text: the completion keeps its tokens up to the one that completes the
+    stop string, its text ends before the stop string, and its
+    ``finish_reason`` is "stop"."""
 
     n: int = 1
     temperature: float = 1.0
@@ -58,6 +62,7 @@ class SamplingParams(_Struct):
     max_tokens: int = 16
     stop_token_ids: list[int] = []
     seed: int | None = None
+    stop: list[str] = []
 
 
 class Prompt(_Struct):
@@ -68,17 +73,38 @@ class Prompt(_Struct):
     answer: str | None = None
 
 
+class RewardTerm(_Struct):
+    """One built-in term of a ``sum`` reward: ``weight`` times the reward of
+    ``type`` (read as ``RewardSpec``'s type of the same name, with this
+    term's ``family``, ``pattern`` and ``tolerance``)."""
+
+    type: Literal["family", "exact_match", "regex", "math", "format"]
+    weight: float = 1.0
+    family: str | None = None
+    pattern: str | None = None
+    tolerance: float = 1e-6
+
+
 class RewardSpec(_Struct):
     """How completions of an experiment are scored.
 
     - ``family``: the built-in verifier of task family ``family``.
     - ``exact_match``: completion text (stripped) equals the prompt's answer.
     - ``regex``: 1.0 when ``pattern`` matches the completion (``re.search``).
+    - ``math``: the completion's numeric final answer (``#### 42``,
+      ``\\boxed{42}``, else its last number) equals the prompt's answer
+      within ``tolerance`` (relative; absolute below 1).
+    - ``format``: 1.0 when ``pattern`` matches the completion; without a
+      pattern, when it gives a final answer after ``####`` or in ``\\boxed{}``.
+      No verdict (``correct`` None).
+    - ``sum``: the weighted sum of ``terms`` (built-in rewards, one level);
+      the verdict is that of its verifier term (family, exact_match or
+      math; at most one), None without one.
     - ``http``: POST to ``url`` (must be on the reward service's allowlist).
     - ``worker``: an external worker on stream ``<prefix>reward:<worker>``.
-    ``invert`` turns a 0/1 reward r into 1 - r (reward the opposite)."""
+    ``invert`` turns a 0/1 reward r into 1 - r (reward the opposite); not for ``sum``."""
 
-    type: Literal["family", "exact_match", "regex", "http", "worker"]
+    type: Literal["family", "exact_match", "regex", "http", "worker", "math", "format", "sum"]
     family: str | None = None
     pattern: str | None = None
     url: str | None = None
@@ -86,6 +112,8 @@ class RewardSpec(_Struct):
     timeout_s: float = 10.0
     max_attempts: int = 3
     invert: bool = False
+    tolerance: float = 1e-6
+    terms: list[RewardTerm] | None = None
 
 
 class TaskSource(_Struct):
@@ -121,6 +149,7 @@ class ExperimentSpec(_Struct):
     eval_size: int = 64
     checkpoint_every: int = 1
     seed: int = 0
+    stop: list[str] = []  # stop strings of every completion (SamplingParams.stop)
 
 
 class Sample(_Struct):

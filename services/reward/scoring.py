@@ -1,4 +1,5 @@
-"""Built-in rewards: the task families' verifiers, exact match and regex.
+"""Built-in rewards: the task families' verifiers, exact match, regex, the
+math verifier, the format reward, and weighted sums of them.
 
 Each scorer turns one sample's text (plus the prompt's reference answer) into
 a ``SampleScore``: a reward in [0, 1] and, where the scorer is a verifier, a
@@ -10,6 +11,10 @@ inverted reward when it counts the experiment's successes
 
 A scorer that cannot score (unknown family, missing answer, bad pattern)
 raises ``RewardError`` with a reason a user can act on.
+
+``sum`` adds its terms' rewards, each times its weight; its ``correct`` is
+that of its verifier term (``VERIFIER_TYPES``, at most one: the scheduler
+checks it), and ``metrics`` holds each term's reward as ``term<i>_<type>``.
 
 Regex rewards are a user's pattern: they run through
 ``shared.patterns.compile_pattern`` (RE2, matching time linear in the text),
@@ -23,10 +28,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from shared.messages import RewardSpec
+from services.reward import math_verifier
+from shared.messages import RewardSpec, RewardTerm
 from shared.patterns import PatternError, compile_pattern
 
-BUILTIN_TYPES = ("family", "exact_match", "regex")
+BUILTIN_TYPES = ("family", "exact_match", "regex", "math", "format", "sum")
+VERIFIER_TYPES = ("family", "exact_match", "math")  # a sum's verdict comes from its term of these
 
 
 class RewardError(Exception):
@@ -48,13 +55,29 @@ class SampleScore:
 
 def score_builtin(spec: RewardSpec, text: str, answer: str | None) -> SampleScore:
     """Score one sample with a built-in reward (without ``invert``)."""
-    if spec.type == "family":
-        return _score_family(spec.family, text, answer)
-    if spec.type == "exact_match":
+    if spec.type == "sum":
+        return _score_sum(spec.terms, text, answer)
+    return _score_one(spec.type, spec.family, spec.pattern, spec.tolerance, text, answer)
+
+
+def score_term(term: RewardTerm, text: str, answer: str | None) -> SampleScore:
+    """One term of a ``sum`` (its weight not applied)."""
+    return _score_one(term.type, term.family, term.pattern, term.tolerance, text, answer)
+
+
+def _score_one(kind: str, family: str | None, pattern: str | None, tolerance: float,
+               text: str, answer: str | None) -> SampleScore:
+    if kind == "family":
+        return _score_family(family, text, answer)
+    if kind == "exact_match":
         return _score_exact_match(text, answer)
-    if spec.type == "regex":
-        return _score_regex(spec.pattern, text)
-    raise RewardError(f"reward type {spec.type!r} is not a built-in verifier")
+    if kind == "regex":
+        return _score_regex(pattern, text)
+    if kind == "math":
+        return _score_math(text, answer, tolerance)
+    if kind == "format":
+        return _score_format(pattern, text)
+    raise RewardError(f"reward type {kind!r} is not a built-in verifier")
 
 
 def apply_invert(score: SampleScore, invert: bool) -> SampleScore:
@@ -111,3 +134,36 @@ def _score_regex(pattern: str | None, text: str) -> SampleScore:
         raise RewardError(f"invalid regex {pattern!r}: {exc}") from None
     matched = compiled.search(text) is not None
     return SampleScore(reward=float(matched), correct=matched)
+
+
+def _score_math(text: str, answer: str | None, tolerance: float) -> SampleScore:
+    if answer is None:
+        raise RewardError("math needs the prompt's answer; it is missing")
+    try:
+        verdict = math_verifier.verify(text, answer, tolerance)
+    except ValueError as exc:
+        raise RewardError(f"math: {exc}") from None
+    return SampleScore(reward=float(verdict.correct), correct=verdict.correct,
+                       metrics={"answer_found": float(verdict.predicted is not None)})
+
+
+def _score_format(pattern: str | None, text: str) -> SampleScore:
+    """Not a verdict on the task: ``correct`` stays None."""
+    if pattern:
+        return SampleScore(reward=_score_regex(pattern, text).reward)
+    return SampleScore(reward=float(math_verifier.has_answer_marker(text)))
+
+
+def _score_sum(terms: list[RewardTerm] | None, text: str, answer: str | None) -> SampleScore:
+    if not terms:
+        raise RewardError("reward type 'sum' needs reward.terms (one or more)")
+    reward, correct, metrics = 0.0, None, {}
+    for index, term in enumerate(terms):
+        score = score_term(term, text, answer)
+        reward += term.weight * score.reward
+        metrics[f"term{index}_{term.type}"] = score.reward
+        if term.type in VERIFIER_TYPES and correct is None:
+            correct = score.correct
+    if not math.isfinite(reward):
+        raise RewardError(f"the weighted sum of the terms is not finite ({reward})")
+    return SampleScore(reward=reward, correct=correct, metrics=metrics)

@@ -42,7 +42,7 @@ from redis.exceptions import ResponseError
 from services.rollout.slots import SlotTable
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.config import RolloutConfig
-from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GenerationResult
+from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GeneratedSample, GenerationResult
 from shared.messages import (
     AdapterPublished,
     Completion,
@@ -186,6 +186,40 @@ def decode_text(tokenizer, token_ids: list[int], stop_token_ids: set[int]) -> st
     tokens skipped."""
     cut = next((i for i, token in enumerate(token_ids) if token in stop_token_ids), len(token_ids))
     return tokenizer.decode(token_ids[:cut], skip_special_tokens=True)
+
+
+def to_sample(tokenizer, generated: GeneratedSample, stop_ids: set[int], stop_strings: list[str]) -> Sample:
+    """A generated sample as the completion carries it, ended at its first
+    stop string (``SamplingParams.stop``): the tokens up to the one that
+    completes it, the text before it, finish_reason "stop". The engines
+    generate on to a stop token or ``max_tokens``; the cut is made here, once,
+    the same for every engine."""
+    token_ids, logprobs = list(generated.token_ids), [float(x) for x in generated.logprobs]
+    text = decode_text(tokenizer, token_ids, stop_ids)
+    stop_at = first_stop_string(text, stop_strings)
+    if stop_at is None:
+        return Sample(token_ids=token_ids, logprobs=logprobs, text=text, finish_reason=generated.finish_reason)
+    kept = tokens_through_stop(tokenizer, token_ids, stop_ids, stop_strings)
+    return Sample(token_ids=token_ids[:kept], logprobs=logprobs[:kept], text=text[:stop_at], finish_reason="stop")
+
+
+def first_stop_string(text: str, stop_strings: list[str]) -> int | None:
+    """Where the first stop string in ``text`` starts, None when none is in it."""
+    found = [at for at in (text.find(stop) for stop in stop_strings if stop) if at >= 0]
+    return min(found) if found else None
+
+
+def tokens_through_stop(tokenizer, token_ids: list[int], stop_ids: set[int], stop_strings: list[str]) -> int:
+    """The fewest leading tokens whose text holds a stop string (the whole
+    sequence's does): a binary search, as a longer prefix's text extends a shorter one's."""
+    low, high = 1, len(token_ids)
+    while low < high:
+        middle = (low + high) // 2
+        if first_stop_string(decode_text(tokenizer, token_ids[:middle], stop_ids), stop_strings) is None:
+            low = middle + 1
+        else:
+            high = middle
+    return high
 
 
 def stop_tokens(tokenizer, request_stop_ids: list[int]) -> set[int]:
@@ -334,11 +368,7 @@ class RolloutService(Service):
                     received: float, submitted: float) -> Completion:
         tokenizer = self.engine.tokenizer()
         stops = stop_tokens(tokenizer, request.sampling.stop_token_ids)
-        samples = [
-            Sample(token_ids=list(s.token_ids), logprobs=[float(x) for x in s.logprobs],
-                   text=decode_text(tokenizer, list(s.token_ids), stops), finish_reason=s.finish_reason)
-            for s in result.samples
-        ]
+        samples = [to_sample(tokenizer, generated, stops, request.sampling.stop) for generated in result.samples]
         queued_since = request.ts if request.ts > 0 else received
         timings = RolloutTimings(
             queue_wait_s=max(0.0, submitted - queued_since) + result.queue_wait_s,

@@ -23,7 +23,7 @@ from shared.messages import (
     TrainJob,
 )
 
-BUILT_IN_REWARDS = ("family", "exact_match", "regex")
+BUILT_IN_REWARDS = ("family", "exact_match", "regex", "math", "format", "sum")
 
 
 def shard_of(experiment_id: str, num_shards: int) -> int:
@@ -45,7 +45,8 @@ def train_job_id(experiment_id: str, step: int) -> str:
 def sample_successes(scored: ScoredCompletion, reward: RewardSpec) -> list[bool]:
     """Per sample: did it achieve the experiment's objective? The verifier's
     verdict (flipped for an inverted reward), else reward >= 0.5 for 0/1
-    built-in rewards. [] for a failed group or a reward without a verdict."""
+    built-in rewards (not a weighted ``sum``). [] for a failed group or a
+    reward without a verdict."""
     if group_failed(scored) is not None:
         return []
     successes = []
@@ -53,7 +54,7 @@ def sample_successes(scored: ScoredCompletion, reward: RewardSpec) -> list[bool]
         verdict = scored.correct[index] if index < len(scored.correct) else None
         if verdict is not None:
             successes.append(verdict != reward.invert)
-        elif reward.type in BUILT_IN_REWARDS:
+        elif reward.type in BUILT_IN_REWARDS and reward.type != "sum":
             successes.append(reward_value >= 0.5)
     return successes
 
@@ -97,7 +98,7 @@ def rollout_request(view: ExperimentView, step: int, index: int, prompt: Prompt,
         step=step, purpose="train", prompt=prompt, adapter_version=view.version,
         adapter_path=view.adapter_path if view.version > 0 else None,
         sampling=SamplingParams(n=spec.group_size, temperature=spec.temperature, top_p=spec.top_p,
-                                top_k=spec.top_k, max_tokens=spec.max_tokens),
+                                top_k=spec.top_k, max_tokens=spec.max_tokens, stop=list(spec.stop)),
         reward=train_reward(spec), ts=now,
     )
 
@@ -109,7 +110,7 @@ def eval_request(view: ExperimentView, version: int, index: int, prompt: Prompt,
         request_id=eval_request_id(view.experiment_id, version, index), experiment_id=view.experiment_id,
         step=version, purpose="eval", prompt=prompt, adapter_version=version,
         adapter_path=view.adapter_path if version > 0 else None,
-        sampling=SamplingParams(n=1, temperature=0.0, max_tokens=view.spec.max_tokens),
+        sampling=SamplingParams(n=1, temperature=0.0, max_tokens=view.spec.max_tokens, stop=list(view.spec.stop)),
         reward=eval_reward(view.spec), ts=now,
     )
 

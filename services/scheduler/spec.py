@@ -35,6 +35,9 @@ MAX_GROUP_SIZE = 1024
 MAX_PROMPTS_PER_STEP = 4096
 MAX_EVAL_SIZE = 10_000
 MAX_OFF_POLICY_STEPS = 16
+MAX_REWARD_TERMS = 8  # terms of a 'sum' reward
+MAX_STOP_STRINGS = 8
+MAX_STOP_CHARS = 64  # one stop string
 WORKER_NAME_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MAX_PROMPT_CHARS = 8192  # longest prompt text, inline or pushed
 # The built-in families' prompts are a few operands ("57+68=", "sort: 3 1 2"),
@@ -60,6 +63,7 @@ class SpecLimits:
 
     deployment_rank: int = 8
     max_tokens_limit: int = 4096
+    max_model_len: int = 0  # the model's context in tokens (prompt + completion); 0: unknown, not checked
     max_prompt_chars: int = MAX_PROMPT_CHARS
     # the trainer's budget (shared.config.TrainBudget)
     max_train_tokens: int = 1_000_000
@@ -74,6 +78,7 @@ def limits_from_config(config: Any) -> SpecLimits:
     return SpecLimits(
         deployment_rank=int(config.lora_rank),
         max_tokens_limit=config.max_tokens_limit,
+        max_model_len=int(getattr(config, "max_model_len", 0)),
         max_train_tokens=config.max_train_tokens,
         max_packed_row_tokens=config.max_packed_row_tokens,
         max_reward_timeout_s=config.max_reward_timeout_s,
@@ -155,7 +160,52 @@ def _check_reward(spec: ExperimentSpec, families: Collection[str], limits: SpecL
                            f"{WORKER_NAME_PATTERN.pattern} (got {reward.worker!r})")
     elif reward.type == "exact_match":
         reasons += _check_exact_match(spec)
+    elif reward.type in ("math", "format"):
+        reasons += _check_term(spec, "reward", reward.type, reward.pattern, reward.tolerance)
+    elif reward.type == "sum":
+        reasons += _check_reward_terms(spec, families)
+    if reward.terms is not None and reward.type != "sum":
+        reasons.append(f"reward.terms: only for reward type 'sum' (got type {reward.type!r})")
     return reasons + _check_reward_cost(reward, limits)
+
+
+def _check_reward_terms(spec: ExperimentSpec, families: Collection[str]) -> list[str]:
+    """A ``sum`` reward: 1..MAX_REWARD_TERMS built-in terms with finite
+    weights, at most one verifier (whose verdict is the sum's), no invert."""
+    reward, terms = spec.reward, spec.reward.terms or []
+    if not 1 <= len(terms) <= MAX_REWARD_TERMS:
+        return [f"reward.terms: give 1 to {MAX_REWARD_TERMS} terms for reward type 'sum' (got {len(terms)})"]
+    reasons = []
+    if reward.invert:
+        reasons.append("reward.invert: not for reward type 'sum' (give the terms negative weights instead)")
+    verifiers = [i for i, term in enumerate(terms) if term.type in VERIFIER_TERM_TYPES]
+    if len(verifiers) > 1:
+        reasons.append(f"reward.terms: at most one verifier term ({', '.join(VERIFIER_TERM_TYPES)}), whose "
+                       f"verdict is the sum's (got terms {verifiers})")
+    for index, term in enumerate(terms):
+        where = f"reward.terms[{index}]"
+        if not math.isfinite(term.weight):
+            reasons.append(f"{where}.weight: must be a finite number (got {term.weight})")
+        if term.type == "family" and term.family not in families:
+            reasons.append(f"{where}.family: a known family is required in a term (got {term.family!r}; "
+                           f"known: {', '.join(sorted(families))})")
+        reasons += _check_term(spec, where, term.type, term.pattern, term.tolerance)
+    return reasons
+
+
+def _check_term(spec: ExperimentSpec, where: str, kind: str, pattern: str | None, tolerance: float) -> list[str]:
+    """The rules of one math, format, regex or exact_match reward (top-level or a term)."""
+    if kind == "regex":
+        return [f"{where}.{r.removeprefix('reward.')}" for r in _check_pattern(pattern)]
+    if kind == "format" and pattern:
+        return [f"{where}.{r.removeprefix('reward.')}" for r in _check_pattern(pattern)]
+    if kind == "exact_match":
+        return _check_answers(spec, "exact_match")
+    if kind == "math":
+        if not (math.isfinite(tolerance) and 0 <= tolerance < 1):
+            return [f"{where}.tolerance: must be in [0, 1) (got {tolerance})"]
+        return _check_answers(spec, "math")
+    return []
 
 
 def _check_reward_cost(reward: RewardSpec, limits: SpecLimits) -> list[str]:
@@ -189,14 +239,33 @@ def _check_pattern(pattern: str | None) -> list[str]:
 
 
 def _check_exact_match(spec: ExperimentSpec) -> list[str]:
+    return _check_answers(spec, "exact_match")
+
+
+def _check_answers(spec: ExperimentSpec, kind: str) -> list[str]:
     task = spec.task
     if task.prompts is not None:
         missing = [i for i, prompt in enumerate(task.prompts) if prompt.answer is None]
         if missing:
-            return [f"reward.type: 'exact_match' needs an answer for every prompt "
+            return [f"reward.type: {kind!r} needs an answer for every prompt "
                     f"(task.prompts[{missing[0]}] has none)"]
     # family prompts carry answers; streamed prompts are checked as they arrive
     return []
+
+
+def reward_needs_answer(reward: RewardSpec) -> bool:
+    """Whether ``reward`` scores against the prompt's answer (a prompt without
+    one cannot be scored)."""
+    kinds = [term.type for term in reward.terms or []] if reward.type == "sum" else [reward.type]
+    return any(kind in ANSWER_REWARDS for kind in kinds)
+
+
+def reward_has_verdict(reward: RewardSpec) -> bool:
+    """Whether ``reward`` says whether a sample is right (so held-out accuracy
+    can be measured with it)."""
+    if reward.type == "sum":
+        return any(term.type in VERIFIER_TERM_TYPES for term in reward.terms or [])
+    return reward.type in VERDICT_REWARDS
 
 
 def _range(name: str, value: float, ok: bool, rule: str) -> list[str]:
@@ -237,6 +306,22 @@ def _check_ranges(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
         side = "over" if s.lora_rank > limits.deployment_rank else "under"
         reasons.append(f"lora_rank: {s.lora_rank} is {side} the deployment's rank {limits.deployment_rank}; "
                        "it must equal it (per-experiment ranks are not supported yet)")
+    return reasons
+
+
+def _check_sampling(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
+    """``max_tokens`` within the model's context (a prompt needs one token at
+    least; a longer prompt's rollout is refused by the engine), and stop strings
+    that can be matched cheaply."""
+    reasons = []
+    if limits.max_model_len > 0 and spec.max_tokens >= limits.max_model_len:
+        reasons.append(f"max_tokens: {spec.max_tokens} does not fit the model's context of "
+                       f"{limits.max_model_len} tokens with a prompt (at most {limits.max_model_len - 1})")
+    if len(spec.stop) > MAX_STOP_STRINGS:
+        reasons.append(f"stop: at most {MAX_STOP_STRINGS} stop strings (got {len(spec.stop)})")
+    for index, stop in enumerate(spec.stop):
+        if not 1 <= len(stop) <= MAX_STOP_CHARS:
+            reasons.append(f"stop[{index}]: must be 1 to {MAX_STOP_CHARS} characters long (got {len(stop)})")
     return reasons
 
 
@@ -307,6 +392,7 @@ def validate_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
         *_check_reward(spec, families, limits, allowlist),
         *_check_ranges(spec, limits),
         *_check_train_budget(spec, limits),
+        *_check_sampling(spec, limits),
     ]
 
 
@@ -318,7 +404,9 @@ def check_spec(spec: ExperimentSpec, limits: SpecLimits = SpecLimits(),
         raise SpecInvalid(reasons)
 
 
-VERDICT_REWARDS = ("family", "exact_match", "regex")  # rewards that say whether a sample is right
+VERDICT_REWARDS = ("family", "exact_match", "regex", "math")  # rewards that say whether a sample is right
+VERIFIER_TERM_TYPES = ("family", "exact_match", "math")  # terms whose verdict is a sum's (reward.scoring)
+ANSWER_REWARDS = ("family", "exact_match", "math")  # rewards that need the prompt's answer
 
 
 def held_out_size(spec: ExperimentSpec) -> int:
@@ -336,7 +424,7 @@ def held_out_size(spec: ExperimentSpec) -> int:
         return 0
     if task.family is not None:
         return spec.eval_size
-    if spec.reward.type not in VERDICT_REWARDS:
+    if not reward_has_verdict(spec.reward):
         return 0
     if task.prompts is not None:
         return min(spec.eval_size, len(task.prompts) // 2)

@@ -20,7 +20,7 @@ from services.reward.service import RewardService
 from services.reward.worker import reward_worker
 from shared.bus import StreamBus
 from shared.config import RewardConfig
-from shared.messages import Completion, Prompt, RewardSpec, Sample, ScoredCompletion, decode, encode
+from shared.messages import Completion, Prompt, RewardSpec, RewardTerm, Sample, ScoredCompletion, decode, encode
 
 RESULT_WAIT_S = 60.0  # a guard against hanging, never an assertion
 
@@ -121,6 +121,37 @@ async def test_builtin_verifiers_score_and_mark_correct(redis_url, stream_prefix
     # invert rewards the opposite; `correct` still measures the task
     assert scored["inverted"].rewards == [0.0, 1.0] and scored["inverted"].correct == [True, False]
     assert all(s.reward_error is None for s in scored.values())
+
+
+async def test_math_format_and_weighted_sums_score_over_redis(redis_url, stream_prefix, async_redis):
+    gsm8k_reference = "He buys 3 packs of 4: 3 * 4 = <<3*4=12>>12 pens.\n#### 1,200"
+    texts = ["3 packs... so 1200 pens. #### 1,200", "The answer is \\boxed{1200}", "1200", "#### 12", "no idea"]
+    math_and_format = RewardSpec(type="sum", terms=[RewardTerm(type="math", weight=1.0),
+                                                    RewardTerm(type="format", weight=0.25)])
+    format_only = RewardSpec(type="sum", terms=[RewardTerm(type="format", weight=0.5),
+                                                RewardTerm(type="regex", pattern="pens", weight=0.5)])
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        for experiment_id, reward in (("math", RewardSpec(type="math")), ("format", RewardSpec(type="format")),
+                                      ("math-and-format", math_and_format), ("format-only", format_only)):
+            await bus.publish(completion(experiment_id, reward, texts, answer=gsm8k_reference))
+        await bus.publish(completion("unanswered", math_and_format, texts, answer=None))
+        scored = by_experiment(await read_messages(async_redis, stream_prefix + "scored", 5))
+        events = await read_messages(async_redis, stream_prefix + "events", 1)
+    assert scored["math"].rewards == [1.0, 1.0, 1.0, 0.0, 0.0]
+    assert scored["math"].correct == [True, True, True, False, False]
+    assert scored["math"].reward_metrics == {"answer_found": 0.8}
+    assert scored["format"].rewards == [1.0, 1.0, 0.0, 1.0, 0.0] and scored["format"].correct == [None] * 5
+    # the sum: weighted terms, the verdict of its math term, each term's mean as a metric
+    assert scored["math-and-format"].rewards == [1.25, 1.25, 1.0, 0.25, 0.0]
+    assert scored["math-and-format"].correct == [True, True, True, False, False]
+    assert scored["math-and-format"].reward_metrics == {"term0_math": 0.6, "term1_format": 0.6}
+    assert scored["format-only"].rewards == [1.0, 0.5, 0.0, 0.5, 0.0] and scored["format-only"].correct == [None] * 5
+    # no answer to check against: the group fails with the reason, nothing else does
+    assert "math needs the prompt's answer" in scored["unanswered"].reward_error
+    assert [e.experiment_id for e in events] == ["unanswered"] and events[0].code == "reward_failed"
+    assert all(scored[k].reward_error is None for k in ("math", "format", "math-and-format", "format-only"))
 
 
 async def test_failing_http_rewards_are_reported_and_isolated(redis_url, stream_prefix, async_redis):

@@ -11,7 +11,7 @@ from services.reward.http_client import parse_reply, request_body
 from services.reward.scoring import RewardError, SampleScore, apply_invert, check_reward_value, score_builtin
 from services.reward.worker import combine_scores, score_with_function, to_sample_score
 from shared.deployment import parse_allowlist, refusal_reason
-from shared.messages import Completion, Prompt, RewardSpec, Sample
+from shared.messages import Completion, Prompt, RewardSpec, RewardTerm, Sample
 
 
 def _completion(texts, answer="42") -> Completion:
@@ -71,6 +71,47 @@ def test_family_uses_the_task_verifier():
 def test_unscorable_specs_say_why(spec, answer, needle):
     with pytest.raises(RewardError, match=needle):
         score_builtin(spec, "x", answer)
+
+
+def test_math_reads_the_final_answer_against_the_reference():
+    spec = RewardSpec(type="math")
+    assert score_builtin(spec, "3 boxes of 4: 12. #### 12", "#### 12") == SampleScore(
+        reward=1.0, correct=True, metrics={"answer_found": 1.0})
+    assert score_builtin(spec, "\\boxed{1,200}", "1200").correct is True
+    assert score_builtin(spec, "I am not sure", "12") == SampleScore(
+        reward=0.0, correct=False, metrics={"answer_found": 0.0})
+
+
+def test_format_checks_the_answer_marker_or_a_pattern_without_a_verdict():
+    assert score_builtin(RewardSpec(type="format"), "so #### 7", None) == SampleScore(reward=1.0)
+    assert score_builtin(RewardSpec(type="format"), "so 7", None) == SampleScore(reward=0.0)
+    tagged = RewardSpec(type="format", pattern=r"<answer>\d+</answer>$")
+    assert score_builtin(tagged, "... <answer>7</answer>", None) == SampleScore(reward=1.0)
+    assert score_builtin(tagged, "... 7", None).reward == 0.0
+
+
+def test_a_sum_weights_its_terms_and_takes_the_verifier_verdict():
+    spec = RewardSpec(type="sum", terms=[RewardTerm(type="format", weight=0.25), RewardTerm(type="math", weight=1.0),
+                                         RewardTerm(type="regex", pattern="^Let", weight=-0.5)])
+    right_and_marked = score_builtin(spec, "Let x be 12. #### 12", "12")
+    assert right_and_marked == SampleScore(reward=0.25 + 1.0 - 0.5, correct=True, metrics={
+        "term0_format": 1.0, "term1_math": 1.0, "term2_regex": 1.0})
+    wrong_unmarked = score_builtin(spec, "it is 13", "12")
+    assert wrong_unmarked.reward == 0.0 and wrong_unmarked.correct is False
+    no_verifier = RewardSpec(type="sum", terms=[RewardTerm(type="format")])
+    assert score_builtin(no_verifier, "#### 3", None).correct is None
+
+
+@pytest.mark.parametrize("spec, answer, needle", [
+    (RewardSpec(type="math"), None, "math needs the prompt's answer"),
+    (RewardSpec(type="math"), "forty-two", "holds no number"),
+    (RewardSpec(type="sum"), "1", "needs reward.terms"),
+    (RewardSpec(type="sum", terms=[RewardTerm(type="regex")]), "1", "pattern"),
+    (RewardSpec(type="format", pattern="(unclosed"), None, "invalid regex"),
+])
+def test_unscorable_math_format_and_sum_say_why(spec, answer, needle):
+    with pytest.raises(RewardError, match=needle):
+        score_builtin(spec, "#### 1", answer)
 
 
 def test_invert_flips_reward_but_keeps_the_verdict():

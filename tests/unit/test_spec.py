@@ -170,7 +170,8 @@ def test_inline_prompts_get_ids():
     ("experiment_id: x\ntask: {family: add}\nreward: {type: family}\nsteps: many\n",
      "spec.yaml: steps: expected `int`, got `str`"),
     ("experiment_id: x\ntask: {family: add}\nreward: {type: telepathy}\n",
-     "spec.yaml: reward.type: unknown reward type 'telepathy' (known: family, exact_match, regex, http, worker)"),
+     "spec.yaml: reward.type: unknown reward type 'telepathy' (known: family, exact_match, regex, http, worker, "
+     "math, format, sum)"),
     ("experiment_id: x\ntask: {family: add}\nreward: {type: family}\nbogus: 1\n",
      "spec.yaml: spec: contains unknown field `bogus`"),
 ])
