@@ -48,7 +48,16 @@ import torch
 
 from shared.engine import LoraSignature
 from shared.messages import EXPERIMENT_ID_PATTERN, is_experiment_id
-from shared.peft_files import CONFIG_FILE, WEIGHTS_FILE, peft_config_dict, read_weights, write_peft_dir
+from shared.peft_files import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    PeftFormatError,
+    peft_config_dict,
+    read_config,
+    read_weights,
+    shape_from_peft_config,
+    write_peft_dir,
+)
 
 DIGEST_FILE = "DIGEST"
 HASHED_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -115,7 +124,9 @@ class AdapterStore(abc.ABC):
         base_model: str,
     ) -> tuple[Path, str]:
         """Write ``version`` completely and return ``(path, digest)``; a no-op
-        returning the existing ones when that version is already complete."""
+        returning the existing ones when that version is already complete.
+        ``signature`` is the adapter's own shape (the tenant's rank, alpha and
+        targets): its ``adapter_config.json`` says it, ``tensors`` have it."""
 
     @abc.abstractmethod
     def path(self, tenant: str, version: int) -> Path:
@@ -136,6 +147,11 @@ class AdapterStore(abc.ABC):
     @abc.abstractmethod
     def load_tensors(self, path: Path | str, verify: bool = True) -> dict[str, torch.Tensor]:
         """The PEFT-named tensors of a version directory (on CPU)."""
+
+    @abc.abstractmethod
+    def load_shape(self, path: Path | str) -> LoraSignature:
+        """The LoRA shape (rank, alpha, target modules) a version directory was
+        written with: its own ``adapter_config.json``."""
 
     @abc.abstractmethod
     def versions(self, tenant: str) -> list[int]:
@@ -238,6 +254,12 @@ class DirectoryAdapterStore(AdapterStore):
         if verify:
             self.verify(path)
         return read_weights(path)
+
+    def load_shape(self, path: Path | str) -> LoraSignature:
+        try:
+            return shape_from_peft_config(read_config(Path(path)), path)
+        except PeftFormatError as exc:
+            raise AdapterStoreError(str(exc)) from exc
 
 
 def _write_files(staging: Path, tensors: dict[str, torch.Tensor], config: dict) -> None:

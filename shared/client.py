@@ -182,6 +182,7 @@ def spec_limits(deployment: DeploymentInfo):
     known = {name for name in SchedulerConfig.__dataclass_fields__}
     values = {name: getattr(deployment, name) for name in DeploymentInfo.__struct_fields__
               if name in known and name not in ("lora_targets", "http_allowlist")}
+    values["lora_targets"] = ",".join(deployment.lora_targets)  # a list here, one string in the config
     return limits_from_config(SchedulerConfig(**values))
 
 

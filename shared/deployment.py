@@ -34,8 +34,9 @@ class DeploymentInfo(msgspec.Struct, kw_only=True):
     are ignored when read, so a newer scheduler never breaks an older client."""
 
     schema: int = DEPLOYMENT_SCHEMA
-    lora_rank: int = 8  # every experiment's lora_rank must equal it
-    lora_alpha: float = 16.0
+    lora_rank: int = 8  # the largest lora_rank an experiment may use (the engines' slots have it)
+    lora_alpha: float = 16.0  # an experiment's lora_alpha when its spec gives none
+    # an experiment's lora_targets are a subset (all of them when its spec gives none)
     lora_targets: list[str] = msgspec.field(default_factory=lambda: list(DEFAULT_LORA_TARGETS))
     families: list[str] = []  # known task families; [] = this client's own list (shared.tasks)
     max_tokens_limit: int = 4096  # largest max_tokens

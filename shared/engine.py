@@ -12,7 +12,9 @@ means the base model.
 from __future__ import annotations
 
 import abc
+import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
@@ -46,7 +48,8 @@ class AdapterKey:
 
 @dataclass(frozen=True)
 class LoraSignature:
-    """What every live adapter of a deployment shares (slots are preallocated)."""
+    """A LoRA shape: the deployment's (the largest every slot is preallocated
+    for) or one tenant's own (a rank up to it, a subset of its targets)."""
 
     rank: int = 8
     alpha: float = 16.0
@@ -57,6 +60,29 @@ class LoraSignature:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def shape_problems(self, shape: LoraSignature) -> list[str]:
+        """Why an adapter of ``shape`` cannot live in this deployment's slots
+        (rank over this rank, alpha not finite > 0, targets not a non-empty
+        subset of these); [] when it can. A smaller rank is zero-padded in a
+        slot: exactly the same adapter."""
+        problems = []
+        if not 1 <= shape.rank <= self.rank:
+            problems.append(f"LoRA rank {shape.rank} is not between 1 and the deployment's maximum {self.rank}")
+        if not (math.isfinite(shape.alpha) and shape.alpha > 0):
+            problems.append(f"lora_alpha {shape.alpha} is not a finite number > 0")
+        outside = sorted(set(shape.target_modules) - set(self.target_modules))
+        if outside or not shape.target_modules:
+            problems.append(f"target modules {list(shape.target_modules)} are not a non-empty subset of the "
+                            f"deployment's {list(self.target_modules)}")
+        return problems
+
+    def tenant_shape(self, rank: int, alpha: float | None, targets: Sequence[str] | None) -> LoraSignature:
+        """A tenant's own LoRA shape; ``None`` alpha or targets: this
+        deployment's. Targets keep this deployment's order."""
+        chosen = self.target_modules if targets is None else tuple(
+            [t for t in self.target_modules if t in targets] + [t for t in targets if t not in self.target_modules])
+        return LoraSignature(rank=rank, alpha=self.alpha if alpha is None else float(alpha), target_modules=chosen)
 
 
 @dataclass

@@ -127,7 +127,10 @@ class TaskSource(_Struct):
 
 
 class ExperimentSpec(_Struct):
-    """One RL experiment (a tenant). Validated by the scheduler on submission."""
+    """One RL experiment (a tenant). Validated by the scheduler on submission.
+    Its adapter's own shape: ``lora_rank`` (up to the deployment's),
+    ``lora_alpha`` (None: the deployment's), ``lora_targets`` (module names,
+    a subset of the deployment's; None: all of the deployment's)."""
 
     experiment_id: str
     task: TaskSource
@@ -149,6 +152,8 @@ class ExperimentSpec(_Struct):
     eval_size: int = 64
     checkpoint_every: int = 1
     seed: int = 0
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
     stop: list[str] = []  # stop strings of every completion (SamplingParams.stop)
 
 
@@ -264,7 +269,11 @@ class TrainJob(_Message, tag="train_job"):
     """Stream ``train_jobs:<shard>``: one policy-gradient step of one tenant.
     ``base_version`` is the version being updated; the result is
     ``base_version + 1``. Groups were sampled by versions >= base_version -
-    hyper.max_off_policy_steps."""
+    hyper.max_off_policy_steps.
+
+    The tenant's own LoRA shape: ``lora_rank`` (up to the deployment's),
+    ``lora_alpha`` (None: the deployment's) and ``lora_targets``, module
+    names, a subset of the deployment's (None: all of the deployment's)."""
 
     job_id: str
     experiment_id: str
@@ -274,6 +283,8 @@ class TrainJob(_Message, tag="train_job"):
     groups: list[ScoredCompletion]
     hyper: TrainHyper
     ts: float = 0.0
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
 
 
 class TrainStats(_Struct):

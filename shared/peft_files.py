@@ -44,7 +44,8 @@ class PeftFormatError(ValueError):
 
 def peft_config_dict(signature: LoraSignature, base_model: str) -> dict:
     """An ``adapter_config.json`` that PEFT's ``PeftModel.from_pretrained`` and
-    vLLM accept for an adapter of ``signature`` on ``base_model``."""
+    vLLM accept for an adapter of ``signature`` (its own rank, alpha and
+    target modules, not the deployment's) on ``base_model``."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -61,6 +62,18 @@ def peft_config_dict(signature: LoraSignature, base_model: str) -> dict:
         "inference_mode": True,
         "init_lora_weights": True,
     }
+
+
+def shape_from_peft_config(config: dict, where: Path | str) -> LoraSignature:
+    """The LoRA shape (r, lora_alpha, target_modules) an ``adapter_config.json``
+    describes; ``PeftFormatError`` when it lacks one (target modules given as
+    a list: a regex string cannot be laid out in slots)."""
+    rank, alpha, targets = config.get("r"), config.get("lora_alpha"), config.get("target_modules")
+    if not isinstance(rank, int) or rank < 1 or not isinstance(alpha, (int, float)):
+        raise PeftFormatError(f"{where}: {CONFIG_FILE} needs an integer r >= 1 and a numeric lora_alpha")
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise PeftFormatError(f"{where}: {CONFIG_FILE} needs target_modules as a non-empty list of module names")
+    return LoraSignature(rank=rank, alpha=float(alpha), target_modules=tuple(targets))
 
 
 def saved_tensor_name(parameter_name: str, adapter_name: str = DEFAULT_ADAPTER_NAME) -> str:
@@ -152,6 +165,6 @@ def lora_scaling(config: dict, signature: LoraSignature, where: Path | str) -> t
 
 __all__ = [
     "CONFIG_FILE", "WEIGHTS_FILE", "LORA_KEY_PATTERN", "DEFAULT_ADAPTER_NAME", "PeftFormatError",
-    "peft_config_dict", "saved_tensor_name", "parse_lora_key", "write_peft_dir", "read_weights",
-    "read_config", "read_peft_dir", "lora_scaling",
+    "peft_config_dict", "shape_from_peft_config", "saved_tensor_name", "parse_lora_key", "write_peft_dir",
+    "read_weights", "read_config", "read_peft_dir", "lora_scaling",
 ]

@@ -11,9 +11,13 @@ from its PEFT directory and removed with ``remove_lora`` once retired and
 idle. The ids are the slot numbers of an unbounded ``SlotTable`` (the one
 slot table of both engines: reference counts, retire-when-idle), which never
 hands out a number twice; vLLM's own LRU manager decides which adapters sit
-in its ``max_loras`` GPU slots. A name is never reloaded in place: reloading
-under one name can serve stale prefix-cache entries (vllm#42125), so a new
-version is always a new name and a new id.
+in its ``max_loras`` GPU slots. The slots are sized for the deployment's
+largest shape (``max_lora_rank`` = the signature's rank); an adapter of a
+smaller rank or a subset of the target modules (an experiment's own shape,
+stated in its ``adapter_config.json``) loads as it is, with its own
+``lora_alpha / r`` scaling, and shares the batches. A name is never
+reloaded in place: reloading under one name can serve stale prefix-cache
+entries (vllm#42125), so a new version is always a new name and a new id.
 
 Behaviour logprobs: ``SamplingParams.logprobs=0`` asks for the sampled
 token's logprob only (vLLM returns that many top tokens *plus* the sampled
@@ -311,7 +315,7 @@ class VLLMEngine(Engine):
             "model": self.model_dir,
             "enable_lora": True,
             "max_loras": self.max_loras,
-            "max_lora_rank": self.signature.rank,
+            "max_lora_rank": self.signature.rank,  # the largest; smaller adapters load as they are
             "max_cpu_loras": self.max_cpu_loras,
             "max_num_seqs": self.max_rows,
             "gpu_memory_utilization": self.gpu_memory_utilization,

@@ -125,7 +125,7 @@ def train_job(view: ExperimentView, now: float) -> TrainJob:
     ordered = [groups[train_request_id(view.experiment_id, step, i)] for i in range(spec.prompts_per_step)]
     return TrainJob(
         job_id=train_job_id(view.experiment_id, step), experiment_id=view.experiment_id, step=step,
-        base_version=step, lora_rank=spec.lora_rank,
+        base_version=step, lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_targets=spec.lora_targets,
         groups=[g for g in ordered if group_failed(g) is None],
         hyper=TrainHyper(learning_rate=spec.learning_rate, temperature=spec.temperature, clip_eps=spec.clip_eps,
                          kl_coef=spec.kl_coef, normalize_advantage_std=spec.normalize_advantage_std,

@@ -26,7 +26,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from shared.deployment import refusal_reason
+from shared.deployment import DEFAULT_LORA_TARGETS, refusal_reason
 from shared.messages import EXPERIMENT_ID_PATTERN, ExperimentSpec, Prompt, RewardSpec, is_experiment_id
 from shared.patterns import PatternError, compile_pattern
 
@@ -61,7 +61,8 @@ class SpecFileError(ValueError):
 class SpecLimits:
     """What the deployment can serve (from ``SchedulerConfig``)."""
 
-    deployment_rank: int = 8
+    deployment_rank: int = 8  # the largest lora_rank
+    deployment_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # lora_targets must be a subset
     max_tokens_limit: int = 4096
     max_model_len: int = 0  # the model's context in tokens (prompt + completion); 0: unknown, not checked
     max_prompt_chars: int = MAX_PROMPT_CHARS
@@ -77,6 +78,7 @@ class SpecLimits:
 def limits_from_config(config: Any) -> SpecLimits:
     return SpecLimits(
         deployment_rank=int(config.lora_rank),
+        deployment_targets=tuple(config.signature.target_modules),
         max_tokens_limit=config.max_tokens_limit,
         max_model_len=int(getattr(config, "max_model_len", 0)),
         max_train_tokens=config.max_train_tokens,
@@ -299,13 +301,29 @@ def _check_ranges(spec: ExperimentSpec, limits: SpecLimits) -> list[str]:
         *_range("checkpoint_every", s.checkpoint_every, s.checkpoint_every >= 1, ">= 1"),
         *_range("seed", s.seed, s.seed >= 0, ">= 0"),
     ]
+    return reasons + _check_lora_shape(s, limits)
+
+
+def _check_lora_shape(s: ExperimentSpec, limits: SpecLimits) -> list[str]:
+    """The experiment's own adapter shape: a rank up to the deployment's (a
+    smaller one is zero-padded in the engines' slots), an alpha, a subset of
+    the deployment's target modules."""
+    reasons = []
     if s.lora_rank < 1:
         reasons.append(f"lora_rank: must be >= 1 (got {s.lora_rank})")
-    elif s.lora_rank != limits.deployment_rank:
-        # the trainer and the engines serve one rank until per-experiment ranks exist
-        side = "over" if s.lora_rank > limits.deployment_rank else "under"
-        reasons.append(f"lora_rank: {s.lora_rank} is {side} the deployment's rank {limits.deployment_rank}; "
-                       "it must equal it (per-experiment ranks are not supported yet)")
+    elif s.lora_rank > limits.deployment_rank:
+        reasons.append(f"lora_rank: {s.lora_rank} is over the deployment's rank {limits.deployment_rank} "
+                       "(the largest an experiment may use)")
+    if s.lora_alpha is not None and not (_finite(s.lora_alpha) and s.lora_alpha > 0):
+        reasons.append(f"lora_alpha: must be a finite number > 0 (got {s.lora_alpha})")
+    if s.lora_targets is not None:
+        known = limits.deployment_targets
+        outside = [t for t in s.lora_targets if t not in known]
+        repeated = sorted({t for t in s.lora_targets if s.lora_targets.count(t) > 1})
+        if not s.lora_targets or outside or repeated:
+            problem = (f"{outside} are not among" if outside else f"{repeated} repeated;" if repeated
+                       else "empty; give some of")
+            reasons.append(f"lora_targets: {problem} the deployment's target modules {list(known)}")
     return reasons
 
 

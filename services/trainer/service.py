@@ -9,8 +9,11 @@ moves messages. For a job updating version v of tenant T to v+1:
   re-announce it (``AdapterPublished``) and ack. Nothing is trained twice.
   v+1 older than the store's newest version but pruned: a very late
   duplicate; ack it, announce nothing.
-- a job that can never succeed: ``lora_rank`` differs from the deployment's
-  signature; a token id outside the model's vocabulary, behaviour logprobs
+- a job that can never succeed: its LoRA shape (``lora_rank``,
+  ``lora_alpha``, ``lora_targets``: the tenant's own) does not fit the
+  deployment's (rank over it, alpha not finite > 0, targets not a subset)
+  or differs from the shape the tenant's adapter already has
+  (``rank_mismatch``); a token id outside the model's vocabulary, behaviour logprobs
   not one per completion token, completions without a prompt or of another
   experiment (``train_job_invalid``); more prompt + completion tokens than
   ``max_train_tokens``, or a group (its prompt + all its completions, one
@@ -28,7 +31,8 @@ moves messages. For a job updating version v of tenant T to v+1:
   scoring are dropped, groups with identical rewards are skipped (all
   counted in ``TrainStats.skipped_groups``); swap the tenant in; clipped
   GRPO loss; gradient clipping; Adam step; write v+1 to the store;
-  checkpoint every ``hyper.checkpoint_every`` versions; delete the tenant's
+  checkpoint every ``hyper.checkpoint_every`` versions (the version's
+  ``adapter_config.json`` and tensors have the tenant's own shape); delete the tenant's
   versions older than its newest ``max(adapter_retain_versions,
   max_off_policy_steps + 2)``, except those its checkpoints belong to;
   announce; ack.
@@ -64,7 +68,7 @@ import structlog
 import torch
 
 from services.trainer import grpo
-from services.trainer.tenants import TenantBank
+from services.trainer.tenants import ShapeMismatch, TenantBank
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
 from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerConfig
@@ -164,16 +168,19 @@ class TrainerCore:
         if self.store.is_complete(tenant, target):
             path = self.store.path(tenant, target)
             return JobOutcome("republished", target, str(path), self.store.digest(tenant, target))
-        if job.lora_rank != self.signature.rank:
-            return _rejected(f"job rank {job.lora_rank} differs from the deployment's LoRA rank {self.signature.rank}",
-                             "rank_mismatch")
+        shape = self.signature.tenant_shape(job.lora_rank, job.lora_alpha, job.lora_targets)
+        if problems := self.signature.shape_problems(shape):
+            return _rejected("; ".join(problems), "rank_mismatch")
         problem = job_problem(job, self.vocab_size, self.budget)
         if problem is not None:
             return _rejected(problem[1], problem[0])
         if target < self.store.latest_version(tenant):
             # Done long ago (the scheduler moved on) and since pruned by retention: nothing to redo or announce.
             return JobOutcome("superseded", target, reason=f"version {target} was superseded and pruned")
-        state = self.bank.ensure(tenant, job.hyper.seed)
+        try:
+            state = self.bank.ensure(tenant, job.hyper.seed, shape)
+        except ShapeMismatch as exc:
+            return _rejected(str(exc), "rank_mismatch")
         if job.base_version > state.version:
             reason = f"job updates version {job.base_version} but {tenant} is at version {state.version}"
             return JobOutcome("gap", reason=reason, events=[("warning", "train_job_out_of_order", reason)])
@@ -192,7 +199,7 @@ class TrainerCore:
         started = time.perf_counter()
         stats, events = self.train_step(job)
         path, digest = self.store.write_version(
-            tenant, target, self.bank.adapter_tensors(tenant), self.signature, self.base_model)
+            tenant, target, self.bank.adapter_tensors(tenant), self.bank.get(tenant).shape, self.base_model)
         self.bank.set_version(tenant, target)
         if target % max(job.hyper.checkpoint_every, 1) == 0:
             self.bank.checkpoint(tenant)

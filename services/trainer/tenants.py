@@ -9,6 +9,17 @@ re-allocation, no new optimizer); ``swap_out()`` copies them back. Nothing
 but the active tenant's state is ever written, so one tenant's update never
 touches another's.
 
+Each tenant has its own LoRA shape (``LoraSignature``: rank, alpha, target
+modules), up to the deployment's: the model's LoRA parameters have the
+deployment's (largest) shape, and a tenant's factors sit in their leading
+rows of A / columns of B, the rest and every module it does not target kept
+at zero. That is exactly the tenant's adapter: zero rows of A and columns of
+B add nothing to ``B @ A``, their gradients are zero (each is a product with
+the other factor's zeros), so Adam never moves them. ``swap_in`` also sets
+every LoRA layer's scaling to the tenant's ``alpha / r``. Its state, the
+version it publishes and its checkpoint hold only its own tensors, in its
+own shape.
+
 A new tenant starts from PEFT's default init (A ~ kaiming-uniform, B = 0, so
 version 0 is exactly the base model), seeded by tenant name and seed so a
 run is reproducible. Checkpoints (``checkpoint``) hold the optimizer state
@@ -46,7 +57,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from shared.adapters import AdapterStore, check_tenant_name, fsync_dir, fsync_file
-from shared.peft_files import saved_tensor_name
+from shared.engine import LoraSignature
+from shared.peft_files import DEFAULT_ADAPTER_NAME, parse_lora_key, saved_tensor_name
 
 log = structlog.get_logger(__name__)
 
@@ -64,14 +76,22 @@ class CheckpointInvalid(ValueError):
     """A checkpoint that cannot be used; the message says why."""
 
 
+class ShapeMismatch(ValueError):
+    """A tenant shape the model's LoRA parameters cannot hold, or one that
+    differs from the shape the tenant already has; the message says why."""
+
+
 @dataclass
 class TenantState:
     """One tenant's state while it is not the active tenant. ``version`` is
-    the adapter version these weights are (0 = base); ``adam_step`` the
-    number of optimizer steps taken. Tensor dicts are keyed by PEFT names."""
+    the adapter version these weights are (0 = base); ``shape`` its own
+    LoRA shape; ``adam_step`` the number of optimizer steps taken. Tensor
+    dicts are keyed by PEFT names, one entry per factor of a targeted module,
+    in the tenant's shape (A [r, in], B [out, r])."""
 
     tenant: str
     version: int
+    shape: LoraSignature
     weights: dict[str, torch.Tensor]
     exp_avg: dict[str, torch.Tensor]
     exp_avg_sq: dict[str, torch.Tensor]
@@ -90,6 +110,27 @@ def tenant_seed(tenant: str, seed: int) -> int:
     return zlib.crc32(f"{tenant}:{seed}".encode())
 
 
+def same_shape(a: LoraSignature, b: LoraSignature) -> bool:
+    return a.rank == b.rank and a.alpha == b.alpha and set(a.target_modules) == set(b.target_modules)
+
+
+def describe_shape(shape: LoraSignature) -> str:
+    return f"rank {shape.rank}, alpha {shape.alpha:g}, targets {sorted(shape.target_modules)}"
+
+
+def live_part(name: str, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+    """The view of a deployment-shaped factor that a rank-``rank`` tenant
+    uses: A's first ``rank`` rows, B's first ``rank`` columns."""
+    return tensor[:rank] if ".lora_A." in name else tensor[:, :rank]
+
+
+def lora_layers(peft_model) -> list:
+    """The PEFT LoRA layers of ``peft_model`` (each has a ``scaling`` per adapter)."""
+    from peft.tuners.lora import LoraLayer
+
+    return [module for module in peft_model.modules() if isinstance(module, LoraLayer)]
+
+
 class TenantBank:
     """All tenants' states, the model's LoRA parameters and the one optimizer."""
 
@@ -104,6 +145,8 @@ class TenantBank:
         self.store = store
         self.checkpoint_root = Path(checkpoint_root)
         self.params = lora_parameters(peft_model)
+        self.layers = lora_layers(peft_model)
+        self.module_of = {name: _module_name(name) for name in self.params}
         self.device = next(iter(self.params.values())).device
         self.pin_memory = self.device.type == "cuda"
         self.optimizer = torch.optim.Adam(list(self.params.values()), lr=learning_rate, betas=ADAM_BETAS, eps=ADAM_EPS)
@@ -119,24 +162,42 @@ class TenantBank:
     def get(self, tenant: str) -> TenantState:
         return self.tenants[tenant]
 
-    def register(self, tenant: str, seed: int = 0) -> TenantState:
-        """A new tenant at version 0: PEFT's default init, so it equals the base."""
+    def register(self, tenant: str, seed: int = 0, shape: LoraSignature | None = None) -> TenantState:
+        """A new tenant at version 0 of ``shape`` (None: the model's own):
+        PEFT's default init, so it equals the base."""
         check_tenant_name(tenant)
         if tenant in self.tenants:
             raise ValueError(f"tenant {tenant!r} is already registered")
+        shape = self.model_shape() if shape is None else shape
+        self.check_fits(shape)
         generator = torch.Generator().manual_seed(tenant_seed(tenant, seed))
-        weights = {name: self._init_lora_tensor(name, p, generator) for name, p in self.params.items()}
-        state = TenantState(tenant, 0, weights, self._zeros_like_params(), self._zeros_like_params())
+        weights = {name: self._init_lora_tensor(name, self._tenant_size(name, shape.rank), generator)
+                   for name in self._tenant_names(shape)}
+        state = TenantState(tenant, 0, shape, weights, _zeros_like(weights), _zeros_like(weights))
         self.tenants[tenant] = state
         return state
 
-    def ensure(self, tenant: str, seed: int = 0) -> TenantState:
+    def ensure(self, tenant: str, seed: int = 0, shape: LoraSignature | None = None) -> TenantState:
         """The tenant's state: in memory, else restored from the store and its
-        checkpoint, else newly registered."""
-        if tenant in self.tenants:
-            return self.tenants[tenant]
-        restored = self.restore(tenant)
-        return restored if restored is not None else self.register(tenant, seed)
+        checkpoint, else newly registered with ``shape``. ``ShapeMismatch``
+        when ``shape`` is given and the tenant has another one."""
+        state = self.tenants.get(tenant) or self.restore(tenant) or self.register(tenant, seed, shape)
+        if shape is not None and not same_shape(state.shape, shape):
+            raise ShapeMismatch(f"{tenant}'s adapter has {describe_shape(state.shape)}; "
+                                f"the job asks for {describe_shape(shape)}")
+        return state
+
+    def model_shape(self) -> LoraSignature:
+        """The largest shape the model's LoRA parameters hold (the deployment's)."""
+        config = self.model.peft_config[DEFAULT_ADAPTER_NAME]
+        targets = tuple(dict.fromkeys(self.module_of.values()))
+        return LoraSignature(rank=int(config.r), alpha=float(config.lora_alpha), target_modules=targets)
+
+    def check_fits(self, shape: LoraSignature) -> None:
+        """``ShapeMismatch`` unless the model's LoRA parameters can hold ``shape``."""
+        problems = self.model_shape().shape_problems(shape)
+        if problems:
+            raise ShapeMismatch("; ".join(problems))
 
     def set_version(self, tenant: str, version: int) -> None:
         self.tenants[tenant].version = version
@@ -158,13 +219,18 @@ class TenantBank:
             return
         state = self.tenants[tenant]
         self.swap_out()
+        rank = state.shape.rank
         with torch.no_grad():
             for name, param in self.params.items():
-                param.copy_(state.weights[name], non_blocking=True)
                 opt_state = self.optimizer.state[param]
-                opt_state["exp_avg"].copy_(state.exp_avg[name], non_blocking=True)
-                opt_state["exp_avg_sq"].copy_(state.exp_avg_sq[name], non_blocking=True)
+                for full, saved in ((param, state.weights), (opt_state["exp_avg"], state.exp_avg),
+                                    (opt_state["exp_avg_sq"], state.exp_avg_sq)):
+                    full.zero_()  # padding and untargeted modules: zero, so exactly the tenant's adapter
+                    if name in saved:
+                        live_part(name, full, rank).copy_(saved[name], non_blocking=True)
                 opt_state["step"].fill_(float(state.adam_step))
+            for layer in self.layers:
+                layer.scaling[DEFAULT_ADAPTER_NAME] = state.shape.scaling
         self.active = tenant
 
     def swap_out(self) -> None:
@@ -172,12 +238,14 @@ class TenantBank:
         if self.active is None:
             return
         state = self.tenants[self.active]
+        rank = state.shape.rank
         with torch.no_grad():
-            for name, param in self.params.items():
+            for name in state.weights:
+                param = self.params[name]
                 opt_state = self.optimizer.state[param]
-                state.weights[name].copy_(param, non_blocking=True)
-                state.exp_avg[name].copy_(opt_state["exp_avg"], non_blocking=True)
-                state.exp_avg_sq[name].copy_(opt_state["exp_avg_sq"], non_blocking=True)
+                state.weights[name].copy_(live_part(name, param, rank), non_blocking=True)
+                state.exp_avg[name].copy_(live_part(name, opt_state["exp_avg"], rank), non_blocking=True)
+                state.exp_avg_sq[name].copy_(live_part(name, opt_state["exp_avg_sq"], rank), non_blocking=True)
         state.adam_step = self._optimizer_step()
         self._synchronize()
         self.active = None
@@ -189,21 +257,24 @@ class TenantBank:
     # ------------------------------------------------------------ reading state
 
     def adapter_tensors(self, tenant: str) -> dict[str, torch.Tensor]:
-        """The tenant's current LoRA weights by PEFT name (live parameters for
-        the active tenant: the caller copies them before the next step)."""
+        """The tenant's current LoRA weights by PEFT name, in its own shape
+        (views of the live parameters for the active tenant: the caller copies
+        them before the next step)."""
+        state = self.tenants[tenant]
         if tenant == self.active:
-            return {name: p.detach() for name, p in self.params.items()}
-        return dict(self.tenants[tenant].weights)
+            return {name: live_part(name, self.params[name], state.shape.rank).detach() for name in state.weights}
+        return dict(state.weights)
 
     def optimizer_tensors(self, tenant: str) -> tuple[dict[str, torch.Tensor], int]:
         """``exp_avg/<name>`` and ``exp_avg_sq/<name>`` tensors and the step count."""
+        state = self.tenants[tenant]
         if tenant == self.active:
             moments = {}
-            for name, param in self.params.items():
-                moments[f"exp_avg/{name}"] = self.optimizer.state[param]["exp_avg"]
-                moments[f"exp_avg_sq/{name}"] = self.optimizer.state[param]["exp_avg_sq"]
+            for name in state.weights:
+                opt_state = self.optimizer.state[self.params[name]]
+                moments[f"exp_avg/{name}"] = live_part(name, opt_state["exp_avg"], state.shape.rank)
+                moments[f"exp_avg_sq/{name}"] = live_part(name, opt_state["exp_avg_sq"], state.shape.rank)
             return moments, self._optimizer_step()
-        state = self.tenants[tenant]
         moments = {f"exp_avg/{n}": t for n, t in state.exp_avg.items()}
         moments.update({f"exp_avg_sq/{n}": t for n, t in state.exp_avg_sq.items()})
         return moments, state.adam_step
@@ -253,14 +324,23 @@ class TenantBank:
         return [version for version, _ in self.checkpoints(tenant)]
 
     def restore(self, tenant: str) -> TenantState | None:
-        """Rebuild a tenant from the store (weights, exact) and its newest
-        valid checkpoint (moments); None when the store has no version of it."""
+        """Rebuild a tenant from the store (weights and shape, exact) and its
+        newest valid checkpoint (moments); None when the store has no version
+        of it. ``ShapeMismatch`` when the model cannot hold the stored shape."""
         version = self.store.latest_version(tenant)
         if version == 0:
             return None
-        stored = self.store.load_tensors(self.store.path(tenant, version))
-        weights = {name: self._cpu_buffer(p).copy_(stored[name]) for name, p in self.params.items()}
-        state = TenantState(tenant, version, weights, self._zeros_like_params(), self._zeros_like_params())
+        path = self.store.path(tenant, version)
+        shape = self.store.load_shape(path)
+        self.check_fits(shape)
+        stored = self.store.load_tensors(path)
+        weights = {}
+        for name in self._tenant_names(shape):
+            size = self._tenant_size(name, shape.rank)
+            if name not in stored or tuple(stored[name].shape) != size:
+                raise ShapeMismatch(f"{path}: {name} missing or not of shape {list(size)}")
+            weights[name] = self._cpu_buffer(size).copy_(stored[name])
+        state = TenantState(tenant, version, shape, weights, _zeros_like(weights), _zeros_like(weights))
         checkpoint_version = self._load_checkpoint(state)
         self.tenants[tenant] = state
         log.info("tenant_restored", tenant=tenant, version=version, checkpoint_version=checkpoint_version,
@@ -279,7 +359,7 @@ class TenantBank:
                 log.warning("checkpoint_unusable", tenant=state.tenant, path=str(path), reason=str(exc))
                 self._set_aside(path)
                 continue
-            for name in self.params:
+            for name in state.weights:
                 state.exp_avg[name].copy_(moments[f"exp_avg/{name}"])
                 state.exp_avg_sq[name].copy_(moments[f"exp_avg_sq/{name}"])
             state.adam_step = int(sidecar["adam_step"])
@@ -306,10 +386,10 @@ class TenantBank:
             moments = load_file(str(weights_path), device="cpu")
         except (OSError, SafetensorError) as exc:
             raise CheckpointInvalid(f"unreadable {CHECKPOINT_WEIGHTS_FILE}: {type(exc).__name__}: {exc}") from exc
-        for name, param in self.params.items():
+        for name, weights in state.weights.items():
             for kind in ("exp_avg", "exp_avg_sq"):
                 tensor = moments.get(f"{kind}/{name}")
-                if tensor is None or tensor.shape != param.shape:
+                if tensor is None or tensor.shape != weights.shape:
                     raise CheckpointInvalid(f"{kind}/{name} missing or of the wrong shape")
         return moments, sidecar
 
@@ -340,25 +420,43 @@ class TenantBank:
         first = next(iter(self.params.values()))
         return int(self.optimizer.state[first]["step"].item())
 
-    def _cpu_buffer(self, param: torch.Tensor) -> torch.Tensor:
-        buffer = torch.empty(param.shape, dtype=param.dtype, device="cpu")
+    def _cpu_buffer(self, size: tuple[int, ...]) -> torch.Tensor:
+        dtype = next(iter(self.params.values())).dtype
+        buffer = torch.empty(size, dtype=dtype, device="cpu")
         return buffer.pin_memory() if self.pin_memory else buffer
 
-    def _zeros_like_params(self) -> dict[str, torch.Tensor]:
-        return {name: self._cpu_buffer(p).zero_() for name, p in self.params.items()}
+    def _tenant_names(self, shape: LoraSignature) -> list[str]:
+        """The PEFT names of a tenant's tensors: the factors of its target modules, in model order."""
+        return [name for name in self.params if self.module_of[name] in shape.target_modules]
 
-    def _init_lora_tensor(self, name: str, param: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        buffer = self._cpu_buffer(param)
+    def _tenant_size(self, name: str, rank: int) -> tuple[int, ...]:
+        return tuple(live_part(name, self.params[name], rank).shape)
+
+    def _init_lora_tensor(self, name: str, size: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+        buffer = self._cpu_buffer(size)
         if ".lora_A." in name:
             # PEFT's default: kaiming_uniform_(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
-            bound = 1.0 / math.sqrt(param.shape[1])
-            init = torch.empty(param.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
+            bound = 1.0 / math.sqrt(size[1])
+            init = torch.empty(size, dtype=torch.float32).uniform_(-bound, bound, generator=generator)
             return buffer.copy_(init)
         return buffer.zero_()  # lora_B: zero, so the adapter starts as the identity
 
     def _synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+def _module_name(name: str) -> str:
+    parsed = parse_lora_key(name)
+    if parsed is None:
+        raise ValueError(f"LoRA parameter {name!r} is not a decoder layer's module")
+    return parsed[1]
+
+
+def _zeros_like(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Zeros of the same shapes, dtype and (pinned) memory."""
+    return {name: torch.zeros_like(t).pin_memory() if t.is_pinned() else torch.zeros_like(t)
+            for name, t in tensors.items()}
 
 
 def _file_sha256(path: Path) -> str:
@@ -369,5 +467,6 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["TenantBank", "TenantState", "CheckpointInvalid", "lora_parameters", "tenant_seed",
+__all__ = ["TenantBank", "TenantState", "CheckpointInvalid", "ShapeMismatch", "lora_parameters", "tenant_seed",
+           "same_shape", "describe_shape", "live_part", "lora_layers",
            "ADAM_BETAS", "CHECKPOINT_WEIGHTS_FILE", "CHECKPOINT_STATE_FILE", "CHECKPOINTS_KEPT"]

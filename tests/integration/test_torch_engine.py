@@ -78,14 +78,15 @@ def build_model_dir(root: Path, family: str) -> Path:
     return model_dir
 
 
-def build_peft_adapter(model_dir: Path, out_dir: Path, rank: int, alpha: float, seed: int) -> Path:
+def build_peft_adapter(model_dir: Path, out_dir: Path, rank: int, alpha: float, seed: int,
+                       targets: tuple[str, ...] = SIGNATURE.target_modules) -> Path:
     """A PEFT adapter with random nonzero A and B, saved by PEFT itself."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(SIGNATURE.target_modules))
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets))
     peft_model = get_peft_model(base, config)
     for name, param in peft_model.named_parameters():
         if "lora_B" in name:
@@ -217,6 +218,38 @@ def test_mixed_batch_logits_match_peft_single_adapter(tmp_path, qwen3_setup, fam
     base_logits = next_logits(references[0], sequences[0])
     adapted_logits = next_logits(references[slots[0]], sequences[0])
     assert (base_logits - adapted_logits).abs().max() > 0.05, "the test adapters must change the logits"
+
+
+# (rank, lora_alpha, targets) of adapters of their own shapes, served together by a rank-8 deployment
+OWN_SHAPES = (
+    (2, 6.0, ("q_proj", "v_proj")),
+    (4, 8.0, ("gate_proj", "up_proj", "down_proj")),
+    (1, 3.0, ("o_proj", "k_proj", "up_proj")),
+    (8, 16.0, SIGNATURE.target_modules),
+)
+
+
+@pytest.mark.parametrize("segments", [True, False], ids=["sgmv", "bgmv"])
+def test_ranks_and_target_subsets_of_their_own_match_peft_in_one_batch(tmp_path, qwen3_setup, segments):
+    model_dir, _ = qwen3_setup
+    adapters = [build_peft_adapter(model_dir, tmp_path / f"own{i}", rank, alpha, seed=30 + i, targets=targets)
+                for i, (rank, alpha, targets) in enumerate(OWN_SHAPES)]
+    runner = ModelRunner(model_dir, SIGNATURE, max_rows=8, max_loras=4, device="cpu")
+    runner.use_segments = segments
+    for slot, path in enumerate(adapters, start=1):
+        runner.write_slot(slot, runner.prepare(path, None))
+    references = [peft_reference(model_dir, None)] + [peft_reference(model_dir, p) for p in adapters]
+    slots = [1, 2, 3, 4, 0, 1]
+    sequences = [prompt_ids(t) for t in ("12+34=", "abc", "hello", "7*8=", "(x)", "q?")]
+    with torch.inference_mode():
+        logits_B_V = runner.prefill([list(s) for s in sequences], slots, [1] * len(slots), reserve_len=24)
+        check_rows(logits_B_V, sequences, slots, references)
+        for _ in range(3):
+            logits_B_V = decode_greedy(runner, logits_B_V, sequences)
+            check_rows(logits_B_V, sequences, slots, references)
+    for slot in range(1, len(OWN_SHAPES) + 1):  # each adapter changes what the base would say
+        base, adapted = next_logits(references[0], sequences[4]), next_logits(references[slot], sequences[4])
+        assert (base - adapted).abs().max() > 0.01, OWN_SHAPES[slot - 1]
 
 
 def decode_greedy(runner: ModelRunner, logits_B_V: torch.Tensor, sequences: list[list[int]]) -> torch.Tensor:

@@ -13,6 +13,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import msgspec
 import pytest
 import torch
 
@@ -280,6 +281,60 @@ def test_micro_batches_and_kl_give_the_same_update_as_one_batch(tiny_model_dir, 
     assert any(not torch.equal(t, torch.zeros_like(t)) for n, t in weights[0].items() if "lora_B" in n)
 
 
+# ---------------------------------------------------------------- each tenant's own LoRA shape
+
+SMALL = LoraSignature(rank=2, alpha=6.0, target_modules=("q_proj", "v_proj", "down_proj"))
+
+
+def shaped_job(tenant: str, step: int, shape: LoraSignature, seed: int) -> TrainJob:
+    """A job for a tenant of its own LoRA shape."""
+    job = train_job(tenant, step, random_groups(tenant, step, step, seed=seed), rank=shape.rank)
+    return msgspec.structs.replace(job, lora_alpha=shape.alpha, lora_targets=list(shape.target_modules))
+
+
+def test_a_rank_2_tenant_trains_exactly_as_a_rank_2_adapter_with_its_own_alpha(tiny_model_dir, tmp_path):
+    """A rank-2, alpha-6 tenant (scaling 3; the deployment's is 2) on three
+    of the modules of a rank-8 deployment, swapped with a full-shape tenant
+    between its steps and restarted once, publishes exactly what a
+    deployment of that very shape (a plain PEFT rank-2 model) publishes for
+    the same jobs."""
+
+    def make_core(signature: LoraSignature, name: str) -> TrainerCore:
+        model = load_policy_model(str(tiny_model_dir), signature, device="cpu")
+        return TrainerCore(model, DirectoryAdapterStore(tmp_path / name / "adapters"), tmp_path / name / "checkpoints",
+                           signature, str(tiny_model_dir))
+
+    mixed, alone = make_core(SIGNATURE, "mixed"), make_core(SMALL, "alone")
+    for step in range(3):
+        if step == 2:  # a restart: weights and shape from the store, moments from the checkpoint
+            mixed = make_core(SIGNATURE, "mixed")
+        for core in (mixed, alone):
+            outcome = core.handle(shaped_job("small", step, SMALL, seed=10 + step))
+            assert outcome.kind == "published" and not outcome.stats.skipped_update, outcome
+        wide = mixed.handle(shaped_job("wide", step, SIGNATURE, seed=20 + step))
+        assert wide.kind == "published" and not wide.stats.skipped_update
+
+    for version in (1, 2, 3):
+        got = mixed.store.load_tensors(mixed.store.path("small", version))
+        expected = alone.store.load_tensors(alone.store.path("small", version))
+        assert got.keys() == expected.keys() and len(got) == 2 * 2 * 3  # layers x (A, B) x targets
+        for name, tensor in got.items():
+            assert tensor.shape[0 if ".lora_A." in name else 1] == 2, name
+            torch.testing.assert_close(tensor, expected[name], atol=1e-6, rtol=0)
+        assert any(t.abs().max() > 1e-4 for n, t in got.items() if "lora_B" in n)  # it did learn
+    config = json.loads((mixed.store.path("small", 3) / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (2, 6.0, ["down_proj", "q_proj", "v_proj"])
+    wide_config = json.loads((mixed.store.path("wide", 3) / "adapter_config.json").read_text())
+    assert (wide_config["r"], len(wide_config["target_modules"])) == (8, 7)
+
+    # Another shape for the same tenant, or one the deployment cannot hold: refused for good.
+    for shape in (replace(SMALL, rank=4), replace(SMALL, target_modules=("q_proj", "lm_head")),
+                  replace(SMALL, alpha=float("nan")), replace(SIGNATURE, rank=16)):
+        outcome = mixed.handle(shaped_job("small", 3, shape, seed=1))
+        assert outcome.kind == "rejected" and outcome.reason.startswith("rank_mismatch"), (shape, outcome)
+    assert mixed.store.latest_version("small") == 3
+
+
 # ---------------------------------------------------------------- the service
 
 
@@ -324,7 +379,7 @@ class StreamReader:
         return found
 
 
-async def test_service_trains_republishes_survives_nan_and_rejects_a_wrong_rank(
+async def test_service_trains_republishes_survives_nan_and_rejects_a_rank_over_the_deployments(
         tiny_model_dir, tmp_path, redis_url, stream_prefix, async_redis):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -358,10 +413,10 @@ async def test_service_trains_republishes_survives_nan_and_rejects_a_wrong_rank(
         assert service.core.bank.optimizer_tensors("exp")[1] == adam_step == 2
         assert service.core.bank.get("exp").version == 3
 
-        # A rank other than the deployment's: an event and a dead letter, nothing published.
-        await bus.publish(train_job("other", 0, random_groups("other", 0, 0, seed=5), rank=4), "train_jobs:0")
+        # A rank over the deployment's: an event and a dead letter, nothing published.
+        await bus.publish(train_job("other", 0, random_groups("other", 0, 0, seed=5), rank=16), "train_jobs:0")
         (rank_event,) = await events.read(1)
-        assert rank_event.code == "rank_mismatch" and "rank 4" in rank_event.message
+        assert rank_event.code == "rank_mismatch" and "rank 16" in rank_event.message
         letters = await wait_for_dead_letters(bus, 1)
         assert "rank" in letters[0].reason
 

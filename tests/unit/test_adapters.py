@@ -73,3 +73,50 @@ def test_configs_a_deployment_cannot_serve_are_refused_with_the_reason(change, r
     signature = LoraSignature(rank=8, alpha=16.0)
     with pytest.raises(PeftFormatError, match=reason):
         lora_scaling({**peft_config_dict(signature, "base"), **change}, signature, "v1")
+
+
+# ---------------------------------------------------------------- each tenant's own LoRA shape
+
+
+def test_a_tenant_shape_defaults_to_the_deployments_alpha_and_targets_in_its_order():
+    from shared.engine import LoraSignature
+
+    deployment = LoraSignature(rank=8, alpha=16.0)
+    assert deployment.tenant_shape(8, None, None) == deployment
+    shape = deployment.tenant_shape(2, 4, ["v_proj", "q_proj"])
+    assert (shape.rank, shape.alpha, shape.target_modules, shape.scaling) == (2, 4.0, ("q_proj", "v_proj"), 2.0)
+    assert deployment.shape_problems(shape) == []
+
+
+@pytest.mark.parametrize("rank, alpha, targets, problem", [
+    (16, None, None, "LoRA rank 16 is not between 1 and the deployment's maximum 8"),
+    (0, None, None, "LoRA rank 0 is not between 1"),
+    (4, float("nan"), None, "lora_alpha nan is not a finite number > 0"),
+    (4, -1.0, None, "lora_alpha -1.0 is not a finite number > 0"),
+    (4, None, ["q_proj", "lm_head"], "target modules ['q_proj', 'lm_head'] are not a non-empty subset"),
+    (4, None, [], "target modules [] are not a non-empty subset"),
+])
+def test_a_shape_the_deployment_cannot_hold_is_named(rank, alpha, targets, problem):
+    from shared.engine import LoraSignature
+
+    deployment = LoraSignature(rank=8, alpha=16.0)
+    (found,) = deployment.shape_problems(deployment.tenant_shape(rank, alpha, targets))
+    assert found.startswith(problem), found
+
+
+def test_the_peft_config_of_a_shape_reads_back_as_that_shape(tmp_path):
+    import torch
+
+    from shared.engine import LoraSignature
+    from shared.peft_files import PeftFormatError, peft_config_dict, shape_from_peft_config
+
+    shape = LoraSignature(rank=2, alpha=6.0, target_modules=("q_proj", "down_proj"))
+    config = peft_config_dict(shape, "base")
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (2, 6.0, ["down_proj", "q_proj"])
+    read = shape_from_peft_config(config, "v1")
+    assert (read.rank, read.alpha, set(read.target_modules)) == (2, 6.0, {"q_proj", "down_proj"})
+    with pytest.raises(PeftFormatError, match="target_modules as a non-empty list"):
+        shape_from_peft_config({**config, "target_modules": "q_proj|v_proj"}, "v1")
+    store = AdapterStore(tmp_path)
+    path, _ = store.write_version("exp", 1, {"base_model.model.x.lora_A.weight": torch.ones(2, 4)}, shape, "base")
+    assert store.load_shape(path).rank == 2 and store.load_shape(path).alpha == 6.0

@@ -20,7 +20,8 @@ def spec(**overrides) -> ExperimentSpec:
     return ExperimentSpec(**fields)
 
 
-DEPLOYMENT = DeploymentInfo(lora_rank=8, families=["add", "sort"], http_allowlist=["http://127.0.0.1:8088/score"])
+DEPLOYMENT = DeploymentInfo(lora_rank=8, lora_targets=["q_proj", "v_proj"], families=["add", "sort"],
+                            http_allowlist=["http://127.0.0.1:8088/score"])
 
 
 def test_a_valid_spec_has_no_reasons():
@@ -31,8 +32,8 @@ def test_a_valid_spec_has_no_reasons():
     ({"steps": -3}, "steps: must be between 1"),
     ({"experiment_id": "team/exp1"}, "experiment_id: 'team/exp1' must match"),
     ({"task": TaskSource(family="add", stream=True)}, "task: give exactly one of family, prompts, stream"),
-    ({"lora_rank": 4}, "lora_rank: 4 "),
     ({"lora_rank": 16}, "lora_rank: 16 is over the deployment's rank 8"),
+    ({"lora_targets": ["o_proj"]}, "lora_targets: ['o_proj'] are not among the deployment's target modules ['q_proj'"),
     ({"task": TaskSource(family="poetry"), "reward": RewardSpec(type="family", family="add")},
      "task.family: unknown family 'poetry'"),
     ({"reward": RewardSpec(type="http", url="http://evil.example:80/score")}, "reward.url: reward url"),

@@ -92,8 +92,12 @@ CASES = [
     (dict(learning_rate=1.0), "learning_rate: must be in (0, 1)"),
     (dict(learning_rate=float("nan")), "learning_rate: must be in (0, 1)"),
     (dict(lora_rank=16), "lora_rank: 16 is over the deployment's rank 8"),
-    (dict(lora_rank=2), "lora_rank: 2 is under the deployment's rank 8; it must equal it"),
     (dict(lora_rank=0), "lora_rank: must be >= 1"),
+    (dict(lora_alpha=0.0), "lora_alpha: must be a finite number > 0 (got 0.0)"),
+    (dict(lora_alpha=float("inf")), "lora_alpha: must be a finite number > 0"),
+    (dict(lora_targets=["q_proj", "lm_head"]), "lora_targets: ['lm_head'] are not among the deployment's"),
+    (dict(lora_targets=["q_proj", "q_proj"]), "lora_targets: ['q_proj'] repeated;"),
+    (dict(lora_targets=[]), "lora_targets: empty; give some of the deployment's target modules"),
     (dict(max_off_policy_steps=-1), "max_off_policy_steps: must be between 0 and"),
     (dict(kl_coef=-1.0), "kl_coef: must be >= 0"),
     (dict(clip_eps=0.0), "clip_eps: must be in (0, 1)"),
@@ -126,6 +130,13 @@ def test_valid_variants():
     assert reasons(spec(reward=RewardSpec(type="http", url="http://127.0.0.1:8088/score"))) == []
     assert reasons(spec(reward=RewardSpec(type="worker", worker="judge-1"))) == []
     assert reasons(spec(temperature=0.0, lora_rank=8, max_tokens=256, eval_size=0)) == []
+    # each experiment's own LoRA shape: a rank up to the deployment's, an alpha, a subset of its targets
+    assert reasons(spec(lora_rank=2, lora_alpha=4.0, lora_targets=["v_proj", "q_proj"])) == []
+    assert reasons(spec(lora_rank=1, lora_targets=["down_proj"])) == []
+    narrow = SpecLimits(deployment_rank=8, max_tokens_limit=256, deployment_targets=("q_proj", "v_proj"))
+    assert check_spec(spec(lora_targets=["v_proj"]), narrow, FAMILIES) is None
+    with pytest.raises(SpecInvalid, match="lora_targets: \\['o_proj'\\] are not among"):
+        check_spec(spec(lora_targets=["o_proj"]), narrow, FAMILIES)
 
 
 def test_eval_family():
@@ -217,9 +228,10 @@ def test_limits_come_from_the_scheduler_config():
     from shared.config import SchedulerConfig
 
     config = SchedulerConfig(lora_rank=16, max_train_tokens=5000, max_packed_row_tokens=700, max_reward_timeout_s=3.0,
-                             max_reward_attempts=2, max_reward_budget_s=5.0)
+                             max_reward_attempts=2, max_reward_budget_s=5.0, lora_targets="q_proj, v_proj")
     limits = limits_from_config(config)
     assert (limits.deployment_rank, limits.max_train_tokens, limits.max_packed_row_tokens) == (16, 5000, 700)
+    assert limits.deployment_targets == ("q_proj", "v_proj")
     assert (limits.max_reward_timeout_s, limits.max_reward_attempts, limits.max_reward_budget_s) == (3.0, 2, 5.0)
 
 
