@@ -161,6 +161,11 @@ class SchedulerConfig(BaseConfig, LoraConfig, RewardLimits, TrainBudget):
     ended_ttl_s: float = 7 * 24 * 3600.0  # an ended experiment's step data expires after this; its summary stays
     # the reward service's configured URL prefixes (same CLORA_HTTP_ALLOWLIST): refused at submit otherwise
     http_allowlist: str = ""
+    datasets_dir: str = ""  # task.dataset paths are relative to it and never leave it; "": <data_dir>/datasets
+
+    @property
+    def datasets_root(self) -> Path:
+        return Path(self.datasets_dir) if self.datasets_dir else Path(self.data_dir) / "datasets"
 
     def validate(self) -> None:
         super().validate()

@@ -65,12 +65,29 @@ class SamplingParams(_Struct):
     stop: list[str] = []
 
 
+class ChatMessage(_Struct):
+    """One turn of a chat prompt."""
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
 class Prompt(_Struct):
-    """One task instance. ``answer`` None: the reward does not need a reference."""
+    """One task instance. ``answer`` None: the reward does not need a reference.
+
+    ``messages`` None: ``text`` is the prompt, encoded as it is. Otherwise
+    the prompt is these chat turns (the last one the user's), rendered with
+    the model's chat template and its generation prompt; ``text`` then is
+    the plain form rewards see as the prompt (the scheduler fills in the
+    last user turn when it is empty). ``enable_thinking``: the template's
+    thinking switch (None: the template's default), only with ``messages``.
+    The completion is the assistant's text either way."""
 
     prompt_id: str
-    text: str
+    text: str = ""
     answer: str | None = None
+    messages: list[ChatMessage] | None = None
+    enable_thinking: bool | None = None
 
 
 class RewardTerm(_Struct):
@@ -116,14 +133,60 @@ class RewardSpec(_Struct):
     terms: list[RewardTerm] | None = None
 
 
+class ChatFormat(_Struct):
+    """Render every prompt of a task with the model's chat template: a text
+    prompt becomes one user turn after ``system`` (None: no system turn); a
+    prompt given as messages gets ``system`` first when it has no system
+    turn. ``enable_thinking``: the template's thinking switch (None: the
+    template's default; a template without one ignores it)."""
+
+    system: str | None = None
+    enable_thinking: bool | None = None
+
+
+class DatasetSource(_Struct):
+    """Prompts read by the scheduler from a dataset file: ``path`` relative
+    to the deployment's datasets directory (no absolute path, no ``..``).
+    A file is JSON Lines, one object per line; a directory is a Hugging
+    Face dataset saved with ``save_to_disk`` (its ``split`` when it holds
+    several), read only where ``datasets`` is installed.
+
+    Each row gives the prompt text in ``prompt_field`` or, with
+    ``messages_field``, chat turns (a list of ``{role, content}``); its
+    reference answer in ``answer_field`` (None: no answer). With
+    ``answer_format`` "gsm8k" the answer is what follows the last ``####``
+    (GSM8K's worked solution then ``#### 42``), commas dropped.
+
+    ``held_out``: rows set aside for evaluation, never trained on, drawn
+    with ``seed``: an int is a count, a float in (0, 1) a share of the rows;
+    the held-out accuracy measures up to ``eval_size`` of them. ``order``:
+    "epochs" walks the training rows in a fresh seeded order each epoch;
+    "sample" draws each step's rows with replacement."""
+
+    path: str
+    prompt_field: str = "question"
+    answer_field: str | None = "answer"
+    messages_field: str | None = None
+    answer_format: Literal["text", "gsm8k"] = "text"
+    split: str = "train"
+    held_out: int | float = 0
+    seed: int = 0
+    order: Literal["epochs", "sample"] = "epochs"
+
+
 class TaskSource(_Struct):
     """Where an experiment's prompts come from: exactly one of
-    ``family`` (built-in generator), ``prompts`` (given inline) or
-    ``stream`` True (the user pushes ``TaskPush`` messages for this experiment)."""
+    ``family`` (built-in generator), ``prompts`` (given inline),
+    ``stream`` True (the user pushes ``TaskPush`` messages for this
+    experiment) or ``dataset`` (a file the scheduler reads).
+    ``chat``: render the prompts with the model's chat template (None:
+    only prompts given as messages are)."""
 
     family: str | None = None
     prompts: list[Prompt] | None = None
     stream: bool = False
+    dataset: DatasetSource | None = None
+    chat: ChatFormat | None = None
 
 
 class ExperimentSpec(_Struct):

@@ -47,6 +47,7 @@ from shared.messages import (
     AdapterPublished,
     Completion,
     ExperimentEvent,
+    Prompt,
     RolloutRequest,
     RolloutTimings,
     Sample,
@@ -230,6 +231,32 @@ def stop_tokens(tokenizer, request_stop_ids: list[int]) -> set[int]:
     return stops
 
 
+def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
+    """The token ids of ``prompt``: its text as it is, or its chat turns
+    rendered with the model's own template (``render_chat``); no special
+    tokens added beyond what the template writes. These ids travel with the
+    completion (``prompt_token_ids``) and the trainer trains on them: nothing
+    encodes the prompt again."""
+    text = prompt.text if prompt.messages is None else render_chat(tokenizer, prompt)
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def render_chat(tokenizer, prompt: Prompt) -> str:
+    """``prompt.messages`` through the tokenizer's chat template, with the
+    generation prompt and, when the prompt sets it, the template's thinking
+    switch ``enable_thinking`` (a template without one ignores it)."""
+    from jinja2 import TemplateError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise EngineError("the prompt is chat messages but the model's tokenizer has no chat template")
+    turns = [{"role": m.role, "content": m.content} for m in prompt.messages or []]
+    switches = {} if prompt.enable_thinking is None else {"enable_thinking": prompt.enable_thinking}
+    try:
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, **switches)
+    except (TemplateError, ValueError, TypeError) as exc:
+        raise EngineError(f"the model's chat template refused the messages: {str(exc)[:200]}") from exc
+
+
 class RolloutService(Service):
     name = "rollout"
     config: RolloutConfig
@@ -359,7 +386,7 @@ class RolloutService(Service):
     def _encode(self, request: RolloutRequest) -> list[int]:
         if request.sampling.n > self.engine.capacity_rows:
             raise EngineError(f"n={request.sampling.n} exceeds the engine's {self.engine.capacity_rows} rows")
-        prompt_ids = self.engine.tokenizer().encode(request.prompt.text, add_special_tokens=False)
+        prompt_ids = prompt_token_ids(self.engine.tokenizer(), request.prompt)
         if not prompt_ids:
             raise EngineError("the prompt is empty after tokenization")
         return prompt_ids

@@ -32,6 +32,7 @@ names written before: ``t<s>``, ``c<s>``, ``ev<v>``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import msgspec
 
@@ -80,12 +81,14 @@ class SchedulerRules:
     queue_depth: int = 2
     stall_timeout_s: float = 300.0
     ended_ttl_s: float = 7 * 24 * 3600.0
+    datasets_root: Path | None = None  # where task.dataset paths live (None: dataset tasks fail)
 
     @classmethod
     def from_config(cls, config) -> SchedulerRules:
         return cls(limits=spec_rules.limits_from_config(config), max_concurrent=config.max_concurrent,
                    num_shards=config.num_trainer_shards, queue_depth=config.train_queue_depth,
-                   stall_timeout_s=config.stall_timeout_s, ended_ttl_s=config.ended_ttl_s)
+                   stall_timeout_s=config.stall_timeout_s, ended_ttl_s=config.ended_ttl_s,
+                   datasets_root=config.datasets_root)
 
 
 class SchedulerCore:
@@ -93,7 +96,7 @@ class SchedulerCore:
                  prompts: PromptSource | None = None) -> None:
         self.keys = keys
         self.rules = rules
-        self.prompts = prompts or PromptSource()
+        self.prompts = prompts or PromptSource(rules.datasets_root, rules.limits)
         self.dispatcher = Dispatcher(rules.num_shards, rules.queue_depth)
         self.views: dict[str, ExperimentView] = {}  # queued and running experiments
         self.queue: list[str] = []  # queued ids, FIFO
@@ -195,10 +198,14 @@ class SchedulerCore:
         effects = Effects()
         view = self.views.get(scored.completion.experiment_id)
         if view is not None and view.status == "running":
-            if scored.completion.purpose == "eval":
-                self._collect_eval(view, scored, effects, now)
-            else:
-                self._collect_train(view, scored, effects, now)
+            try:
+                if scored.completion.purpose == "eval":
+                    self._collect_eval(view, scored, effects, now)
+                else:
+                    self._collect_train(view, scored, effects, now)
+            except ExperimentFailure as exc:  # its dataset cannot be read again
+                self._fail(view, effects, str(exc), now)
+                return self._settle(effects, now)
             self._reconcile(view, effects, now)
         return self._settle(effects, now)
 
@@ -455,7 +462,7 @@ class SchedulerCore:
                       f"{prompts_needed(spec, step)} ({split}); push more with task_push", now)
 
     def _issue_due_evals(self, view: ExperimentView, effects: Effects, now: float) -> None:
-        size = spec_rules.held_out_size(view.spec)
+        size = self.prompts.held_out_size(view)
         if size == 0 or (view.spec.task.stream and len(view.stream_prompts) < size):
             return
         # an adapter that was never updated is the base model: no final eval to run
@@ -493,7 +500,7 @@ class SchedulerCore:
                                       f"last skip: {view.last_skip or 'no reason given'}", now)
             return
         accuracies = {}
-        size = spec_rules.held_out_size(spec)
+        size = self.prompts.held_out_size(view)
         if size > 0:
             for version in (0, spec.steps):
                 results = view.evals.get(version, {})
@@ -566,7 +573,7 @@ class SchedulerCore:
         completion = scored.completion
         version = completion.step
         results = view.evals.get(version)
-        size = spec_rules.held_out_size(view.spec)
+        size = self.prompts.held_out_size(view)
         expected = {eval_request_id(view.experiment_id, version, i) for i in range(size)}
         if results is None or completion.request_id not in expected or completion.request_id in results:
             return

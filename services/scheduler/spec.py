@@ -26,8 +26,17 @@ from typing import Any
 import msgspec
 import yaml
 
+from shared.datasets import MAX_FIELD_NAME_CHARS, path_problem
 from shared.deployment import DEFAULT_LORA_TARGETS, refusal_reason
-from shared.messages import EXPERIMENT_ID_PATTERN, ExperimentSpec, Prompt, RewardSpec, is_experiment_id
+from shared.messages import (
+    EXPERIMENT_ID_PATTERN,
+    ChatFormat,
+    DatasetSource,
+    ExperimentSpec,
+    Prompt,
+    RewardSpec,
+    is_experiment_id,
+)
 from shared.patterns import PatternError, compile_pattern
 
 MAX_STEPS = 100_000
@@ -43,6 +52,12 @@ MAX_PROMPT_CHARS = 8192  # longest prompt text, inline or pushed
 # The built-in families' prompts are a few operands ("57+68=", "sort: 3 1 2"),
 # far under this; tests/unit/test_spec.py checks every family against it.
 FAMILY_PROMPT_BYTES_BOUND = 64
+# A chat template's markup, in bytes (an upper bound on its tokens): per turn
+# (Qwen's "<|im_start|>user\n" ... "<|im_end|>\n" is 23) and for the
+# generation prompt with an empty thinking block (Qwen3's is 41).
+CHAT_TURN_BYTES_BOUND = 32
+CHAT_GENERATION_BYTES_BOUND = 64
+MAX_CHAT_TURNS = 64
 
 
 class SpecInvalid(ValueError):
@@ -105,19 +120,53 @@ def _check_id(spec: ExperimentSpec) -> list[str]:
             "(lowercase letters, digits, '-' and '_', at most 64 characters)"]
 
 
+TASK_SOURCES = ("family", "prompts", "stream", "dataset")
+
+
 def _check_task(spec: ExperimentSpec, families: Collection[str], limits: SpecLimits) -> list[str]:
     task = spec.task
-    given = [name for name, present in (("family", task.family is not None),
-                                        ("prompts", task.prompts is not None),
-                                        ("stream", task.stream)) if present]
+    present = (task.family is not None, task.prompts is not None, task.stream, task.dataset is not None)
+    given = [name for name, is_given in zip(TASK_SOURCES, present, strict=True) if is_given]
     if len(given) != 1:
         got = " and ".join(given) if given else "none"
-        return [f"task: give exactly one of family, prompts, stream (got {got})"]
+        return [f"task: give exactly one of {', '.join(TASK_SOURCES)} (got {got})"]
+    reasons = _check_chat(task.chat, limits)
     if task.family is not None and task.family not in families:
-        return [f"task.family: unknown family {task.family!r} (known: {', '.join(sorted(families))})"]
+        reasons.append(f"task.family: unknown family {task.family!r} (known: {', '.join(sorted(families))})")
     if task.prompts is not None:
-        return _check_prompts(task.prompts, limits)
+        reasons += _check_prompts(task.prompts, limits)
+    if task.dataset is not None:
+        reasons += _check_dataset(task.dataset, spec)
+    return reasons
+
+
+def _check_chat(chat: ChatFormat | None, limits: SpecLimits) -> list[str]:
+    if chat is not None and chat.system is not None and len(chat.system) > limits.max_prompt_chars:
+        return [f"task.chat.system: {len(chat.system)} characters long, over the limit of {limits.max_prompt_chars}"]
     return []
+
+
+def _check_dataset(dataset: DatasetSource, spec: ExperimentSpec) -> list[str]:
+    """What can be checked without reading the file (the scheduler reads it
+    at admission and fails the experiment with the reason when it cannot)."""
+    reasons = []
+    if (problem := path_problem(dataset.path)) is not None:
+        reasons.append(f"task.dataset.path: {problem}")
+    for name in ("prompt_field", "answer_field", "messages_field", "split"):
+        value = getattr(dataset, name)
+        if value is not None and not 0 < len(value) <= MAX_FIELD_NAME_CHARS:
+            reasons.append(f"task.dataset.{name}: must be 1 to {MAX_FIELD_NAME_CHARS} characters (got {value!r})")
+    held_out = dataset.held_out
+    if isinstance(held_out, int) and held_out < 0:
+        reasons.append(f"task.dataset.held_out: a count must be >= 0 (got {held_out})")
+    elif isinstance(held_out, float) and not 0 <= held_out < 1:
+        reasons.append(f"task.dataset.held_out: a share must be in [0, 1) (got {held_out}); "
+                       "give a count as an integer")
+    if dataset.seed < 0:
+        reasons.append(f"task.dataset.seed: must be >= 0 (got {dataset.seed})")
+    if dataset.answer_field is None and spec.reward.type in ANSWER_REWARDS:
+        reasons.append(f"task.dataset.answer_field: reward type {spec.reward.type!r} needs each row's answer")
+    return reasons
 
 
 def _check_prompts(prompts: list[Prompt], limits: SpecLimits) -> list[str]:
@@ -131,12 +180,34 @@ def _check_prompts(prompts: list[Prompt], limits: SpecLimits) -> list[str]:
 
 
 def prompt_problem(prompt: Prompt, limits: SpecLimits) -> str | None:
-    """Why one prompt (inline or pushed) cannot be used, or None."""
-    if not prompt.text:
-        return "has an empty text"
-    if len(prompt.text) > limits.max_prompt_chars:
-        return f"is {len(prompt.text)} characters long, over the limit of {limits.max_prompt_chars}"
+    """Why one prompt (inline, pushed or a dataset row) cannot be used, or None."""
+    if prompt.messages is None:
+        if not prompt.text:
+            return "has an empty text"
+        chars = len(prompt.text)
+    else:
+        if not prompt.messages:
+            return "has an empty list of messages"
+        if len(prompt.messages) > MAX_CHAT_TURNS:
+            return f"has {len(prompt.messages)} messages, more than {MAX_CHAT_TURNS}"
+        if prompt.messages[-1].role != "user":
+            return f"must end with a user message (the last is {prompt.messages[-1].role!r})"
+        chars = len(prompt.text) + sum(len(message.content) for message in prompt.messages)
+    if chars > limits.max_prompt_chars:
+        return f"is {chars} characters long, over the limit of {limits.max_prompt_chars}"
     return None
+
+
+def prompt_bytes(prompt: Prompt, chat: ChatFormat | None) -> int:
+    """An upper bound on the tokens of ``prompt`` as the rollout encodes it
+    (``max_prompt_tokens`` says why bytes), chat markup included."""
+    if prompt.messages is None and chat is None:
+        return len(prompt.text.encode())
+    contents = [m.content for m in prompt.messages] if prompt.messages is not None else [prompt.text]
+    if chat is not None and chat.system and not any(m.role == "system" for m in prompt.messages or []):
+        contents.append(chat.system)
+    return (sum(len(c.encode()) for c in contents) + CHAT_TURN_BYTES_BOUND * len(contents)
+            + CHAT_GENERATION_BYTES_BOUND)
 
 
 def _check_reward(spec: ExperimentSpec, families: Collection[str], limits: SpecLimits,
@@ -348,14 +419,17 @@ def max_prompt_tokens(spec: ExperimentSpec, limits: SpecLimits) -> int | None:
     that is checked elsewhere. Without a tokenizer here, a prompt's UTF-8
     length in bytes stands for its tokens: an upper bound for byte-level BPE
     and character tokenizers (every token covers at least one byte), and the
-    rollout adds no special tokens to a prompt."""
+    rollout adds no special tokens to a prompt beyond its chat template's
+    markup (``prompt_bytes``)."""
     task = spec.task
     if task.prompts:
-        return max(len(p.text.encode()) for p in task.prompts)
-    if task.stream:
-        return 1  # pushed prompts are checked as they arrive against prompt_bytes_allowance
+        return max(prompt_bytes(p, task.chat) for p in task.prompts)
+    if task.stream or task.dataset is not None:
+        # pushed prompts are checked as they arrive, dataset rows when the file is read,
+        # each against prompt_bytes_allowance
+        return 1
     if task.family is not None:
-        return FAMILY_PROMPT_BYTES_BOUND
+        return prompt_bytes(Prompt(prompt_id="bound", text="x" * FAMILY_PROMPT_BYTES_BOUND), task.chat)
     return None
 
 
@@ -368,11 +442,11 @@ def prompt_bytes_allowance(spec: ExperimentSpec, limits: SpecLimits) -> int:
 
 
 def pushed_prompt_problem(prompt: Prompt, spec: ExperimentSpec, limits: SpecLimits) -> str | None:
-    """Why a pushed prompt cannot feed ``spec``'s steps, or None."""
+    """Why a pushed prompt (or a dataset row) cannot feed ``spec``'s steps, or None."""
     problem = prompt_problem(prompt, limits)
     if problem is not None:
         return problem
-    size, allowance = len(prompt.text.encode()), prompt_bytes_allowance(spec, limits)
+    size, allowance = prompt_bytes(prompt, spec.task.chat), prompt_bytes_allowance(spec, limits)
     if size > allowance:
         return (f"is {size} bytes long; behind group_size {spec.group_size} x max_tokens {spec.max_tokens} "
                 f"the train job would exceed the trainer's budget (at most {allowance} bytes a prompt)")
@@ -427,7 +501,7 @@ VERIFIER_TERM_TYPES = ("family", "exact_match", "math")  # terms whose verdict i
 ANSWER_REWARDS = ("family", "exact_match", "math")  # rewards that need the prompt's answer
 
 
-def held_out_size(spec: ExperimentSpec) -> int:
+def held_out_size(spec: ExperimentSpec, held_out_rows: int = 0) -> int:
     """How many held-out prompts measure the experiment's greedy accuracy
     (0: no held-out evaluation).
 
@@ -435,8 +509,11 @@ def held_out_size(spec: ExperimentSpec) -> int:
     - ``task.prompts``: ``eval_size`` of them, at most half, drawn with the
       spec's seed (``held_out_prompts``) and never trained on.
     - ``task.stream``: the first ``eval_size`` prompts pushed, never trained on.
-    Inline and streamed prompts are measured only under a reward that says
-    whether a sample is right (``VERDICT_REWARDS``); otherwise none is held out."""
+    - ``task.dataset``: ``eval_size`` at most of the dataset's
+      ``held_out_rows`` held-out rows (known once the file is read).
+    Inline, streamed and dataset prompts are measured only under a reward
+    that says whether a sample is right (``VERDICT_REWARDS``); otherwise
+    none is held out (a dataset's held-out rows are still never trained on)."""
     task = spec.task
     if spec.eval_size <= 0:
         return 0
@@ -446,6 +523,8 @@ def held_out_size(spec: ExperimentSpec) -> int:
         return 0
     if task.prompts is not None:
         return min(spec.eval_size, len(task.prompts) // 2)
+    if task.dataset is not None:
+        return min(spec.eval_size, held_out_rows)
     return spec.eval_size if task.stream else 0
 
 

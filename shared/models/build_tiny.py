@@ -45,6 +45,18 @@ UNK_TOKEN = "<unk>"
 # plus a few harmless extras so stray text still tokenizes.
 CHARACTERS = "0123456789abcdefghijklmnopqrstuvwxyz+-=:*/ \n"
 MAX_NEW_TOKENS = 8  # the longest answer (6 letters) plus eos, with a spare
+# The chat template, kept short for a 64-position context and the 47-character
+# vocabulary: a system turn is its text and a newline, a user turn its text,
+# an assistant turn its text and eos; the generation prompt adds nothing, so a
+# lone user turn renders as the raw prompt the model was pretrained on.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ message['content'] }}"
+    "{%- else -%}{{ message['content'] + eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
 EVAL_SEED = 1234
 EVAL_PROMPTS_PER_FAMILY = 256
 PASS_AT = 8
@@ -141,6 +153,7 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
         unk_token=UNK_TOKEN,
         padding_side="left",
         model_max_length=64,
+        chat_template=CHAT_TEMPLATE,
     )
 
 
@@ -307,6 +320,17 @@ token `</s>` (use it as the stop token; 8 new tokens are always enough).
 ## Families (pretraining mix, equal shares)
 
 {families}
+
+## Chat template
+
+`chat_template.jinja`, short for the 64-position context and the
+47-character vocabulary: a system turn renders as its text and a newline, a
+user turn as its text, an assistant turn as its text and `</s>`; the
+generation prompt adds nothing and there is no thinking switch. So a lone
+user turn renders as the raw prompt the model was pretrained on
+(`[{{role: user, content: "57+68="}}]` -> `57+68=`), and
+`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` works
+as with any chat model.
 
 ## Held-out accuracy
 

@@ -27,7 +27,7 @@ INVALID = {
     "negative-steps": ({"steps": -2}, "steps: must be between 1"),
     "slash-id": ({"experiment_id": "team/exp1"}, "experiment_id: 'team/exp1' must match"),
     "family-and-stream": ({"task": {"family": "add", "stream": True}},
-                          "task: give exactly one of family, prompts, stream (got family and stream)"),
+                          "task: give exactly one of family, prompts, stream, dataset (got family and stream)"),
     "other-rank": ({"lora_rank": 4}, "lora_rank: 4 "),
     "unknown-family": ({"task": {"family": "poetry"}, "reward": {"type": "family", "family": "poetry"}},
                        "task.family: unknown family 'poetry'"),

@@ -54,8 +54,8 @@ CASES = [
     (dict(experiment_id="ok\n"), "experiment_id: 'ok\\n' must match"),  # `$` alone would let it through
     (dict(experiment_id="victim:s0"), "experiment_id: 'victim:s0' must match"),
     (dict(experiment_id="../x"), "experiment_id: '../x' must match"),
-    (dict(task=TaskSource()), "task: give exactly one of family, prompts, stream (got none)"),
-    (dict(task=TaskSource(family="add", prompts=PROMPTS)), "task: give exactly one of family, prompts, stream "
+    (dict(task=TaskSource()), "task: give exactly one of family, prompts, stream, dataset (got none)"),
+    (dict(task=TaskSource(family="add", prompts=PROMPTS)), "task: give exactly one of family, prompts, stream, dataset "
                                                            "(got family and prompts)"),
     (dict(task=TaskSource(family="add", stream=True)), "task: give exactly one"),
     (dict(task=TaskSource(family="poetry")), "task.family: unknown family 'poetry' (known: add, sort, sub)"),
