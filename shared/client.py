@@ -3,6 +3,7 @@
     from shared.client import CloraClient, SpecRefused
 
     client = CloraClient.connect()          # REDIS_URL, else the address `clora up` wrote
+                                            # (and its client password: see find_credentials)
     try:
         client.submit({"experiment_id": "add-1", "task": {"family": "add"},
                        "reward": {"type": "family", "family": "add"}, "steps": 10})
@@ -71,6 +72,7 @@ from services.scheduler.state import (
     read_experiment,
     read_metrics,
 )
+from shared.acl import connection_options, password_file, read_password_file, url_has_credentials
 from shared.bus import EntryRejected, StreamBus, StreamEntry, SyncStreamBus, decode_message_entry
 from shared.config import DEFAULT_DATA_DIR, DEFAULT_STREAM_PREFIX
 from shared.deployment import (
@@ -140,6 +142,39 @@ def find_redis_url(redis_url: str | None = None, data_dir: str | Path | None = N
         return url_file.read_text().strip()
     raise ClientError(f"no Redis to talk to: pass --redis-url, set REDIS_URL, or start `clora up` "
                       f"(it writes {url_file})")
+
+
+def find_credentials(redis_url: str, role: str = "client", data_dir: str | Path | None = None) -> dict[str, Any]:
+    """``username`` / ``password`` options for ``Redis.from_url(redis_url)``:
+    none when the URL carries its own; else the environment's
+    (``CLORA_REDIS_USERNAME`` with ``CLORA_REDIS_PASSWORD_FILE`` or
+    ``CLORA_REDIS_PASSWORD``); else, when ``redis_url`` is the Redis that
+    ``clora up`` runs from the data dir, the password it generated for
+    ``role`` (``client``, or ``admin`` for operator commands); else none (a
+    Redis without ACLs)."""
+    options = connection_options(redis_url)
+    if options or url_has_credentials(redis_url):
+        return options
+    return cluster_credentials(redis_url, role, data_dir)
+
+
+def cluster_credentials(redis_url: str, role: str, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """``role``'s user and password when ``redis_url`` is the Redis that
+    ``clora up`` runs from the data dir and it wrote that role's password
+    file; {} otherwise."""
+    directory = data_dir_of(data_dir)
+    url_file, role_password = directory / REDIS_URL_FILE, password_file(directory, role)
+    if url_file.is_file() and url_file.read_text().strip() == redis_url and role_password.is_file():
+        return {"username": role, "password": read_password_file(role_password)}
+    return {}
+
+
+def redis_connection(redis_url: str | None = None, role: str = "client",
+                     data_dir: str | Path | None = None, **options: Any) -> redis.Redis:
+    """A ``redis.Redis`` to the Redis every command talks to, as ``role``
+    (see ``find_redis_url`` and ``find_credentials``); ``options`` go to redis-py."""
+    url = find_redis_url(redis_url, data_dir)
+    return redis.Redis.from_url(url, **find_credentials(url, role, data_dir), **options)
 
 
 def find_prefix(prefix: str | None = None, data_dir: str | Path | None = None) -> str:
@@ -243,9 +278,10 @@ class CloraClient:
 
     @classmethod
     def connect(cls, redis_url: str | None = None, prefix: str | None = None,
-                data_dir: str | Path | None = None) -> "CloraClient":
-        """Connect the way every ``clora`` command does (see ``find_redis_url``)."""
-        return cls(redis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+                data_dir: str | Path | None = None, role: str = "client") -> "CloraClient":
+        """Connect the way every ``clora`` command does (see ``find_redis_url``
+        and, for the ACL user and password, ``find_credentials``)."""
+        return cls(redis_connection(redis_url, role, data_dir), find_prefix(prefix, data_dir))
 
     def close(self) -> None:
         self.redis.close()
@@ -407,8 +443,9 @@ class AsyncCloraClient:
 
     @classmethod
     def connect(cls, redis_url: str | None = None, prefix: str | None = None,
-                data_dir: str | Path | None = None) -> "AsyncCloraClient":
-        return cls(aioredis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+                data_dir: str | Path | None = None, role: str = "client") -> "AsyncCloraClient":
+        url = find_redis_url(redis_url, data_dir)
+        return cls(aioredis.Redis.from_url(url, **find_credentials(url, role, data_dir)), find_prefix(prefix, data_dir))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -553,5 +590,6 @@ def _version_path(deployment: DeploymentInfo, experiment_id: str, version: int) 
 
 __all__ = [
     "CloraClient", "AsyncCloraClient", "SpecRefused", "UnknownExperiment", "ClientError", "NoDeploymentWarning",
-    "ExperimentRecord", "find_redis_url", "find_prefix", "refusal_reasons", "spec_limits", "as_spec", "END_CODES",
+    "ExperimentRecord", "find_redis_url", "find_credentials",
+    "cluster_credentials", "redis_connection", "find_prefix", "refusal_reasons", "spec_limits", "as_spec", "END_CODES",
 ]

@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cancel": ("services.cli.experiments", "cancel", "cancel an experiment"),
     "env": ("services.cli.experiments", "env", "print `export REDIS_URL=...` for the Redis every command uses"),
     "allowlist": ("services.cli.experiments", "allowlist", "list | add URL | remove URL: HTTP reward allow-list"),
+    "acl": ("services.cli.acl", "main", "print (or --apply) the Redis ACL users of a deployment"),
 }
 
 

@@ -5,13 +5,15 @@ same way (``shared.client.find_redis_url``): ``--redis-url``, else
 ``REDIS_URL``, else the address ``clora up`` wrote to ``<data dir>/redis_url``
 (data dir: ``--data-dir``, ``CLORA_DATA_DIR`` or ``.clora``); the key prefix
 through ``--stream-prefix``, ``CLORA_STREAM_PREFIX``, the one ``clora up``
-wrote, else ``clora:``.
+wrote, else ``clora:``. Credentials: ``shared.client.find_credentials`` (the
+``client`` role; ``admin`` for ``clora allowlist``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -23,12 +25,15 @@ import redis
 
 from services.scheduler.spec import SpecFileError, convert_spec, load_spec_file, parse_spec_text
 from services.scheduler.state import ExperimentRecord
+from shared.acl import AclError, url_has_credentials, with_credentials
 from shared.client import (
     ClientError,
     CloraClient,
     NoDeploymentWarning,
     SpecRefused,
     UnknownExperiment,
+    cluster_credentials,
+    find_credentials,
     find_prefix,
     find_redis_url,
 )
@@ -68,10 +73,16 @@ def resolve_prefix(args: argparse.Namespace) -> str:
     return find_prefix(args.stream_prefix, args.data_dir)
 
 
-def connect(args: argparse.Namespace) -> CloraClient:
-    client = CloraClient(redis.Redis.from_url(resolve_redis_url(args)), resolve_prefix(args))
+def connect(args: argparse.Namespace, role: str = "client") -> CloraClient:
+    url = resolve_redis_url(args)
     try:
+        client = CloraClient(redis.Redis.from_url(url, **find_credentials(url, role, args.data_dir)),
+                             resolve_prefix(args))
         client.redis.ping()
+    except AclError as exc:
+        raise CliError(str(exc)) from None
+    except redis.exceptions.AuthenticationError as exc:
+        raise CliError(f"Redis refused the credentials: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
         raise CliError(f"cannot reach Redis: {exc}") from None
     return client
@@ -82,6 +93,10 @@ def _run(command, argv: Sequence[str]) -> int:
         return command(list(argv))
     except CliError as exc:
         print(f"clora: {exc}", file=sys.stderr)
+        return 1
+    except redis.exceptions.NoPermissionError as exc:
+        print(f"clora: Redis refused: {exc} (the ACL user in use may not do this; see CLORA_REDIS_USERNAME)",
+              file=sys.stderr)
         return 1
 
 
@@ -362,7 +377,9 @@ def reward_history(client, keys, experiment_id: str) -> list[tuple[int, float | 
 
 def env(argv: list[str]) -> int:
     """``clora env``: ``export`` lines for the Redis and prefix every command
-    would use (``eval "$(clora env)"`` in another shell)."""
+    would use (``eval "$(clora env)"`` in another shell). On a ``clora up``
+    cluster with ACLs the URL carries the ``client`` user and its password,
+    so any Redis program run from that shell connects as the client role."""
     return _run(_env, argv)
 
 
@@ -370,7 +387,9 @@ def _env(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clora env", description="print export lines for REDIS_URL and the prefix")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    print(f"export REDIS_URL={resolve_redis_url(args)}")
+    url = resolve_redis_url(args)
+    credentials = cluster_credentials(url, "client", args.data_dir) if not url_has_credentials(url) else {}
+    print(f"export REDIS_URL={shlex.quote(with_credentials(url, **credentials))}")
     print(f"export CLORA_STREAM_PREFIX={resolve_prefix(args)}")
     return 0
 
@@ -390,7 +409,7 @@ def _allowlist(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action != "list" and not args.urls:
         parser.error(f"{args.action} needs at least one URL")
-    client = connect(args)
+    client = connect(args, role="admin")
     configured = client.deployment().http_allowlist if args.action != "add" else []
     key = allowlist_key(client.prefix)
     exit_code = 0
