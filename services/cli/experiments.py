@@ -1,4 +1,9 @@
-"""``clora submit | status | watch | cancel | env | allowlist``: the user's side.
+"""``clora submit | status | watch | cancel | push | env | allowlist``: the user's side.
+
+Owners: ``clora submit`` keeps the experiment's owner secret in the user's
+owners file (``shared.owner_secrets``); ``clora cancel`` and ``clora push``
+present it. ``--admin`` sends on the operators' stream instead (no secret;
+it needs the admin Redis user).
 
 Every command talks through ``shared.client.CloraClient`` and finds Redis the
 same way (``shared.client.find_redis_url``): ``--redis-url``, else
@@ -30,6 +35,7 @@ from shared.client import (
     ClientError,
     CloraClient,
     NoDeploymentWarning,
+    NotOwner,
     SpecRefused,
     UnknownExperiment,
     cluster_credentials,
@@ -38,6 +44,7 @@ from shared.client import (
     find_redis_url,
 )
 from shared.deployment import allowlist_key, read_allowlist
+from shared.messages import Prompt
 
 WATCH_INTERVAL_S = 0.5
 WATCH_GRACE_S = 1.0  # `clora submit X && clora watch X`: the scheduler may not have recorded X yet
@@ -142,6 +149,8 @@ def _submit(argv: list[str]) -> int:
         for reason in refused.reasons:
             print(f"  {reason}", file=sys.stderr)
         return EXIT_USAGE
+    except ClientError as exc:  # e.g. the owners file cannot be written: nothing was sent
+        raise CliError(str(exc)) from None
     finally:
         client.close()
     print(spec.experiment_id)
@@ -154,22 +163,75 @@ def cancel(argv: list[str]) -> int:
 
 
 def _cancel(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="clora cancel", description="cancel experiments")
+    parser = argparse.ArgumentParser(prog="clora cancel", description="cancel experiments (yours, or any with --admin)")
     parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--admin", action="store_true", help="operators: cancel without the owner secret "
+                                                              "(the admin stream; needs the admin Redis user)")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    client = connect(args)
+    client = connect(args, role="admin" if args.admin else "client")
     exit_code = 0
     for experiment_id in args.experiments:
         try:
+            if args.admin:
+                client.admin_cancel(experiment_id)
+                print(f"{experiment_id}: cancel requested (as an operator)")
+                continue
             record = client.cancel(experiment_id)
-        except UnknownExperiment as exc:
+        except (UnknownExperiment, NotOwner) as exc:
             print(f"clora cancel: {exc}", file=sys.stderr)
             exit_code = 1
             continue
+        except ClientError as exc:
+            raise CliError(str(exc)) from None
         print(f"{experiment_id}: cancel requested (was {record.status})")
     client.close()
     return exit_code
+
+
+def push(argv: list[str]) -> int:
+    """``clora push EXP PROMPTS.json|.jsonl [--admin]``: feed a streamed
+    experiment (a JSON array of prompts, or one JSON prompt per line:
+    ``{"prompt_id": ..., "text": ..., "answer": ...}``), with its owner secret."""
+    return _run(_push, argv)
+
+
+def _push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="clora push", description="push prompts to a streamed experiment")
+    parser.add_argument("experiment")
+    parser.add_argument("prompts", help="JSON array of prompts, or JSON lines (one prompt per line)")
+    parser.add_argument("--admin", action="store_true", help="operators: push without the owner secret")
+    add_connection_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        prompts = read_prompts(Path(args.prompts))
+    except (OSError, ValueError, msgspec.ValidationError) as exc:
+        print(f"clora push: {args.prompts}: refused, nothing sent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    client = connect(args, role="admin" if args.admin else "client")
+    try:
+        if args.admin:
+            client.admin_push(args.experiment, prompts)
+        else:
+            client.push_prompts(args.experiment, prompts)
+    except ClientError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    print(f"{args.experiment}: {len(prompts)} prompts pushed")
+    return 0
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Prompts from a JSON array or JSON lines; ``ValueError`` / ``msgspec.ValidationError`` says what is wrong."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        items = json.loads(text)
+    else:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not items:
+        raise ValueError("no prompts in it")
+    return [msgspec.convert(item, Prompt) for item in items]
 
 
 # ---------------------------------------------------------------- status
@@ -447,6 +509,7 @@ def _allowlist_entry_problem(url: str) -> str | None:
 
 
 __all__ = [
-    "submit", "status", "watch", "cancel", "env", "allowlist", "progress_line", "ProgressDisplay",
+    "submit", "status", "watch", "cancel", "push", "read_prompts",
+    "env", "allowlist", "progress_line", "ProgressDisplay",
     "watch_until_done", "format_table", "status_rows", "reward_history", "load_spec_file", "CliError", "LEGEND",
 ]
