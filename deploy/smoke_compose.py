@@ -317,8 +317,11 @@ class Stack:
         self.project = f"clora-smoke-{uuid.uuid4().hex[:8]}"
         self.redis_port = free_port()
         self.reward_port = free_port()
+        self.secrets_dir = work_dir / f"{self.project}-secrets"
         self.env = {**env, "CLORA_REDIS_HOST_PORT": str(self.redis_port),
-                    "CLORA_EXAMPLE_REWARD_PORT": str(self.reward_port), "CLORA_CPU_IMAGE": IMAGE}
+                    "CLORA_EXAMPLE_REWARD_PORT": str(self.reward_port), "CLORA_CPU_IMAGE": IMAGE,
+                    "CLORA_SECRETS_DIR": str(self.secrets_dir)}
+        self.passwords = make_secrets(self.secrets_dir, self.env.get("CLORA_STREAM_PREFIX", "clora:"))
         self.rendered = work_dir / f"{self.project}.compose.yml"
         self.compose_cli = [compose, "-p", self.project, "--project-directory", str(ROOT), "--profile", "cpu"]
         self.compose = [*self.compose_cli, "-f", str(self.rendered)]
@@ -406,13 +409,26 @@ class Stack:
         log(f"docker-compose down: project {self.project} removed (containers, volumes)")
 
 
+def make_secrets(directory: Path, prefix: str) -> dict[str, str]:
+    """The stack's ACL file and passwords (what `clora acl --container-readable` writes)."""
+    sys.path.insert(0, str(ROOT))
+    from services.cli.acl import write_acl_file
+    from shared.acl import acl_file_text, ensure_passwords
+
+    passwords = ensure_passwords(directory, file_mode=0o644)
+    write_acl_file(directory / "users.acl", acl_file_text(prefix, passwords), 0o644)
+    return passwords
+
+
 def run_experiment(stack: Stack) -> dict:
     """Submit through the published Redis port; wait for the end; the final record as a dict."""
     sys.path.insert(0, str(ROOT))
+    from shared.acl import with_credentials
     from shared.client import CloraClient
 
     experiment_id = f"smoke-{uuid.uuid4().hex[:6]}"
-    with CloraClient.connect(stack.redis_url, prefix=stack.env.get("CLORA_STREAM_PREFIX", "clora:")) as client:
+    client_url = with_credentials(stack.redis_url, "client", stack.passwords["client"])
+    with CloraClient.connect(client_url, prefix=stack.env.get("CLORA_STREAM_PREFIX", "clora:")) as client:
         client.submit({"experiment_id": experiment_id, **EXPERIMENT})
         log(f"submitted {experiment_id} to {stack.redis_url}")
         # A scheduler that cannot take the submission (it dead-letters it) never

@@ -3,6 +3,7 @@
     from shared.client import CloraClient, SpecRefused
 
     client = CloraClient.connect()          # REDIS_URL, else the address `clora up` wrote
+                                            # (and its client password: see find_credentials)
     try:
         client.submit({"experiment_id": "add-1", "task": {"family": "add"},
                        "reward": {"type": "family", "family": "add"}, "steps": 10})
@@ -20,6 +21,15 @@ URL that is not allow-listed, and raises ``SpecRefused`` (with every reason)
 before sending anything. Messages go out in the wire format of
 ``shared.messages``; experiment records are read through the scheduler's own
 read functions (``services.scheduler.state``), never by key names of ours.
+
+Owners: ``submit`` makes an owner secret for the experiment, keeps it in the
+user's owners file (``shared.owner_secrets``: ``CLORA_OWNERS_FILE``, else
+``$XDG_CONFIG_HOME/clora/owners.json``, mode 0600) before sending, and sends
+it with the submission; ``cancel`` and ``push_prompts`` present it (a push
+before the submission makes it). ``NotOwner``, nothing sent, for a known
+experiment whose secret is not kept here. ``admin_cancel`` / ``admin_push``
+write the operators' stream ``admin`` (the admin ACL user only) and need no
+secret.
 
 What it returns:
 
@@ -51,10 +61,11 @@ the experiment's terminal event.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 import warnings
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +82,7 @@ from services.scheduler.state import (
     read_experiment,
     read_metrics,
 )
+from shared.acl import connection_options, password_file, read_password_file, url_has_credentials
 from shared.bus import EntryRejected, StreamBus, StreamEntry, SyncStreamBus, decode_message_entry
 from shared.config import DEFAULT_DATA_DIR, DEFAULT_STREAM_PREFIX
 from shared.deployment import (
@@ -91,8 +103,10 @@ from shared.messages import (
     TaskPush,
     now,
 )
+from shared.owner_secrets import OwnerSecrets, OwnerSecretsError
 
 DEFAULT_PREFIX = DEFAULT_STREAM_PREFIX
+ADMIN_STREAM = "admin"  # operators' cancels and pushes: writable by the admin ACL user only
 REDIS_URL_FILE = "redis_url"  # written by `clora up` into its data dir while it runs
 STREAM_PREFIX_FILE = "stream_prefix"  # likewise
 UNKNOWN_GRACE_S = 2.0
@@ -120,6 +134,10 @@ class UnknownExperiment(ClientError):
     pass
 
 
+class NotOwner(ClientError):
+    """No owner secret of this experiment is kept here: only its owner (or an operator) may do that."""
+
+
 class NoDeploymentWarning(UserWarning):
     """No scheduler has described the deployment yet; defaults were used."""
 
@@ -140,6 +158,39 @@ def find_redis_url(redis_url: str | None = None, data_dir: str | Path | None = N
         return url_file.read_text().strip()
     raise ClientError(f"no Redis to talk to: pass --redis-url, set REDIS_URL, or start `clora up` "
                       f"(it writes {url_file})")
+
+
+def find_credentials(redis_url: str, role: str = "client", data_dir: str | Path | None = None) -> dict[str, Any]:
+    """``username`` / ``password`` options for ``Redis.from_url(redis_url)``:
+    none when the URL carries its own; else the environment's
+    (``CLORA_REDIS_USERNAME`` with ``CLORA_REDIS_PASSWORD_FILE`` or
+    ``CLORA_REDIS_PASSWORD``); else, when ``redis_url`` is the Redis that
+    ``clora up`` runs from the data dir, the password it generated for
+    ``role`` (``client``, or ``admin`` for operator commands); else none (a
+    Redis without ACLs)."""
+    options = connection_options(redis_url)
+    if options or url_has_credentials(redis_url):
+        return options
+    return cluster_credentials(redis_url, role, data_dir)
+
+
+def cluster_credentials(redis_url: str, role: str, data_dir: str | Path | None = None) -> dict[str, Any]:
+    """``role``'s user and password when ``redis_url`` is the Redis that
+    ``clora up`` runs from the data dir and it wrote that role's password
+    file; {} otherwise."""
+    directory = data_dir_of(data_dir)
+    url_file, role_password = directory / REDIS_URL_FILE, password_file(directory, role)
+    if url_file.is_file() and url_file.read_text().strip() == redis_url and role_password.is_file():
+        return {"username": role, "password": read_password_file(role_password)}
+    return {}
+
+
+def redis_connection(redis_url: str | None = None, role: str = "client",
+                     data_dir: str | Path | None = None, **options: Any) -> redis.Redis:
+    """A ``redis.Redis`` to the Redis every command talks to, as ``role``
+    (see ``find_redis_url`` and ``find_credentials``); ``options`` go to redis-py."""
+    url = find_redis_url(redis_url, data_dir)
+    return redis.Redis.from_url(url, **find_credentials(url, role, data_dir), **options)
 
 
 def find_prefix(prefix: str | None = None, data_dir: str | Path | None = None) -> str:
@@ -235,18 +286,21 @@ class _Follow:
 class CloraClient:
     """Synchronous client over ``redis.Redis``."""
 
-    def __init__(self, redis_client: redis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, redis_client: redis.Redis, prefix: str = DEFAULT_PREFIX,
+                 owners: OwnerSecrets | None = None) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.bus = SyncStreamBus(redis_client, prefix)
+        self.owners = owners or OwnerSecrets()  # the user's owner secrets (shared.owner_secrets)
         self._submitted: set[str] = set()  # ids this client sent (wait() waits for them to appear)
 
     @classmethod
     def connect(cls, redis_url: str | None = None, prefix: str | None = None,
-                data_dir: str | Path | None = None) -> "CloraClient":
-        """Connect the way every ``clora`` command does (see ``find_redis_url``)."""
-        return cls(redis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+                data_dir: str | Path | None = None, role: str = "client") -> "CloraClient":
+        """Connect the way every ``clora`` command does (see ``find_redis_url``
+        and, for the ACL user and password, ``find_credentials``)."""
+        return cls(redis_connection(redis_url, role, data_dir), find_prefix(prefix, data_dir))
 
     def close(self) -> None:
         self.redis.close()
@@ -282,30 +336,49 @@ class CloraClient:
     # ------------------------------------------------------------ what a client sends
 
     def submit(self, spec: ExperimentSpec | dict) -> str:
-        """Send a valid spec; returns its id. ``SpecRefused`` (nothing sent) otherwise."""
+        """Send a valid spec with its owner secret (made and kept first); returns
+        its id. ``SpecRefused`` (nothing sent) otherwise."""
         spec = as_spec(spec)
         reasons = self.validate(spec)
         if reasons:
             raise SpecRefused(spec.experiment_id, reasons)
-        self._publish(ExperimentSubmit(spec=spec, ts=now()))
+        secret = _kept(lambda: self.owners.get_or_make(self.prefix, spec.experiment_id))
+        self._publish(ExperimentSubmit(spec=spec, ts=now(), owner_secret=secret))
         self._submitted.add(spec.experiment_id)
         return spec.experiment_id
 
-    def cancel(self, experiment_id: str) -> ExperimentRecord:
-        """Ask the scheduler to stop it; returns the record as it was."""
+    def cancel(self, experiment_id: str, owner_secret: str | None = None) -> ExperimentRecord:
+        """Ask the scheduler to stop it, with its owner secret (``owner_secret``,
+        else the kept one; ``NotOwner`` without one); returns the record as it was."""
         record = self.experiment(experiment_id)
         if record is None:
             raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
-        self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now()))
+        secret = owner_secret or _kept(lambda: self.owners.get(self.prefix, experiment_id))
+        if secret is None:
+            raise _not_owner(experiment_id, "cancel", self.owners)
+        self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now(), owner_secret=secret))
         return record
 
-    def push_prompts(self, experiment_id: str, prompts: list[Prompt | dict]) -> None:
+    def push_prompts(self, experiment_id: str, prompts: Sequence[Prompt | dict],
+                     owner_secret: str | None = None) -> None:
         """Feed a ``task.stream`` experiment: prompts are used in the order
         pushed, each once; with a verifying reward (``family``,
         ``exact_match``, ``regex``) the first ``eval_size`` are held out for
         evaluation, then each step takes the next ``prompts_per_step``. A
-        ``prompt_id`` already pushed is ignored (with a warning event)."""
-        self._publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)))
+        ``prompt_id`` already pushed is ignored (with a warning event). The
+        owner secret goes with them (made here for an id not submitted yet)."""
+        batch = _as_prompts(prompts)
+        secret = owner_secret or _push_secret(self.owners, self.prefix, experiment_id,
+                                              known=self.experiment(experiment_id) is not None)
+        self._publish(TaskPush(experiment_id=experiment_id, prompts=batch, owner_secret=secret))
+
+    def admin_cancel(self, experiment_id: str) -> None:
+        """Operators: cancel any experiment (stream ``admin``: the admin ACL user only)."""
+        self.bus.publish(ExperimentCancel(experiment_id=experiment_id, ts=now()), ADMIN_STREAM)
+
+    def admin_push(self, experiment_id: str, prompts: Sequence[Prompt | dict]) -> None:
+        """Operators: push prompts to any streamed experiment (stream ``admin``)."""
+        self.bus.publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)), ADMIN_STREAM)
 
     def _publish(self, message) -> None:
         self.bus.publish(message)
@@ -399,17 +472,20 @@ class CloraClient:
 class AsyncCloraClient:
     """The same client over ``redis.asyncio.Redis`` (every method awaits)."""
 
-    def __init__(self, redis_client: aioredis.Redis, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, redis_client: aioredis.Redis, prefix: str = DEFAULT_PREFIX,
+                 owners: OwnerSecrets | None = None) -> None:
         self.redis = redis_client
         self.prefix = prefix
         self.keys = Keys(prefix)
         self.bus = StreamBus(redis_client, prefix)
+        self.owners = owners or OwnerSecrets()
         self._submitted: set[str] = set()
 
     @classmethod
     def connect(cls, redis_url: str | None = None, prefix: str | None = None,
-                data_dir: str | Path | None = None) -> "AsyncCloraClient":
-        return cls(aioredis.Redis.from_url(find_redis_url(redis_url, data_dir)), find_prefix(prefix, data_dir))
+                data_dir: str | Path | None = None, role: str = "client") -> "AsyncCloraClient":
+        url = find_redis_url(redis_url, data_dir)
+        return cls(aioredis.Redis.from_url(url, **find_credentials(url, role, data_dir)), find_prefix(prefix, data_dir))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -442,19 +518,35 @@ class AsyncCloraClient:
         reasons = await self.validate(spec)
         if reasons:
             raise SpecRefused(spec.experiment_id, reasons)
-        await self._publish(ExperimentSubmit(spec=spec, ts=now()))
+        experiment_id = spec.experiment_id
+        secret = await asyncio.to_thread(_kept, lambda: self.owners.get_or_make(self.prefix, experiment_id))
+        await self._publish(ExperimentSubmit(spec=spec, ts=now(), owner_secret=secret))
         self._submitted.add(spec.experiment_id)
         return spec.experiment_id
 
-    async def cancel(self, experiment_id: str) -> ExperimentRecord:
+    async def cancel(self, experiment_id: str, owner_secret: str | None = None) -> ExperimentRecord:
         record = await self.experiment(experiment_id)
         if record is None:
             raise UnknownExperiment(f"unknown experiment {experiment_id!r}")
-        await self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now()))
+        secret = owner_secret or await asyncio.to_thread(_kept, lambda: self.owners.get(self.prefix, experiment_id))
+        if secret is None:
+            raise _not_owner(experiment_id, "cancel", self.owners)
+        await self._publish(ExperimentCancel(experiment_id=experiment_id, ts=now(), owner_secret=secret))
         return record
 
-    async def push_prompts(self, experiment_id: str, prompts: list[Prompt | dict]) -> None:
-        await self._publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)))
+    async def push_prompts(self, experiment_id: str, prompts: Sequence[Prompt | dict],
+                           owner_secret: str | None = None) -> None:
+        batch = _as_prompts(prompts)
+        known = await self.experiment(experiment_id) is not None
+        secret = owner_secret or await asyncio.to_thread(_push_secret, self.owners, self.prefix, experiment_id,
+                                                         known=known)
+        await self._publish(TaskPush(experiment_id=experiment_id, prompts=batch, owner_secret=secret))
+
+    async def admin_cancel(self, experiment_id: str) -> None:
+        await self.bus.publish(ExperimentCancel(experiment_id=experiment_id, ts=now()), ADMIN_STREAM)
+
+    async def admin_push(self, experiment_id: str, prompts: Sequence[Prompt | dict]) -> None:
+        await self.bus.publish(TaskPush(experiment_id=experiment_id, prompts=_as_prompts(prompts)), ADMIN_STREAM)
 
     async def _publish(self, message) -> None:
         await self.bus.publish(message)
@@ -533,7 +625,32 @@ class AsyncCloraClient:
 # ---------------------------------------------------------------- shared bits
 
 
-def _as_prompts(prompts: list[Prompt | dict]) -> list[Prompt]:
+def _kept(read: Any) -> Any:
+    """``read()`` of the owners file, its failures as ``ClientError``."""
+    try:
+        return read()
+    except OwnerSecretsError as exc:
+        raise ClientError(str(exc)) from None
+
+
+def _push_secret(owners: OwnerSecrets, prefix: str, experiment_id: str, *, known: bool) -> str:
+    """The secret a push presents: the kept one; for an id not submitted yet a
+    new one (its submission then sends the same); ``NotOwner`` for an
+    experiment submitted elsewhere."""
+    if known:
+        secret = _kept(lambda: owners.get(prefix, experiment_id))
+        if secret is None:
+            raise _not_owner(experiment_id, "push to", owners)
+        return secret
+    return _kept(lambda: owners.get_or_make(prefix, experiment_id))
+
+
+def _not_owner(experiment_id: str, action: str, owners: OwnerSecrets) -> NotOwner:
+    return NotOwner(f"no owner secret for {experiment_id!r} in {owners.path}: only the user who submitted it "
+                    f"can {action} it (operators: the --admin option)")
+
+
+def _as_prompts(prompts: Sequence[Prompt | dict]) -> list[Prompt]:
     return [p if isinstance(p, Prompt) else msgspec.convert(p, Prompt) for p in prompts]
 
 
@@ -553,6 +670,8 @@ def _version_path(deployment: DeploymentInfo, experiment_id: str, version: int) 
 
 
 __all__ = [
-    "CloraClient", "AsyncCloraClient", "SpecRefused", "UnknownExperiment", "ClientError", "NoDeploymentWarning",
-    "ExperimentRecord", "find_redis_url", "find_prefix", "refusal_reasons", "spec_limits", "as_spec", "END_CODES",
+    "CloraClient", "AsyncCloraClient", "SpecRefused", "UnknownExperiment", "NotOwner", "ClientError",
+    "NoDeploymentWarning", "OwnerSecrets",
+    "ExperimentRecord", "find_redis_url", "find_credentials",
+    "cluster_credentials", "redis_connection", "find_prefix", "refusal_reasons", "spec_limits", "as_spec", "END_CODES",
 ]

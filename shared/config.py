@@ -6,6 +6,14 @@ Every field ``foo_bar`` of a config reads the environment variable
 ``redis_url``, which reads ``REDIS_URL``. An empty ``redis_url`` means: start
 the embedded server (see ``shared.redis_server``).
 
+Redis credentials (``shared.acl``): ``REDIS_URL`` may carry ``user:password@``
+(it wins); else ``redis_username`` (``CLORA_REDIS_USERNAME``) with the
+password read from ``redis_password_file`` (``CLORA_REDIS_PASSWORD_FILE``) or
+from ``CLORA_REDIS_PASSWORD``. The password itself is no config field: it is
+never logged and never a flag (flags show in ``ps``). TLS: a ``rediss://``
+URL, certificate options as its query parameters (``ssl_ca_certs``,
+``ssl_certfile``, ``ssl_keyfile``, ``ssl_cert_reqs``, ``ssl_check_hostname``).
+
 Each config is built from sections (``BaseConfig``: Redis, streams, delivery
 and logging; ``LoraConfig``: the deployment's LoRA signature; ``RewardLimits``
 and ``TrainBudget``: what one tenant may cost) and checks its own values in
@@ -76,6 +84,8 @@ class _Section:
 @dataclass
 class BaseConfig(_Section):
     redis_url: str = ""
+    redis_username: str = ""  # the ACL user (shared.acl roles: service for the four services)
+    redis_password_file: str = ""  # its password, in a file (else CLORA_REDIS_PASSWORD)
     stream_prefix: str = DEFAULT_STREAM_PREFIX
     stream_maxlen: int = DEFAULT_STREAM_MAXLEN
     data_dir: str = DEFAULT_DATA_DIR  # embedded Redis data, adapters, checkpoints

@@ -256,25 +256,38 @@ class TrainHyper(_Struct):
 
 
 class ExperimentSubmit(_Message, tag="experiment_submit"):
-    """Stream ``experiments``: a user submits an experiment."""
+    """Stream ``experiments``: a user submits an experiment.
+
+    ``owner_secret``: the experiment's owner secret (16 to 256 characters);
+    its cancels and task pushes must present it. The scheduler keeps only a
+    salted hash of it and deletes the stream entry once handled. None: an
+    experiment without an owner, which only an operator (stream ``admin``)
+    can cancel or push to. It lives on the message, not on the spec: the
+    spec is stored and shown, a credential must not be."""
 
     spec: ExperimentSpec
     ts: float = 0.0
+    owner_secret: str | None = None
 
 
 class ExperimentCancel(_Message, tag="experiment_cancel"):
-    """Stream ``experiments``: stop an experiment; its last version stays."""
+    """Stream ``experiments``: stop an experiment; its last version stays.
+    ``owner_secret``: the one it was submitted with (None: refused unless
+    sent on the operators' stream ``admin``, which needs no secret)."""
 
     experiment_id: str
     ts: float = 0.0
+    owner_secret: str | None = None
 
 
 class TaskPush(_Message, tag="task_push"):
     """Stream ``tasks``: prompts a user feeds to an experiment whose task
-    source is ``stream``."""
+    source is ``stream``. ``owner_secret`` as for ``ExperimentCancel``; a push
+    before the submission binds the id's early prompts to its secret."""
 
     experiment_id: str
     prompts: list[Prompt]
+    owner_secret: str | None = None
 
 
 class RolloutRequest(_Message, tag="rollout_request"):
@@ -385,7 +398,7 @@ TERMINAL_STATUSES = frozenset({"finished", "cancelled", "invalid", "failed"})
 # Every ``ExperimentEvent.code`` a service sends (the README lists them).
 EVENT_CODES = frozenset({
     "queued", "admitted", "invalid_spec", "duplicate_experiment", "waiting_for_prompts", "tasks_ignored",
-    "cancel_ignored", "reward_failed", "rollout_failed", "nan_loss", "adapter_rejected", "stalled",
+    "cancel_ignored", "not_owner", "reward_failed", "rollout_failed", "nan_loss", "adapter_rejected", "stalled",
     "stale_samples_dropped", "train_job_out_of_order", "rank_mismatch", "train_job_invalid",
     "train_job_over_budget", "train_job_stale", "finished", "cancelled", "failed",
 })
@@ -463,6 +476,8 @@ STREAM_KINDS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     "adapters": (AdapterPublished,),
     "events": (ExperimentEvent,),
     "metrics": (StepMetrics,),
+    # operators only (the admin ACL user): cancel or push without an owner secret
+    "admin": (ExperimentCancel, TaskPush),
     # external reward workers: requests are Completions, replies ScoredCompletions
     "reward": (Completion,),
     "reward_replies": (ScoredCompletion,),

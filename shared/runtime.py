@@ -15,6 +15,10 @@ msgpack map (``service``, ``consumer``, ``pid``, ``host``, ``started_at``,
 ``ts``, ``status``), refreshed every ``heartbeat_ttl_s / 3`` with a TTL of
 ``heartbeat_ttl_s``; deleted on a clean stop. ``clora check`` reads it.
 
+Credentials: ``REDIS_URL``'s ``user:password@``, else ``redis_username``
+and ``redis_password_file`` / ``CLORA_REDIS_PASSWORD`` (``shared.acl``);
+only redacted URLs are logged.
+
 Redis outages: setup waits for Redis for as long as the service is not
 stopped, and no loop of the runtime (heartbeat, consumers) ends because Redis
 went away: each retries with a capped backoff and a log line, so a Redis
@@ -38,6 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, ResponseError
 
+from shared.acl import connection_options
 from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer, is_redis_outage
 
 if TYPE_CHECKING:  # shared.config pulls in the engine interface; keep the runtime light
@@ -78,12 +83,16 @@ def set_up(value: T | None, what: str) -> T:
 
 
 def redact_url(url: str) -> str:
-    """``redis://user:secret@host`` -> ``redis://user:***@host``."""
+    """``redis://user:secret@host`` -> ``redis://user:***@host``; a
+    ``password=`` query parameter (redis-py reads one) is masked too."""
     parts = urlsplit(url)
-    if not parts.password:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
+    netloc = parts.netloc
+    if parts.password is not None:
+        userinfo, _, host = netloc.rpartition("@")
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = "&".join("password=***" if pair.split("=", 1)[0].lower() == "password" else pair
+                     for pair in parts.query.split("&")) if parts.query else parts.query
+    return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
 class Service:
@@ -112,7 +121,8 @@ class Service:
         """Connect to Redis (waiting for it until stopped) and build the bus."""
         if not self.config.redis_url:
             raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
-        self._redis = aioredis.Redis.from_url(self.config.redis_url)
+        self._redis = aioredis.Redis.from_url(self.config.redis_url, **connection_options(
+            self.config.redis_url, self.config.redis_username, self.config.redis_password_file))
         await _wait_for_redis(self._redis, self.config.redis_url, self.stopping)
         self._bus = StreamBus(self._redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
 

@@ -22,9 +22,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "submit": ("services.cli.experiments", "submit", "submit an experiment spec (YAML or JSON)"),
     "status": ("services.cli.experiments", "status", "list experiments and their state"),
     "watch": ("services.cli.experiments", "watch", "live progress of an experiment"),
-    "cancel": ("services.cli.experiments", "cancel", "cancel an experiment"),
+    "cancel": ("services.cli.experiments", "cancel", "cancel an experiment (yours; any with --admin)"),
+    "push": ("services.cli.experiments", "push", "push prompts (JSON / JSON lines) to a streamed experiment"),
     "env": ("services.cli.experiments", "env", "print `export REDIS_URL=...` for the Redis every command uses"),
     "allowlist": ("services.cli.experiments", "allowlist", "list | add URL | remove URL: HTTP reward allow-list"),
+    "acl": ("services.cli.acl", "main", "print (or --apply) the Redis ACL users of a deployment"),
 }
 
 

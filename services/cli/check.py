@@ -8,6 +8,11 @@ exactly ``CLORA_CONSUMER_NAME`` when set), so a container checks its own
 process; on a ``clora up`` cluster found through its data dir, for any
 instance of that cluster. ``--any``: any instance anywhere; ``--consumer
 NAME``: exactly that one.
+
+Credentials: a container's own (``REDIS_URL``'s ``user:password@``, or
+``CLORA_REDIS_USERNAME`` with ``CLORA_REDIS_PASSWORD_FILE`` /
+``CLORA_REDIS_PASSWORD``: the ``service`` role reads heartbeats); on a
+``clora up`` cluster, the ``admin`` password it wrote to its data dir.
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from pathlib import Path
 
 import redis
 
-from shared.client import REDIS_URL_FILE, ClientError, find_prefix, find_redis_url
+from shared.acl import AclError, connection_options, glob_escape
+from shared.client import REDIS_URL_FILE, ClientError, cluster_credentials, find_prefix, find_redis_url
 from shared.config import BaseConfig, ConfigError, load_config
 from shared.runtime import decode_heartbeat, heartbeat_key, redact_url
 
 REDIS_TIMEOUT_S = 3.0
-GLOB_SPECIAL = "\\*?[]"
 
 
 def main(argv: list[str]) -> int:
@@ -46,7 +51,10 @@ def main(argv: list[str]) -> int:
         args.any = args.any or not (args.consumer or config.consumer_name)
     pattern, described = _key_pattern(args, config)
     try:
-        live = _live_heartbeats(config.redis_url, pattern)
+        live = _live_heartbeats(config.redis_url, pattern, _credentials(config))
+    except AclError as exc:
+        print(f"{args.service}: not alive: {exc}", file=sys.stderr)
+        return 1
     except redis.RedisError as exc:
         print(f"{args.service}: not alive: cannot reach Redis at {redact_url(config.redis_url)}: {exc}",
               file=sys.stderr)
@@ -69,6 +77,12 @@ def _local_cluster(config: BaseConfig, config_flags: list[str]) -> tuple[str, st
     return url, config.stream_prefix if prefix_given else find_prefix(None, config.data_dir)
 
 
+def _credentials(config: BaseConfig) -> dict[str, str]:
+    """A ``clora up`` cluster's admin password, else the container's own credentials."""
+    return (cluster_credentials(config.redis_url, "admin", config.data_dir)
+            or connection_options(config.redis_url, config.redis_username, config.redis_password_file))
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="clora check", allow_abbrev=False,
@@ -81,25 +95,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _glob_escape(text: str) -> str:
-    return "".join("\\" + ch if ch in GLOB_SPECIAL else ch for ch in text)
-
-
 def _key_pattern(args: argparse.Namespace, config: BaseConfig) -> tuple[str, str]:
     """The heartbeat key (glob) pattern to look for, and how to say it."""
-    prefix = _glob_escape(config.stream_prefix)
-    service = _glob_escape(args.service)
+    prefix = glob_escape(config.stream_prefix)
+    service = glob_escape(args.service)
     exact = args.consumer or (None if args.any else config.consumer_name)
     if exact:
-        return heartbeat_key(prefix, service, _glob_escape(exact)), f"consumer {exact!r}"
+        return heartbeat_key(prefix, service, glob_escape(exact)), f"consumer {exact!r}"
     if args.any:
         return heartbeat_key(prefix, service, "*"), f"any {args.service!r} instance"
     host_prefix = f"{args.service}-{socket.gethostname()}-"
-    return heartbeat_key(prefix, service, _glob_escape(host_prefix) + "*"), f"consumers {host_prefix}*"
+    return heartbeat_key(prefix, service, glob_escape(host_prefix) + "*"), f"consumers {host_prefix}*"
 
 
-def _live_heartbeats(redis_url: str, pattern: str) -> list[dict]:
-    client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
+def _live_heartbeats(redis_url: str, pattern: str, credentials: dict[str, str]) -> list[dict]:
+    client = redis.Redis.from_url(redis_url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S,
+                                  **credentials)
     try:
         keys = list(client.scan_iter(match=pattern, count=1000))
         values = client.mget(keys) if keys else []

@@ -1,17 +1,24 @@
-"""``clora submit | status | watch | cancel | env | allowlist``: the user's side.
+"""``clora submit | status | watch | cancel | push | env | allowlist``: the user's side.
+
+Owners: ``clora submit`` keeps the experiment's owner secret in the user's
+owners file (``shared.owner_secrets``); ``clora cancel`` and ``clora push``
+present it. ``--admin`` sends on the operators' stream instead (no secret;
+it needs the admin Redis user).
 
 Every command talks through ``shared.client.CloraClient`` and finds Redis the
 same way (``shared.client.find_redis_url``): ``--redis-url``, else
 ``REDIS_URL``, else the address ``clora up`` wrote to ``<data dir>/redis_url``
 (data dir: ``--data-dir``, ``CLORA_DATA_DIR`` or ``.clora``); the key prefix
 through ``--stream-prefix``, ``CLORA_STREAM_PREFIX``, the one ``clora up``
-wrote, else ``clora:``.
+wrote, else ``clora:``. Credentials: ``shared.client.find_credentials`` (the
+``client`` role; ``admin`` for ``clora allowlist``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 import warnings
@@ -23,16 +30,21 @@ import redis
 
 from services.scheduler.spec import SpecFileError, convert_spec, load_spec_file, parse_spec_text
 from services.scheduler.state import ExperimentRecord
+from shared.acl import AclError, url_has_credentials, with_credentials
 from shared.client import (
     ClientError,
     CloraClient,
     NoDeploymentWarning,
+    NotOwner,
     SpecRefused,
     UnknownExperiment,
+    cluster_credentials,
+    find_credentials,
     find_prefix,
     find_redis_url,
 )
 from shared.deployment import allowlist_key, read_allowlist
+from shared.messages import Prompt
 
 WATCH_INTERVAL_S = 0.5
 WATCH_GRACE_S = 1.0  # `clora submit X && clora watch X`: the scheduler may not have recorded X yet
@@ -68,10 +80,16 @@ def resolve_prefix(args: argparse.Namespace) -> str:
     return find_prefix(args.stream_prefix, args.data_dir)
 
 
-def connect(args: argparse.Namespace) -> CloraClient:
-    client = CloraClient(redis.Redis.from_url(resolve_redis_url(args)), resolve_prefix(args))
+def connect(args: argparse.Namespace, role: str = "client") -> CloraClient:
+    url = resolve_redis_url(args)
     try:
+        client = CloraClient(redis.Redis.from_url(url, **find_credentials(url, role, args.data_dir)),
+                             resolve_prefix(args))
         client.redis.ping()
+    except AclError as exc:
+        raise CliError(str(exc)) from None
+    except redis.exceptions.AuthenticationError as exc:
+        raise CliError(f"Redis refused the credentials: {exc}") from None
     except redis.exceptions.ConnectionError as exc:
         raise CliError(f"cannot reach Redis: {exc}") from None
     return client
@@ -82,6 +100,10 @@ def _run(command, argv: Sequence[str]) -> int:
         return command(list(argv))
     except CliError as exc:
         print(f"clora: {exc}", file=sys.stderr)
+        return 1
+    except redis.exceptions.NoPermissionError as exc:
+        print(f"clora: Redis refused: {exc} (the ACL user in use may not do this; see CLORA_REDIS_USERNAME)",
+              file=sys.stderr)
         return 1
 
 
@@ -127,6 +149,8 @@ def _submit(argv: list[str]) -> int:
         for reason in refused.reasons:
             print(f"  {reason}", file=sys.stderr)
         return EXIT_USAGE
+    except ClientError as exc:  # e.g. the owners file cannot be written: nothing was sent
+        raise CliError(str(exc)) from None
     finally:
         client.close()
     print(spec.experiment_id)
@@ -139,22 +163,75 @@ def cancel(argv: list[str]) -> int:
 
 
 def _cancel(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="clora cancel", description="cancel experiments")
+    parser = argparse.ArgumentParser(prog="clora cancel", description="cancel experiments (yours, or any with --admin)")
     parser.add_argument("experiments", nargs="+")
+    parser.add_argument("--admin", action="store_true", help="operators: cancel without the owner secret "
+                                                              "(the admin stream; needs the admin Redis user)")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    client = connect(args)
+    client = connect(args, role="admin" if args.admin else "client")
     exit_code = 0
     for experiment_id in args.experiments:
         try:
+            if args.admin:
+                client.admin_cancel(experiment_id)
+                print(f"{experiment_id}: cancel requested (as an operator)")
+                continue
             record = client.cancel(experiment_id)
-        except UnknownExperiment as exc:
+        except (UnknownExperiment, NotOwner) as exc:
             print(f"clora cancel: {exc}", file=sys.stderr)
             exit_code = 1
             continue
+        except ClientError as exc:
+            raise CliError(str(exc)) from None
         print(f"{experiment_id}: cancel requested (was {record.status})")
     client.close()
     return exit_code
+
+
+def push(argv: list[str]) -> int:
+    """``clora push EXP PROMPTS.json|.jsonl [--admin]``: feed a streamed
+    experiment (a JSON array of prompts, or one JSON prompt per line:
+    ``{"prompt_id": ..., "text": ..., "answer": ...}``), with its owner secret."""
+    return _run(_push, argv)
+
+
+def _push(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="clora push", description="push prompts to a streamed experiment")
+    parser.add_argument("experiment")
+    parser.add_argument("prompts", help="JSON array of prompts, or JSON lines (one prompt per line)")
+    parser.add_argument("--admin", action="store_true", help="operators: push without the owner secret")
+    add_connection_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        prompts = read_prompts(Path(args.prompts))
+    except (OSError, ValueError, msgspec.ValidationError) as exc:
+        print(f"clora push: {args.prompts}: refused, nothing sent: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    client = connect(args, role="admin" if args.admin else "client")
+    try:
+        if args.admin:
+            client.admin_push(args.experiment, prompts)
+        else:
+            client.push_prompts(args.experiment, prompts)
+    except ClientError as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        client.close()
+    print(f"{args.experiment}: {len(prompts)} prompts pushed")
+    return 0
+
+
+def read_prompts(path: Path) -> list[Prompt]:
+    """Prompts from a JSON array or JSON lines; ``ValueError`` / ``msgspec.ValidationError`` says what is wrong."""
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        items = json.loads(text)
+    else:
+        items = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not items:
+        raise ValueError("no prompts in it")
+    return [msgspec.convert(item, Prompt) for item in items]
 
 
 # ---------------------------------------------------------------- status
@@ -362,7 +439,9 @@ def reward_history(client, keys, experiment_id: str) -> list[tuple[int, float | 
 
 def env(argv: list[str]) -> int:
     """``clora env``: ``export`` lines for the Redis and prefix every command
-    would use (``eval "$(clora env)"`` in another shell)."""
+    would use (``eval "$(clora env)"`` in another shell). On a ``clora up``
+    cluster with ACLs the URL carries the ``client`` user and its password,
+    so any Redis program run from that shell connects as the client role."""
     return _run(_env, argv)
 
 
@@ -370,7 +449,9 @@ def _env(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="clora env", description="print export lines for REDIS_URL and the prefix")
     add_connection_args(parser)
     args = parser.parse_args(argv)
-    print(f"export REDIS_URL={resolve_redis_url(args)}")
+    url = resolve_redis_url(args)
+    credentials = cluster_credentials(url, "client", args.data_dir) if not url_has_credentials(url) else {}
+    print(f"export REDIS_URL={shlex.quote(with_credentials(url, **credentials))}")
     print(f"export CLORA_STREAM_PREFIX={resolve_prefix(args)}")
     return 0
 
@@ -390,7 +471,7 @@ def _allowlist(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if args.action != "list" and not args.urls:
         parser.error(f"{args.action} needs at least one URL")
-    client = connect(args)
+    client = connect(args, role="admin")
     configured = client.deployment().http_allowlist if args.action != "add" else []
     key = allowlist_key(client.prefix)
     exit_code = 0
@@ -428,6 +509,7 @@ def _allowlist_entry_problem(url: str) -> str | None:
 
 
 __all__ = [
-    "submit", "status", "watch", "cancel", "env", "allowlist", "progress_line", "ProgressDisplay",
+    "submit", "status", "watch", "cancel", "push", "read_prompts",
+    "env", "allowlist", "progress_line", "ProgressDisplay",
     "watch_until_done", "format_table", "status_rows", "reward_history", "load_spec_file", "CliError", "LEGEND",
 ]

@@ -6,6 +6,15 @@ unless a URL is given) and the four services as subprocesses
 consumer name (``rollout-0``, ``trainer-1``...) so that a restarted process
 re-reads its own pending entries at once. Tests, the demo and the benchmarks
 use it; ``kill`` / ``restart`` exercise crash and resume.
+
+``acl=True`` (what ``clora up`` and ``clora demo`` use) starts the embedded
+server with the ACL roles of ``shared.acl`` on the cluster's prefix: a
+password per role generated once into ``<data_dir>/credentials/<role>``
+(0600), the services connect as ``service`` (``CLORA_REDIS_USERNAME`` and
+``CLORA_REDIS_PASSWORD_FILE``), and the client and the ``clora`` commands
+find the ``client`` (or ``admin``) password there with no extra step
+(``shared.client.find_credentials``). Without it (the default, and always
+with a ``redis_url``) the cluster uses Redis as it is.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from shared import acl
 from shared.redis_server import EmbeddedRedis
 
 STOP_ORDER = ("scheduler", "rollout", "reward", "trainer")  # stop issuing work first
@@ -92,6 +102,7 @@ class LocalCluster:
     service_env: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     services: Sequence[str] = START_ORDER
     python: str = sys.executable
+    acl: bool = False  # the embedded server with ACL roles on (ignored with a redis_url)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -120,7 +131,7 @@ class LocalCluster:
         (self.data_dir / "logs").mkdir(exist_ok=True)
         if self._url is None:
             self._redis = EmbeddedRedis(self.data_dir / "redis", persist=True,
-                                         port=_saved_port(self.data_dir / REDIS_PORT_FILE))
+                                         port=_saved_port(self.data_dir / REDIS_PORT_FILE), acl=self._acl_text())
             self._url = self._redis.start()
             (self.data_dir / REDIS_PORT_FILE).write_text(f"{urlsplit(self._url).port}\n")
         (self.data_dir / REDIS_URL_FILE).write_text(self._url + "\n")
@@ -150,6 +161,37 @@ class LocalCluster:
 
     def __enter__(self) -> "LocalCluster":
         return self.start()
+
+    # ------------------------------------------------------------ credentials
+
+    @property
+    def acl_on(self) -> bool:
+        """Whether this cluster's own embedded server runs with ACL roles."""
+        return self.acl and self.redis_url is None
+
+    def _acl_text(self) -> str | None:
+        if not self.acl_on:
+            return None
+        return acl.acl_file_text(self.stream_prefix, acl.ensure_passwords(acl.credentials_dir(self.data_dir)))
+
+    def credentials(self, role: str) -> dict[str, str]:
+        """redis-py ``username`` / ``password`` options of ``role`` ({} without ACLs)."""
+        if not self.acl_on:
+            return {}
+        return {"username": role, "password": acl.read_password_file(acl.password_file(self.data_dir, role))}
+
+    def redis_client(self, role: str = "admin"):
+        """A ``redis.Redis`` to the cluster's Redis as ``role``."""
+        import redis
+
+        return redis.Redis.from_url(self.url, **self.credentials(role))
+
+    def service_credentials_env(self) -> dict[str, str]:
+        """The services' ACL user and password file ({} without ACLs)."""
+        if not self.acl_on:
+            return {}
+        return {acl.USERNAME_ENV: "service", acl.PASSWORD_FILE_ENV: str(acl.password_file(self.data_dir, "service")),
+                acl.PASSWORD_ENV: ""}
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
@@ -201,12 +243,10 @@ class LocalCluster:
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S, names: Sequence[str] | None = None) -> None:
         """Wait until every process (or ``names``) has a live heartbeat."""
-        import redis
-
         from shared.runtime import heartbeat_key
 
         wanted = [p for p in self.processes.values() if names is None or p.name in names or p.service in names]
-        client = redis.Redis.from_url(self.url)
+        client = self.redis_client("admin")
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -253,7 +293,7 @@ class LocalCluster:
 
     def _spawn(self, process: ServiceProcess) -> int:
         """Start ``process``; its pid."""
-        env = {**os.environ, **process.env, "REDIS_URL": self.url}
+        env = {**os.environ, **process.env, "REDIS_URL": self.url, **self.service_credentials_env()}
         with open(process.log_path, "ab") as log_file:
             popen = process.process = subprocess.Popen(
                 [self.python, "-m", "services.cli", process.service],
@@ -319,7 +359,7 @@ def up(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.data_dir, redis_url=os.environ.get("REDIS_URL") or None,
                            num_rollout_workers=args.rollout_workers, num_trainer_shards=args.trainer_shards,
-                           stream_prefix=args.stream_prefix, service_env=_engine_env(args.engine))
+                           stream_prefix=args.stream_prefix, service_env=_engine_env(args.engine), acl=True)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
     try:
@@ -328,6 +368,9 @@ def up(argv: list[str]) -> int:
         print(f"CLORA_STREAM_PREFIX={cluster.stream_prefix}")
         print(f"clora up: Redis at {cluster.url} (written to {cluster.data_dir / REDIS_URL_FILE}; every clora "
               f"command run from here finds it); logs in {cluster.data_dir / 'logs'}")
+        if cluster.acl_on:
+            print(f"  Redis ACL users service, client, admin; passwords in {acl.credentials_dir(cluster.data_dir)} "
+                  "(this user only)")
         print("  " + ", ".join(f"{name} (pid {pid})" for name, pid in cluster.pids.items()))
         print("  other programs: eval \"$(clora env)\"   submit: clora submit SPEC.yaml   Ctrl-C stops everything",
               flush=True)
@@ -416,7 +459,7 @@ def demo(argv: list[str]) -> int:
 def _demo(args: argparse.Namespace, data_dir: Path, specs: list) -> int:
     started = time.monotonic()
     print(f"clora demo: {len(specs)} experiments, {args.steps} steps each; data in {data_dir}")
-    with LocalCluster(data_dir, env=DEMO_ENV, service_env=_engine_env(args.engine)) as cluster:
+    with LocalCluster(data_dir, env=DEMO_ENV, service_env=_engine_env(args.engine), acl=True) as cluster:
         try:
             cluster.wait_ready()
             print(f"services ready after {time.monotonic() - started:.1f}s")
@@ -443,7 +486,7 @@ def _run_demo(cluster: LocalCluster, specs: list, timeout_s: float):
     from services.cli.experiments import ProgressDisplay, reward_history, watch_until_done
     from shared.client import CloraClient, NoDeploymentWarning
 
-    with CloraClient.connect(cluster.url, cluster.stream_prefix) as client:
+    with CloraClient(cluster.redis_client("client"), cluster.stream_prefix) as client:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NoDeploymentWarning)  # the demo's specs fit the defaults too
             ids = [client.submit(spec) for spec in specs]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import msgspec
 
-from services.scheduler import outgoing
+from services.scheduler import outgoing, owners
 from services.scheduler import spec as spec_rules
 from services.scheduler.dead_letters import decoded, explain_refusal, failed_group_from, raw_experiment_id
 from services.scheduler.dispatch import Dispatcher
@@ -129,11 +129,15 @@ class SchedulerCore:
         return self._settle(effects, now)
 
     def submit(self, spec: ExperimentSpec, *, entry_id: str | None, stored: StoredRecord,
-               allowlist: list[str], stream_prompts: list[Prompt], now: float) -> Effects:
+               allowlist: list[str], stream_prompts: list[Prompt], now: float,
+               owner_secret: str | None = None, early_owner: str | None = None,
+               salt: bytes | None = None) -> Effects:
         """``entry_id``: the submission's stream entry; the same entry again is a
         redelivery (nothing happens), another one with a known id is a
         duplicate, even with the very same spec. ``stream_prompts``: pushed
-        before the submission (read from Redis)."""
+        before the submission (read from Redis), ``early_owner`` the owner
+        hash they were pushed under (``owners``). ``owner_secret``: kept as a
+        hash salted with ``salt`` (None: a fresh random one)."""
         effects = Effects()
         experiment_id = spec.experiment_id
         if not is_experiment_id(experiment_id):
@@ -150,14 +154,23 @@ class SchedulerCore:
                 return self._settle(effects, now)
             effects.write("delete", self.keys.exp(experiment_id))  # a corrected spec replaces a refused one
         reasons = spec_rules.validate_spec(spec, self.rules.limits, allowlist=allowlist)
+        secret_problem = owners.secret_problem(owner_secret)
+        if secret_problem is not None:
+            reasons.append(secret_problem)
         if reasons:
             self._record_invalid(effects, experiment_id, "; ".join(reasons), spec, now)
             effects.set_fields(experiment_id, submit_entry=entry_id)
             return self._settle(effects, now)
-        self._queue(effects, spec, entry_id, stream_prompts, now)
+        owner_hash = None if owner_secret is None else owners.hash_secret(owner_secret, salt)
+        if spec.task.stream and early_owner is not None and not owners.secret_matches(early_owner, owner_secret):
+            stream_prompts = self._drop_early_prompts(effects, experiment_id, len(stream_prompts), now)
+        self._queue(effects, spec, entry_id, stream_prompts, owner_hash, now)
         return self._settle(effects, now)
 
-    def cancel(self, experiment_id: str, *, stored_status: str | None, now: float) -> Effects:
+    def cancel(self, experiment_id: str, *, stored_status: str | None, now: float,
+               owner_secret: str | None = None, admin: bool = False) -> Effects:
+        """Cancel a queued or running experiment when ``owner_secret`` opens its
+        owner hash, or for an operator (``admin``: the ``admin`` stream)."""
         effects = Effects()
         if not is_experiment_id(experiment_id):
             self._refuse_unkeyed(effects, experiment_id, "warning", "cancel_ignored",
@@ -166,16 +179,22 @@ class SchedulerCore:
         elif experiment_id not in self.views:
             message = f"experiment is already {stored_status}" if stored_status else "unknown experiment"
             effects.event(experiment_id, "warning", "cancel_ignored", message, now)
+        elif not admin and not owners.secret_matches(self.views[experiment_id].owner_hash, owner_secret):
+            self._refuse_not_owner(effects, experiment_id, "cancel", now)
         else:
             view = self.views[experiment_id]
-            self._end(view, effects, "cancelled", now, message=f"cancelled at step {view.version}")
+            by = " by an operator" if admin else ""
+            self._end(view, effects, "cancelled", now, message=f"cancelled{by} at step {view.version}")
         return self._settle(effects, now)
 
     def push_tasks(self, push: TaskPush, *, stored_status: str | None, stored_prompt_ids: set[str],
-                   now: float) -> Effects:
+                   now: float, early_owner: str | None = None, admin: bool = False,
+                   salt: bytes | None = None) -> Effects:
         """Pushed prompts. For an id the views do not know: ``stored_status``
         its status in Redis, ``stored_prompt_ids`` the prompts already kept
-        for it (pushed before its submission)."""
+        for it (pushed before its submission) and ``early_owner`` the owner
+        hash they were pushed under (the first early push sets it). Only the
+        owner's secret, or an operator (``admin``), may push."""
         effects = Effects()
         experiment_id = push.experiment_id
         view = self.views.get(experiment_id)
@@ -186,11 +205,15 @@ class SchedulerCore:
         elif view is None and stored_status is not None:
             effects.event(experiment_id, "warning", "tasks_ignored",
                           f"experiment is {stored_status}; {len(push.prompts)} pushed prompts ignored", now)
+        elif not admin and not self._may_push(view, push.owner_secret, early_owner):
+            self._refuse_not_owner(effects, experiment_id, f"push of {len(push.prompts)} prompts", now)
         elif view is not None and not view.spec.task.stream:
             effects.event(experiment_id, "warning", "tasks_ignored",
                           "the experiment's task source is not 'stream'; pushed prompts ignored", now)
         else:
             self._keep_pushed(effects, experiment_id, view, push.prompts, stored_prompt_ids, now)
+            if view is None and early_owner is None and push.owner_secret is not None and not admin:
+                self._bind_early_prompts(effects, experiment_id, owners.hash_secret(push.owner_secret, salt))
         return self._settle(effects, now)
 
     def collect(self, scored: ScoredCompletion, now: float) -> Effects:
@@ -286,20 +309,23 @@ class SchedulerCore:
     # ------------------------------------------------------------ submit / push
 
     def _queue(self, effects: Effects, spec: ExperimentSpec, entry_id: str | None,
-               stream_prompts: list[Prompt], now: float) -> None:
+               stream_prompts: list[Prompt], owner_hash: str | None, now: float) -> None:
         experiment_id = spec.experiment_id
         effects.set_fields(experiment_id, status="queued", spec=encode_spec(spec), steps=spec.steps,
-                           step=0, version=0, submitted_at=now,
+                           step=0, version=0, submitted_at=now, owner=owner_hash,
                            family=spec_rules.eval_family(spec), submit_entry=entry_id)
+        effects.write("delete", self.keys.tasks_owner(experiment_id))  # early prompts now belong to the experiment
         effects.write("zadd", self.keys.index, {experiment_id: now})
         effects.write("zadd", self.keys.queue, {experiment_id: now})
-        view = ExperimentView(spec=spec, status="queued", submitted_at=now, last_progress=now)
+        view = ExperimentView(spec=spec, status="queued", submitted_at=now, last_progress=now, owner_hash=owner_hash)
         if spec.task.stream:
             effects.write("persist", self.keys.tasks(experiment_id))  # pushed early: they now belong to it
             view.set_stream_prompts(self._usable_stream_prompts(spec, stream_prompts, effects))
         self.views[experiment_id] = view
         self.queue.append(experiment_id)
-        effects.event(experiment_id, "info", "queued", f"{spec.steps} steps queued", now)
+        ownerless = "" if owner_hash else ("; submitted without an owner_secret: "
+                                           "only an operator can cancel it or push to it")
+        effects.event(experiment_id, "info", "queued", f"{spec.steps} steps queued{ownerless}", now)
 
     def _record_invalid(self, effects: Effects, experiment_id: str, reason: str, spec: ExperimentSpec | None,
                         now: float) -> None:
@@ -318,6 +344,35 @@ class SchedulerCore:
         shown = experiment_id[:MAX_ID_CHARS]
         effects.event(shown, level, code, reason, now)
         effects.log("warning", "invalid_experiment_id_refused", experiment_id=shown, code=code, reason=reason)
+
+    def _refuse_not_owner(self, effects: Effects, experiment_id: str, what: str, now: float) -> None:
+        """The same words whatever was wrong (no secret, another's, an
+        experiment without an owner): the refusal tells nothing about the owner."""
+        effects.event(experiment_id, "error", "not_owner",
+                      f"{what} refused: owner_secret missing or not this experiment's owner's; nothing changed "
+                      "(an experiment submitted without one is left to operators)", now)
+        effects.log("warning", "not_owner_refused", experiment_id=experiment_id, what=what)
+
+    @staticmethod
+    def _may_push(view: ExperimentView | None, secret: str | None, early_owner: str | None) -> bool:
+        """The owner may push; before the submission, the first pusher's secret binds the id's early prompts."""
+        if view is not None:
+            return owners.secret_matches(view.owner_hash, secret)
+        if secret is None or owners.secret_problem(secret) is not None:
+            return False
+        return early_owner is None or owners.secret_matches(early_owner, secret)
+
+    def _bind_early_prompts(self, effects: Effects, experiment_id: str, owner_hash: str) -> None:
+        key = self.keys.tasks_owner(experiment_id)
+        effects.write("hset", key, "owner", owner_hash)
+        effects.write("expire", key, max(1, int(self.rules.ended_ttl_s)))
+
+    def _drop_early_prompts(self, effects: Effects, experiment_id: str, count: int, now: float) -> list[Prompt]:
+        """Prompts pushed before the submission under another owner secret are not the submitter's."""
+        effects.write("delete", self.keys.tasks(experiment_id))
+        effects.event(experiment_id, "warning", "tasks_ignored",
+                      f"{count} prompts pushed before the submission under another owner_secret were dropped", now)
+        return []
 
     def _keep_pushed(self, effects: Effects, experiment_id: str, view: ExperimentView | None,
                      pushed: list[Prompt], stored_prompt_ids: set[str], now: float) -> None:

@@ -12,7 +12,8 @@ from shared.messages import ExperimentEvent, Message
 
 # The Redis commands a transition may queue (redis-py pipeline method names).
 Level = Literal["info", "warning", "error"]  # of an event and of a log line
-WriteCommand = Literal["hset", "hincrby", "rpush", "sadd", "srem", "zadd", "zrem", "expire", "persist", "delete"]
+WriteCommand = Literal["hset", "hincrby", "rpush", "sadd", "srem", "zadd", "zrem", "expire", "persist", "delete",
+                       "xdel"]
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """The scheduler: lifecycle and step loop of every experiment.
 
 Consumes ``experiments`` (submit/cancel), ``tasks`` (streamed prompts),
-``scored`` (scored rollout groups), ``adapters`` (new versions) and
-``dead_letters``; publishes ``rollout_requests``, ``train_jobs:<shard>``,
+``admin`` (operators' cancels and pushes), ``scored`` (scored rollout
+groups), ``adapters`` (new versions) and ``dead_letters``; publishes ``rollout_requests``, ``train_jobs:<shard>``,
 ``events`` and ``metrics``.
 
 The decisions are ``core.SchedulerCore``'s (the step machine, admission,
@@ -36,6 +36,11 @@ whatever is due and not yet published; redelivered results are ignored by
 request id. A watchdog re-publishes the missing requests of a step that made
 no progress for ``stall_timeout_s`` (a request lost or dead-lettered elsewhere).
 
+Owners (``owners``): a submission's ``owner_secret`` is kept only as a
+salted hash; a cancel or push must present it (else ``not_owner``, nothing
+changes), except on the ``admin`` stream that only operators can write. An
+entry that carried a secret is deleted in the transaction that handles it.
+
 Nothing in a message is trusted that can be checked: an experiment id is
 validated before any key is built from it (an invalid one gets an event and
 no key); an adapter announcement is accepted only when its path is the
@@ -50,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 
@@ -59,10 +65,11 @@ from services.scheduler.core import SchedulerCore, SchedulerRules
 from services.scheduler.dead_letters import raw_experiment_id
 from services.scheduler.effects import Effects
 from services.scheduler.lease import Lease
+from services.scheduler.owners import SECRET_STREAMS, carries_secret, redacting_decoder
 from services.scheduler.state import ExperimentView, Keys, StateStore, StoredRecord
 from shared import messages
 from shared.adapters import AdapterStoreError, DirectoryAdapterStore
-from shared.bus import RETRYABLE_REDIS_ERRORS, DeadLetter
+from shared.bus import RETRYABLE_REDIS_ERRORS, DeadLetter, Entry
 from shared.config import SchedulerConfig
 from shared.deployment import (
     deployment_from_config,
@@ -73,7 +80,6 @@ from shared.deployment import (
 from shared.messages import (
     AdapterPublished,
     ExperimentCancel,
-    ExperimentSpec,
     ExperimentSubmit,
     Prompt,
     ScoredCompletion,
@@ -87,6 +93,7 @@ DEAD_LETTER_GROUP = "scheduler-dead-letters"
 STALL_CHECK_INTERVAL_S = 5.0
 SCORED_READ_AHEAD = 16  # scored results read per round trip
 DEAD_LETTER_BATCH = 32
+STREAM_ENTRY_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 MAX_PATH_SHOWN = 200  # characters of a refused announcement's path named in its event
 
 Decision = Callable[[], Awaitable[Effects]]
@@ -159,10 +166,14 @@ class SchedulerService(Service):
         handlers = {
             "experiments": (self.on_experiment_message, 1),
             "tasks": (self.on_task_push, 1),
+            "admin": (self.on_admin_message, 1),
             "scored": (self.on_scored, SCORED_READ_AHEAD),
             "adapters": (self.on_adapter_published, 4),
         }
-        consumers = [self.consumer(stream, CONSUMER_GROUP, handler, batch_size=64, concurrency=concurrency)
+        # what may carry an owner secret is dead-lettered with the secret masked
+        decoders = dict.fromkeys(("experiments", "tasks", "admin"), redacting_decoder)
+        consumers = [self.consumer(stream, CONSUMER_GROUP, handler, batch_size=64, concurrency=concurrency,
+                                   **({"decoder": decoders[stream]} if stream in decoders else {}))
                      for stream, (handler, concurrency) in handlers.items()]
         dead_letters = self.bus.dead_letter_consumer(
             DEAD_LETTER_GROUP, self.on_dead_letter, consumer_name=self.consumer_name, batch_size=DEAD_LETTER_BATCH,
@@ -251,12 +262,32 @@ class SchedulerService(Service):
     async def on_experiment_message(self, message, entry) -> None:
         if isinstance(message, ExperimentSubmit):
             entry_id = entry.entry_id if entry is not None else None
-            await self._transition(lambda: self._submission(message.spec, entry_id))
+            await self._transition(self._forgetting(message, entry, lambda: self._submission(message, entry_id)))
         elif isinstance(message, ExperimentCancel):
-            await self._transition(lambda: self._cancellation(message.experiment_id))
+            await self._transition(self._forgetting(message, entry, lambda: self._cancellation(message)))
 
     async def on_task_push(self, message: TaskPush, entry) -> None:
-        await self._transition(lambda: self._task_push(message))
+        await self._transition(self._forgetting(message, entry, lambda: self._task_push(message)))
+
+    async def on_admin_message(self, message, entry) -> None:
+        """The operators' stream (only the admin ACL user writes it): cancel
+        or push without an owner secret."""
+        if isinstance(message, ExperimentCancel):
+            await self._transition(self._forgetting(message, entry, lambda: self._cancellation(message, admin=True)))
+        elif isinstance(message, TaskPush):
+            await self._transition(self._forgetting(message, entry, lambda: self._task_push(message, admin=True)))
+
+    def _forgetting(self, message, entry: Entry | None, decide: Decision) -> Decision:
+        """``decide``, plus deleting the stream entry when it carried an owner
+        secret, in the same transaction: the secret is never kept in clear. A
+        redelivery after the commit finds the entry gone and is only acked."""
+        async def decide_and_forget() -> Effects:
+            effects = await decide()
+            if entry is not None and carries_secret(message):
+                effects.write("xdel", self.store.keys.stream(entry.stream), entry.entry_id)
+            return effects
+
+        return decide_and_forget
 
     async def on_scored(self, message: ScoredCompletion, entry) -> None:
         async def decide() -> Effects:
@@ -280,27 +311,34 @@ class SchedulerService(Service):
 
     # ------------------------------------------------------------ reading what a decision needs
 
-    async def _submission(self, spec: ExperimentSpec, entry_id: str | None) -> Effects:
+    async def _submission(self, message: ExperimentSubmit, entry_id: str | None) -> Effects:
+        spec = message.spec
         experiment_id = spec.experiment_id
-        stored, allowlist, pushed = StoredRecord(), list[str](), list[Prompt]()
+        stored, allowlist, pushed, early_owner = StoredRecord(), list[str](), list[Prompt](), None
         if is_experiment_id(experiment_id):
             stored = await self.store.record(experiment_id)
             allowlist = await self._reward_allowlist()
             if spec.task.stream:
                 pushed = await self.store.load_stream_prompts(experiment_id)
+                early_owner = await self.store.early_owner(experiment_id)
         return self.core.submit(spec, entry_id=entry_id, stored=stored, allowlist=allowlist,
-                                stream_prompts=pushed, now=messages.now())
+                                stream_prompts=pushed, now=messages.now(), owner_secret=message.owner_secret,
+                                early_owner=early_owner)
 
-    async def _cancellation(self, experiment_id: str) -> Effects:
-        status = await self._stored_status(experiment_id)
-        return self.core.cancel(experiment_id, stored_status=status, now=messages.now())
+    async def _cancellation(self, cancel: ExperimentCancel, admin: bool = False) -> Effects:
+        status = await self._stored_status(cancel.experiment_id)
+        return self.core.cancel(cancel.experiment_id, stored_status=status, now=messages.now(),
+                                owner_secret=cancel.owner_secret, admin=admin)
 
-    async def _task_push(self, push: TaskPush) -> Effects:
+    async def _task_push(self, push: TaskPush, admin: bool = False) -> Effects:
         status = await self._stored_status(push.experiment_id)
         known: set[str] = set()
+        early_owner = None
         if status is None and is_experiment_id(push.experiment_id) and push.experiment_id not in self.core.views:
             known = {p.prompt_id for p in await self.store.load_stream_prompts(push.experiment_id)}
-        return self.core.push_tasks(push, stored_status=status, stored_prompt_ids=known, now=messages.now())
+            early_owner = await self.store.early_owner(push.experiment_id)
+        return self.core.push_tasks(push, stored_status=status, stored_prompt_ids=known, now=messages.now(),
+                                    early_owner=early_owner, admin=admin)
 
     async def _dead_letter(self, letter: DeadLetter) -> Effects:
         exists = False
@@ -308,7 +346,11 @@ class SchedulerService(Service):
             experiment_id = raw_experiment_id(letter.payload)
             exists = experiment_id is not None and is_experiment_id(experiment_id) \
                 and await self.store.exists(experiment_id)
-        return self.core.dead_letter(letter, submission_exists=exists, now=messages.now())
+        effects = self.core.dead_letter(letter, submission_exists=exists, now=messages.now())
+        if messages.base_stream(letter.stream) in SECRET_STREAMS and STREAM_ENTRY_ID.fullmatch(letter.entry_id):
+            # acked but still in its stream, maybe with an owner secret: the dead letter keeps it, masked
+            effects.write("xdel", self.store.keys.stream(letter.stream), letter.entry_id)
+        return effects
 
     async def _stored_status(self, experiment_id: str) -> str | None:
         """The stored status of an id the views do not know (None: no record)."""

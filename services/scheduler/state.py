@@ -18,7 +18,9 @@ valid experiment id, see ``Keys``):
   id of its submission: a redelivery of that entry changes nothing, another
   submission of the id is a duplicate), ``final_metrics`` (msgpack
   ``StepMetrics`` of the last step, held until the final eval is in and
-  published just before the experiment ends), per open step
+  published just before the experiment ends), ``owner`` (the salted hash of
+  its owner secret, ``services.scheduler.owners``; absent: no owner, only
+  operators may cancel it or push to it), per open step
   ``issued_at:<s>`` (rollouts published) and ``completed_at:<s>`` (last
   group scored), and ``eval_issued:<v>`` for every eval of version ``v``
   published (records written by earlier versions name them ``t<s>``,
@@ -34,6 +36,9 @@ valid experiment id, see ``Keys``):
   first ``H`` (``spec.held_out_size(spec)``) are the held-out split, then step ``s``
   uses entries ``[H + s * prompts_per_step, H + (s + 1) * prompts_per_step)``;
   no two entries share a ``prompt_id`` (repeated pushes are ignored).
+- ``P exp:<id>:tasks_owner`` hash, ``owner``: the owner hash of the first
+  push of an id not yet submitted; the submission keeps the early prompts
+  only when its secret matches, then deletes it (expires like early prompts).
 
 Expiry: a trained step's ``:s<step>`` hash expires ``DONE_STEP_TTL_S`` after
 its version is announced. When an experiment ends (finished, cancelled,
@@ -120,6 +125,9 @@ class Keys:
 
     def tasks(self, experiment_id: str) -> str:
         return f"{self.exp(experiment_id)}:tasks"
+
+    def tasks_owner(self, experiment_id: str) -> str:
+        return f"{self.exp(experiment_id)}:tasks_owner"
 
     def stream(self, stream: str) -> str:
         return f"{self.prefix}{stream}"
@@ -314,6 +322,7 @@ class ExperimentView:
     last_progress: float = 0.0  # unix s of its last progress (set by the core: the stall watchdog reads it)
     pending_metrics: StepMetrics | None = None  # the last step's, published when the experiment ends
     prompt_wait_step: int | None = None  # a streamed step whose wait for prompts was announced
+    owner_hash: str | None = None  # the stored hash of its owner secret (None: operators only)
 
     @property
     def experiment_id(self) -> str:
@@ -377,6 +386,11 @@ class StateStore:
     async def queued_ids(self) -> list[str]:
         return [i.decode() for i in await self.redis.zrange(self.keys.queue, 0, -1)]
 
+    async def early_owner(self, experiment_id: str) -> str | None:
+        """The owner hash prompts pushed before ``experiment_id``'s submission were bound to."""
+        raw = await self.redis.hget(self.keys.tasks_owner(experiment_id), "owner")
+        return None if raw is None else raw.decode()
+
     async def load_stream_prompts(self, experiment_id: str) -> list[Prompt]:
         return [_PROMPT_DECODER.decode(p) for p in await self.redis.lrange(self.keys.tasks(experiment_id), 0, -1)]
 
@@ -418,6 +432,7 @@ def _view_from_hash(raw: dict[bytes, bytes]) -> ExperimentView:
         last_skip=_text(raw, "last_skip"),
         start_accuracy=_float(raw, "start_accuracy"),
         pending_metrics=_METRICS_DECODER.decode(raw[b"final_metrics"]) if b"final_metrics" in raw else None,
+        owner_hash=_text(raw, "owner"),
     )
     for name, value in raw.items():
         numbered = _numbered_field(name.decode())

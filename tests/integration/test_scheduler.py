@@ -51,6 +51,7 @@ from shared.messages import (
 
 WAIT_S = 30.0
 STANDIN_SIGNATURE = LoraSignature(rank=8, alpha=16.0, target_modules=("q_proj",))
+OWNER = "the-owner-secret-of-these-tests-0123"  # experiments that are cancelled or pushed to carry it
 
 
 def make_spec(experiment_id: str, **overrides) -> ExperimentSpec:
@@ -391,10 +392,10 @@ async def test_cancel_stops_issuing(scheduler, standins, bus, sync_redis, stream
     standins.start()
     standins.train_gate.clear()
     await scheduler.start()
-    await bus.publish(ExperimentSubmit(spec=make_spec("doomed", steps=5)))
+    await bus.publish(ExperimentSubmit(spec=make_spec("doomed", steps=5), owner_secret=OWNER))
     await wait_for(lambda: sum(r.experiment_id == "doomed" for r in standins.requests) >= 2 + 4,
                    what="step 0 rollouts and start eval")
-    await bus.publish(ExperimentCancel(experiment_id="doomed"))
+    await bus.publish(ExperimentCancel(experiment_id="doomed", owner_secret=OWNER))
     record = await wait_status(sync_redis, stream_prefix, "doomed", ("cancelled",))
     issued_at_cancel = len(await published_requests(bus, "doomed"))
     standins.train_gate.set()  # the job already out still trains...
@@ -492,11 +493,12 @@ async def test_streamed_tasks_feed_steps_as_they_arrive(scheduler, standins, bus
     spec = make_spec("streamed", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"),
                      steps=2, eval_size=0)
     prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=", answer=str(i + 1)) for i in range(4)]
-    await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[:1]))  # before the submit
-    await bus.publish(ExperimentSubmit(spec=spec))
+    # before the submit
+    await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[:1], owner_secret=OWNER))
+    await bus.publish(ExperimentSubmit(spec=spec, owner_secret=OWNER))
     await wait_for(partial(_codes_with, bus, "streamed", "waiting_for_prompts"), what="the wait announced")
     assert await published_requests(bus, "streamed") == []  # 1 prompt < prompts_per_step
-    await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[1:]))
+    await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[1:], owner_secret=OWNER))
     await wait_status(sync_redis, stream_prefix, "streamed")
     assert [r.prompt.prompt_id for r in sorted(standins.requests, key=lambda r: r.request_id)] == \
         ["q0", "q1", "q2", "q3"]
@@ -683,17 +685,17 @@ async def test_a_streamed_step_short_of_prompts_says_so_once_per_wait(scheduler,
     spec = make_spec("hungry", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"),
                      steps=2, eval_size=2)
     prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=", answer=str(i + 1)) for i in range(6)]
-    await bus.publish(ExperimentSubmit(spec=spec))
+    await bus.publish(ExperimentSubmit(spec=spec, owner_secret=OWNER))
     await wait_for(partial(_codes_with, bus, "hungry", "waiting_for_prompts"), what="a wait event")
-    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[:3]))  # still short of step 0's 4
-    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[3:5]))  # step 0 runs; step 1 needs 6
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[:3], owner_secret=OWNER))  # short of step 0's 4
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[3:5], owner_secret=OWNER))  # step 1 needs 6
     await wait_for(lambda: any(r.experiment_id == "hungry" and r.step == 0 and r.purpose == "train"
                                for r in standins.requests), what="step 0")
     await wait_for(lambda: len([e for e in standins.jobs if e.experiment_id == "hungry"]) == 1, what="step 0 trained")
     waits = await wait_for(partial(_waits, bus, "hungry", 2), what="the wait of step 1")
     assert waits == ["waiting for prompts: 0 pushed, step 0 needs 4",
                      "waiting for prompts: 5 pushed, step 1 needs 6"]
-    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[5:]))
+    await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[5:], owner_secret=OWNER))
     record = await wait_status(sync_redis, stream_prefix, "hungry")
     # the first two pushed are the held-out split; training consumed the rest in order, each once
     train = sorted((r.step, r.request_id, r.prompt.prompt_id) for r in standins.requests if r.purpose == "train")

@@ -29,6 +29,7 @@ from shared.messages import (
     TrainJob,
 )
 from tests.integration.test_scheduler import (  # noqa: F401 - fixtures
+    OWNER,
     SchedulerRunner,
     StandIns,
     bus,
@@ -237,13 +238,15 @@ async def test_repeated_task_pushes_add_each_prompt_once(scheduler, standins, bu
     spec = make_spec("pushed", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"),
                      steps=2, eval_size=0)
     prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=", answer=str(i + 1)) for i in range(4)]
-    await bus.publish(ExperimentSubmit(spec=spec))
+    await bus.publish(ExperimentSubmit(spec=spec, owner_secret=OWNER))
     await wait_status(sync_redis, stream_prefix, "pushed", ("running",))
-    await bus.publish(TaskPush(experiment_id="pushed", prompts=prompts[:2]))
-    await bus.publish(TaskPush(experiment_id="pushed", prompts=prompts[:2]))  # a redelivery, or a client retry
+    await bus.publish(TaskPush(experiment_id="pushed", prompts=prompts[:2], owner_secret=OWNER))
+    # a redelivery, or a client retry
+    await bus.publish(TaskPush(experiment_id="pushed", prompts=prompts[:2], owner_secret=OWNER))
     await wait_event(bus, "pushed", "tasks_ignored")
     too_long = Prompt(prompt_id="huge", text="9" * (MAX_PROMPT_CHARS + 1), answer="1")
-    await bus.publish(TaskPush(experiment_id="pushed", prompts=[prompts[2], prompts[2], too_long, prompts[3]]))
+    await bus.publish(TaskPush(experiment_id="pushed", prompts=[prompts[2], prompts[2], too_long, prompts[3]],
+                               owner_secret=OWNER))
     await wait_status(sync_redis, stream_prefix, "pushed")
     ignored = [e.message for e in await events_of(bus, "pushed") if e.code == "tasks_ignored"]
     assert ignored[0] == "2 pushed prompts ignored: their prompt_id was already given ('q0', 'q1')"
@@ -267,9 +270,9 @@ async def test_an_ended_experiments_data_expires_and_its_summary_stays(config, s
         await bus.publish(ExperimentSubmit(spec=make_spec("done", steps=2, eval_size=2)))
         await wait_status(sync_redis, stream_prefix, "done")
         standins.train_gate.clear()
-        await bus.publish(ExperimentSubmit(spec=make_spec("dropped", steps=2, eval_size=0)))
+        await bus.publish(ExperimentSubmit(spec=make_spec("dropped", steps=2, eval_size=0), owner_secret=OWNER))
         await wait_for(lambda: sync_redis.hlen(keys.step_groups("dropped", 0)) == 2, what="dropped's step 0")
-        await bus.publish(ExperimentCancel(experiment_id="dropped"))
+        await bus.publish(ExperimentCancel(experiment_id="dropped", owner_secret=OWNER))
         await wait_status(sync_redis, stream_prefix, "dropped", ("cancelled",))
     finally:
         standins.train_gate.set()

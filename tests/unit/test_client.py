@@ -123,3 +123,76 @@ def test_progress_line_separates_reward_from_held_out_and_names_the_final_eval()
     done = msgspec.structs.replace(running, step=20, status="finished", final_accuracy=0.9)
     assert held_out_text(done) == "0.22 -> 0.90" and phase(done) == "finished"
     assert "held-out" in LEGEND and "reward" in LEGEND
+
+
+# ---------------------------------------------------------------- owner secrets
+
+
+def test_owner_secrets_are_made_once_kept_0600_and_read_back(tmp_path):
+    import os
+    import stat
+
+    from shared.owner_secrets import OwnerSecrets
+
+    path = tmp_path / "cfg" / "clora" / "owners.json"
+    owners = OwnerSecrets(path)
+    assert owners.get("clora:", "a") is None and not path.exists()  # reading makes nothing
+    secret = owners.get_or_make("clora:", "a")
+    assert len(secret) >= 32 and owners.get_or_make("clora:", "a") == secret
+    assert OwnerSecrets(path).get("clora:", "a") == secret  # another process reads it back
+    assert owners.get_or_make("other:", "a") != secret  # per prefix and id
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600 and stat.S_IMODE(os.stat(path.parent).st_mode) == 0o700
+
+
+def test_an_unreadable_owners_file_is_an_error_and_is_never_overwritten(tmp_path):
+    from shared.owner_secrets import OwnerSecrets, OwnerSecretsError
+
+    path = tmp_path / "owners.json"
+    path.write_text("{not json")
+    with pytest.raises(OwnerSecretsError, match="fix or move it"):
+        OwnerSecrets(path).get_or_make("clora:", "a")
+    assert path.read_text() == "{not json"
+
+
+def test_the_owners_file_is_found_env_then_xdg_then_home(tmp_path, monkeypatch):
+    from shared.owner_secrets import default_owners_path
+
+    monkeypatch.delenv("CLORA_OWNERS_FILE", raising=False)
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert default_owners_path() == tmp_path / "xdg" / "clora" / "owners.json"
+    monkeypatch.setenv("CLORA_OWNERS_FILE", str(tmp_path / "mine.json"))
+    assert default_owners_path() == tmp_path / "mine.json"
+
+
+def test_owner_hashes_are_salted_and_checked_in_full():
+    from services.scheduler import owners
+
+    secret = "a-secret-of-sufficient-length"
+    first, second = owners.hash_secret(secret), owners.hash_secret(secret)
+    assert first != second and secret not in first  # a fresh salt each time
+    assert owners.secret_matches(first, secret) and owners.secret_matches(second, secret)
+    for wrong in (None, "", secret[:-1], secret + "x", "x" * 10_000):
+        assert not owners.secret_matches(first, wrong)
+    for broken in (None, "", "md5$00$00", "hmac-sha256$zz$00", first.replace("hmac", "hmoc")):
+        assert not owners.secret_matches(broken, secret)
+    assert owners.secret_problem("short") and owners.secret_problem(secret) is None
+
+
+def test_a_dead_letter_payload_never_keeps_the_secret():
+    import msgpack
+
+    from services.scheduler.owners import REDACTED, redacted_payload, redacting_decoder
+    from shared.bus import EntryRejected, StreamEntry
+    from shared.messages import ExperimentCancel, encode
+
+    secret = "a-secret-of-sufficient-length"
+    broken = msgpack.packb({"kind": "experiment_cancel", "experiment_id": 7, "owner_secret": secret})
+    with pytest.raises(EntryRejected) as rejected:
+        redacting_decoder(StreamEntry("experiments", "1-0", {b"msg": broken}), 1 << 20)
+    assert msgpack.unpackb(rejected.value.payload)["owner_secret"] == REDACTED
+    assert "experiment_id" in rejected.value.reason
+    good = encode(ExperimentCancel(experiment_id="a", owner_secret=secret))
+    message, payload = redacting_decoder(StreamEntry("experiments", "1-0", {b"msg": good}), 1 << 20)
+    assert message.owner_secret == secret and secret.encode() not in payload
+    assert redacted_payload(b"\x93owner_secret" + secret.encode()) == b""  # not a map: nothing kept
+    assert redacted_payload(b"plain") == b"plain"

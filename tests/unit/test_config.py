@@ -195,3 +195,49 @@ def test_every_lora_disagreement_is_named():
     assert any("CLORA_LORA_TARGETS" in p and "trainer has 'q_proj'" in p for p in problems)
     with pytest.raises(ConfigError, match="disagree"):
         check_lora_agreement(configs)
+
+
+# ---------------------------------------------------------------- Redis credentials (shared.acl)
+
+
+def test_services_read_their_redis_user_and_password_file_from_the_environment(tmp_path):
+    from shared.acl import connection_options
+
+    password_file = tmp_path / "service"
+    password_file.write_text("s3cret\n")
+    config = load_config(BaseConfig, [], {"REDIS_URL": "redis://r:6379/0", "CLORA_REDIS_USERNAME": "service",
+                                          "CLORA_REDIS_PASSWORD_FILE": str(password_file)})
+    assert "s3cret" not in repr(config)  # the password is never a config value (logged at start)
+    assert connection_options(config.redis_url, config.redis_username, config.redis_password_file, {}) == {
+        "username": "service", "password": "s3cret"}
+    assert connection_options("redis://r", environ={"CLORA_REDIS_USERNAME": "client",
+                                                    "CLORA_REDIS_PASSWORD": "pw"}) == {"username": "client",
+                                                                                       "password": "pw"}
+    assert connection_options("redis://u:p@r", "service", str(password_file), {}) == {}  # the URL's own wins
+    assert connection_options("redis://r", environ={}) == {}
+
+
+def test_an_unreadable_or_empty_password_file_is_a_clear_error(tmp_path):
+    from shared.acl import AclError, credentials_from_env
+
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(AclError, match="empty"):
+        credentials_from_env("service", str(tmp_path / "empty"), {})
+    with pytest.raises(AclError, match="cannot read"):
+        credentials_from_env("service", str(tmp_path / "missing"), {})
+
+
+def test_urls_are_logged_without_passwords_and_tls_urls_pass_through():
+    import redis
+
+    from shared.acl import with_credentials
+    from shared.runtime import redact_url
+
+    url = with_credentials("rediss://r.example:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required",
+                           "client", "p@ss:word")
+    assert redact_url(url) == "rediss://client:***@r.example:6380/0?ssl_ca_certs=/etc/ca.pem&ssl_cert_reqs=required"
+    assert redact_url("redis://r?password=x") == "redis://r?password=***"
+    pool = redis.Redis.from_url(url).connection_pool
+    assert pool.connection_class is redis.connection.SSLConnection
+    assert pool.connection_kwargs["password"] == "p@ss:word" and pool.connection_kwargs["username"] == "client"
+    assert pool.connection_kwargs["ssl_ca_certs"] == "/etc/ca.pem"

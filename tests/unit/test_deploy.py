@@ -510,3 +510,72 @@ def test_gpu_dockerfile_takes_its_base_as_a_build_arg():
     args = dockerfile_args(dockerfile)
     assert args["BASE_IMAGE"] == "vllm/vllm-openai:${VLLM_VERSION}"
     assert re.search(r"^FROM \$\{BASE_IMAGE\}$", dockerfile.read_text(), re.M)
+
+
+# ---------------------------------------------------------------- Redis ACL users and secrets
+
+DEPLOY_FILES = (COMPOSE_FILE, HOSTNET_FILE, *sorted(K8S_DIR.glob("*.yaml")))
+URL_WITH_USERINFO = re.compile(r"rediss?://[^/\s@]*:[^/\s@]*@")
+
+
+def test_no_deployment_file_carries_a_literal_password():
+    for path in DEPLOY_FILES:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        assert not URL_WITH_USERINFO.search(text), f"{where}: a Redis URL with a password"
+        assert "requirepass" not in text and "CLORA_REDIS_PASSWORD:" not in text, f"{where}: a literal password"
+        for doc in yaml.safe_load_all(text):
+            assert not (doc and doc.get("kind") == "Secret"), f"{where}: Secrets are created outside the repository"
+
+
+def test_compose_services_connect_as_the_service_user_with_a_secret_file(compose):
+    for name, (subcommand, _, service) in clora_services(compose).items():
+        if subcommand not in HEARTBEAT_SERVICES:
+            continue
+        env = compose_env(service)
+        assert env["CLORA_REDIS_USERNAME"] == "service", name
+        secret = env["CLORA_REDIS_PASSWORD_FILE"].removeprefix("/run/secrets/")
+        assert secret in service["secrets"] and secret in compose["secrets"], name
+        assert "file" in compose["secrets"][secret], name
+
+
+def test_compose_redis_loads_its_acl_from_a_secret_and_is_not_published(compose, hostnet):
+    redis_service = compose["services"]["redis"]
+    command = command_argv(redis_service["command"])
+    acl_file = command[command.index("--aclfile") + 1]
+    assert acl_file.removeprefix("/run/secrets/") in redis_service["secrets"]
+    assert "ports" not in redis_service, "Redis must not be published beyond the stack"
+    hostnet_command = command_argv(hostnet["services"]["redis"]["command"])
+    assert hostnet_command[hostnet_command.index("--aclfile") + 1] == acl_file
+
+
+def test_compose_config_renders_the_acl_secrets():
+    cli = compose_cli()
+    if cli is None:
+        pytest.skip("neither docker-compose nor `docker compose` is installed")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COMPOSE_")}
+    env["CLORA_SECRETS_DIR"] = "/srv/clora-secrets"
+    result = subprocess.run([*cli, "-f", str(COMPOSE_FILE), "--profile", "cpu", "config"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=COMPOSE_TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    rendered = yaml.safe_load(result.stdout)
+    assert rendered["secrets"]["redis-acl"]["file"] == "/srv/clora-secrets/users.acl"
+    assert rendered["secrets"]["redis-service-password"]["file"] == "/srv/clora-secrets/service"
+    assert rendered["services"]["scheduler"]["environment"]["CLORA_REDIS_USERNAME"] == "service"
+
+
+def test_k8s_services_connect_as_the_service_user_with_a_mounted_secret(k8s_docs):
+    config_maps = k8s_config_maps(k8s_docs)
+    for doc, container in k8s_containers(k8s_docs):
+        subcommand, _ = k8s_subcommand(container)
+        if subcommand not in HEARTBEAT_SERVICES:
+            continue
+        where = f"{doc['metadata']['name']}/{container['name']}"
+        _, values = k8s_env(container, config_maps, where)
+        assert values["CLORA_REDIS_USERNAME"] == "service", where
+        password_file = Path(values["CLORA_REDIS_PASSWORD_FILE"])
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+        secret = volumes[mounts[str(password_file.parent)]]["secret"]
+        assert secret["secretName"] == "clora-redis", where
+        assert [item["path"] for item in secret["items"]] == [password_file.name] == ["service-password"], where

@@ -265,3 +265,18 @@ def test_step_metrics_with_no_group_scored_carries_a_nil_reward():
 def test_every_terminal_status_but_invalid_is_an_event_code():
     assert m.TERMINAL_STATUSES - {"invalid"} <= m.EVENT_CODES
     assert "invalid" not in m.EVENT_CODES and "invalid_spec" in m.EVENT_CODES
+
+
+def test_owner_secrets_are_defaulted_and_the_admin_stream_carries_cancels_and_pushes():
+    import msgpack
+
+    plain = msgpack.packb({"kind": "experiment_cancel", "schema": 1, "experiment_id": "a"})
+    assert m.decode(plain, "experiments").owner_secret is None  # a sender that predates the field
+    for message in (m.ExperimentCancel(experiment_id="a", owner_secret="s" * 16),
+                    m.TaskPush(experiment_id="a", prompts=[], owner_secret="s" * 16)):
+        assert m.decode(m.encode(message), "admin") == message
+    with pytest.raises(m.MessageDecodeError):
+        m.decode(m.encode(m.ExperimentSubmit(spec=m.ExperimentSpec(
+            experiment_id="a", task=m.TaskSource(family="add"), reward=m.RewardSpec(type="family")))), "admin")
+    assert m.stream_for(m.ExperimentCancel(experiment_id="a")) == "experiments"  # admin only when asked for
+    assert "not_owner" in m.EVENT_CODES

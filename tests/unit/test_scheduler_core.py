@@ -9,6 +9,7 @@ import math
 import msgspec
 import pytest
 
+from services.scheduler import owners
 from services.scheduler.core import SchedulerCore, SchedulerRules
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.effects import Effects
@@ -33,6 +34,8 @@ from shared.messages import (
 
 PREFIX = "t:"
 NOW = 1_000.0
+OWNER = "owner-secret-of-the-tenant-0123456789"
+OTHER = "another-tenants-secret-0123456789"
 
 
 def make_spec(experiment_id: str, **overrides) -> ExperimentSpec:
@@ -77,9 +80,22 @@ class Harness:
         return effects
 
     def submit(self, spec: ExperimentSpec, stored: StoredRecord = StoredRecord(), pushed=(), entry="1-0",
-               allowlist=()) -> Effects:
+               allowlist=(), owner: str | None = OWNER, early_owner: str | None = None) -> Effects:
         return self._keep(self.core.submit(spec, entry_id=entry, stored=stored, allowlist=list(allowlist),
-                                           stream_prompts=list(pushed), now=self.now))
+                                           stream_prompts=list(pushed), now=self.now, owner_secret=owner,
+                                           early_owner=early_owner))
+
+    def cancel(self, experiment_id: str, owner: str | None = OWNER, stored_status: str | None = None,
+               admin: bool = False) -> Effects:
+        return self._keep(self.core.cancel(experiment_id, stored_status=stored_status, now=self.now,
+                                           owner_secret=owner, admin=admin))
+
+    def push(self, experiment_id: str, prompts: list[Prompt], owner: str | None = OWNER,
+             stored_status: str | None = None, early_owner: str | None = None, admin: bool = False) -> Effects:
+        return self._keep(self.core.push_tasks(TaskPush(experiment_id=experiment_id, prompts=prompts,
+                                                        owner_secret=owner),
+                                               stored_status=stored_status, stored_prompt_ids=set(), now=self.now,
+                                               early_owner=early_owner, admin=admin))
 
     def score(self, request: RolloutRequest, rewards=(1.0, 0.0), **kwargs) -> Effects:
         return self._keep(self.core.collect(scored_for(request, list(rewards), **kwargs), self.now))
@@ -143,7 +159,7 @@ def test_admission_queues_beyond_max_concurrent_and_admits_when_one_ends():
     h.submit(make_spec("a"))
     second = h.submit(make_spec("b"))
     assert second.event_codes("b") == ["queued"] and h.core.queue == ["b"]
-    cancelled = h._keep(h.core.cancel("a", stored_status=None, now=h.now))
+    cancelled = h.cancel("a")
     assert cancelled.event_codes("a") == ["cancelled"]
     assert cancelled.event_codes("b") == ["admitted"]
     assert [r.request_id for r in h.requests(cancelled)] == ["b:s0:p0", "b:s0:p1"]
@@ -291,12 +307,85 @@ def test_unexpected_and_repeated_announcements_change_nothing():
 def test_cancel_ends_the_experiment_and_late_results_are_ignored():
     h = Harness()
     requests = h.requests(h.submit(make_spec("a")))
-    effects = h._keep(h.core.cancel("a", stored_status=None, now=h.now))
+    effects = h.cancel("a")
     assert effects.event_codes("a") == ["cancelled"] and effects.fields["a"]["status"] == "cancelled"
     assert {w.key for w in effects.writes if w.command == "expire"} >= {h.keys.step_groups("a", 0)}
     assert h.score(requests[0]).empty
-    unknown = h._keep(h.core.cancel("a", stored_status="cancelled", now=h.now))
+    unknown = h.cancel("a", stored_status="cancelled")
     assert unknown.events("a")[0].message == "experiment is already cancelled"
+
+
+# ---------------------------------------------------------------- owners
+
+
+def test_only_the_owner_secret_or_an_operator_cancels_and_a_refusal_changes_nothing():
+    h = Harness()
+    submitted = h.submit(make_spec("a"))
+    stored = submitted.fields["a"]["owner"]
+    assert OWNER not in stored and owners.secret_matches(stored, OWNER) and not owners.secret_matches(stored, OTHER)
+    for wrong in (OTHER, None, OWNER + "x", ""):
+        refused = h.cancel("a", owner=wrong)
+        assert refused.event_codes() == ["not_owner"] and refused.events()[0].level == "error"
+        assert not refused.fields and not refused.writes and h.core.views["a"].status == "running"
+    texts = {e.message for effects in h.log for e in effects.events("a") if e.code == "not_owner"}
+    assert len(texts) == 1 and OWNER not in texts.pop()  # the same words whatever was wrong
+    assert h.cancel("a").event_codes("a") == ["cancelled"]
+    h.submit(make_spec("b"))
+    assert h.cancel("b", owner=None, admin=True).event_codes("b") == ["cancelled"]
+
+
+def test_a_submission_without_a_secret_is_left_to_operators():
+    h = Harness()
+    queued = h.submit(make_spec("s", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match")), owner=None)
+    assert "owner" not in queued.fields["s"] or queued.fields["s"]["owner"] is None
+    assert "only an operator" in queued.events("s")[0].message
+    assert h.cancel("s", owner=None).event_codes("s") == ["not_owner"]
+    assert h.push("s", pushed("p0"), owner=None).event_codes("s") == ["not_owner"]
+    assert h.push("s", pushed("p0"), owner=OWNER).event_codes("s") == ["not_owner"]
+    assert h.push("s", pushed("p0"), owner=None, admin=True).writes  # kept
+    assert h.cancel("s", owner=None, admin=True).event_codes("s") == ["cancelled"]
+
+
+def test_pushes_need_the_owner_secret():
+    h = Harness()
+    h.submit(make_spec("s", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"), steps=1))
+    refused = h.push("s", pushed("p0", "p1"), owner=OTHER)
+    assert refused.event_codes("s") == ["not_owner"] and not refused.writes and not h.core.views["s"].stream_prompts
+    fed = h.push("s", pushed("p0", "p1"))
+    assert [r.prompt.prompt_id for r in h.requests(fed)] == ["p0", "p1"]
+
+
+def test_early_prompts_are_kept_only_for_the_secret_they_were_pushed_under():
+    h = Harness()
+    bound = h.push("later", pushed("p0"), owner=OTHER).writes[2].args[1]
+    assert h.push("later", pushed("p1"), early_owner=bound).event_codes("later") == ["not_owner"]
+    assert h.push("later", pushed("p1"), owner=None).event_codes("later") == ["not_owner"]
+    spec = make_spec("later", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"))
+    submitted = h.submit(spec, pushed=pushed("p0"), early_owner=bound)
+    assert "tasks_ignored" in submitted.event_codes("later") and not h.core.views["later"].stream_prompts
+    assert ("delete", h.keys.tasks("later")) in [(w.command, w.key) for w in submitted.writes]
+    mine = Harness()
+    spec = make_spec("mine", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"))
+    bound = mine.push("mine", pushed("p0")).writes[2].args[1]
+    kept = mine.submit(spec, pushed=pushed("p0"), early_owner=bound)
+    assert "tasks_ignored" not in kept.event_codes("mine") and len(mine.core.views["mine"].stream_prompts) == 1
+    assert ("delete", mine.keys.tasks_owner("mine")) in [(w.command, w.key) for w in kept.writes]
+
+
+def test_a_secret_too_short_or_too_long_is_refused_with_the_spec():
+    for secret in ("short", "x" * (owners.MAX_SECRET_CHARS + 1)):
+        effects = Harness().submit(make_spec("a"), owner=secret)
+        assert effects.event_codes("a") == ["invalid_spec"] and "owner_secret" in effects.events("a")[0].message
+        assert secret not in effects.events("a")[0].message
+
+
+def test_a_duplicate_submission_does_not_change_the_owner():
+    h = Harness()
+    h.submit(make_spec("a"))
+    duplicate = h.submit(make_spec("a"), stored=StoredRecord(status="running", submit_entry="1-0"), entry="2-0",
+                         owner=OTHER)
+    assert duplicate.event_codes("a") == ["duplicate_experiment"] and not duplicate.fields
+    assert h.cancel("a", owner=OTHER).event_codes("a") == ["not_owner"]
 
 
 # ---------------------------------------------------------------- held-out evaluation
@@ -352,8 +441,7 @@ def test_streamed_step_waits_for_prompts_announced_once_per_wait():
     spec = make_spec("s", task=TaskSource(stream=True), reward=RewardSpec(type="exact_match"), steps=2)
     effects = h.submit(spec, pushed=pushed("p0"))
     assert effects.event_codes("s") == ["queued", "admitted", "waiting_for_prompts"]
-    push = lambda *ids: h._keep(h.core.push_tasks(TaskPush(experiment_id="s", prompts=pushed(*ids)),  # noqa: E731
-                                                  stored_status=None, stored_prompt_ids=set(), now=h.now))
+    push = lambda *ids: h.push("s", pushed(*ids))  # noqa: E731
     assert push("p0").event_codes("s") == ["tasks_ignored"]  # a repeated prompt_id
     fed = push("p1")
     assert [r.prompt.prompt_id for r in h.requests(fed)] == ["p0", "p1"] and fed.event_codes("s") == []
@@ -364,11 +452,11 @@ def test_streamed_step_waits_for_prompts_announced_once_per_wait():
 
 def test_prompts_pushed_before_the_submission_are_kept_with_an_expiry():
     h = Harness(ended_ttl_s=60)
-    effects = h._keep(h.core.push_tasks(TaskPush(experiment_id="later", prompts=pushed("p0")),
-                                        stored_status=None, stored_prompt_ids=set(), now=h.now))
-    assert [w.command for w in effects.writes] == ["rpush", "expire"] and effects.writes[1].args == (60,)
-    ended = h._keep(h.core.push_tasks(TaskPush(experiment_id="old", prompts=pushed("p0")),
-                                      stored_status="finished", stored_prompt_ids=set(), now=h.now))
+    effects = h.push("later", pushed("p0"))
+    assert [w.command for w in effects.writes] == ["rpush", "expire", "hset", "expire"]
+    assert effects.writes[1].args == (60,) and effects.writes[3].args == (60,)
+    assert effects.writes[2].key == h.keys.tasks_owner("later")  # the first pusher's secret binds them
+    ended = h.push("old", pushed("p0"), stored_status="finished")
     assert ended.event_codes("old") == ["tasks_ignored"] and not ended.writes
 
 
