@@ -45,3 +45,12 @@ async def async_redis(redis_url):
     client = aioredis.Redis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture(autouse=True)
+def owners_file(tmp_path, monkeypatch):
+    """Owner secrets that tests' clients make go to a file of the test's own,
+    never to the user's ``~/.config/clora/owners.json``."""
+    path = tmp_path / "owners.json"
+    monkeypatch.setenv("CLORA_OWNERS_FILE", str(path))
+    return path

@@ -24,12 +24,6 @@ from tests.integration.test_scheduler import SchedulerRunner, StandIns, make_spe
 WAIT_S = 30.0
 
 
-@pytest.fixture(autouse=True)
-def owners_file(tmp_path, monkeypatch):
-    """Owner secrets go to a file of the test's own, never the user's config."""
-    monkeypatch.setenv("CLORA_OWNERS_FILE", str(tmp_path / "owners.json"))
-
-
 @pytest.fixture
 def config(redis_url, stream_prefix, tmp_path) -> SchedulerConfig:
     return SchedulerConfig(redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="scheduler-client-test",
