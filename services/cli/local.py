@@ -35,6 +35,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from shared import acl
+from shared.config import DEFAULT_MODEL_DIR
 from shared.redis_server import EmbeddedRedis
 
 STOP_ORDER = ("scheduler", "rollout", "reward", "trainer")  # stop issuing work first
@@ -286,10 +287,22 @@ class LocalCluster:
 
     def _service_specific_env(self, service: str, index: int) -> dict[str, str]:
         if service == "scheduler":
-            return {"CLORA_NUM_TRAINER_SHARDS": str(self.num_trainer_shards)}
+            return {"CLORA_NUM_TRAINER_SHARDS": str(self.num_trainer_shards), **self._model_context_env()}
         if service == "trainer":
             return {"CLORA_SHARD": str(index), "CLORA_NUM_SHARDS": str(self.num_trainer_shards)}
         return {}
+
+    def _model_context_env(self) -> dict[str, str]:
+        """The scheduler does not load the model; tell it the model's context,
+        so that a spec whose max_tokens cannot fit is refused at submission."""
+        if "CLORA_MAX_MODEL_LEN" in {**os.environ, **self.env}:
+            return {}
+        model_dir = Path(self.env.get("CLORA_MODEL_DIR") or os.environ.get("CLORA_MODEL_DIR") or DEFAULT_MODEL_DIR)
+        try:
+            context = json.loads((model_dir / "config.json").read_text())["max_position_embeddings"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}  # a hub id or an unusual config: unknown, not checked
+        return {"CLORA_MAX_MODEL_LEN": str(int(context))}
 
     def _spawn(self, process: ServiceProcess) -> int:
         """Start ``process``; its pid."""
