@@ -131,6 +131,21 @@ async def read_allowlist_async(client, prefix: str) -> list[str]:
     return decode_allowlist(await client.smembers(allowlist_key(prefix)))
 
 
+async def check_lora_against_deployment_async(client, prefix: str, service: str, config: Any) -> None:
+    """Raise ``shared.config.ConfigError`` when ``config``'s LoRA signature
+    (rank, alpha, targets) differs from the one the scheduler published: the
+    engines preallocate it and the trainer trains in it, so every service must
+    agree. Nothing published yet (no scheduler has started): not checked."""
+    from shared.config import LoraConfig, check_lora_agreement
+
+    info = await read_deployment_async(client, prefix)
+    if info is None:
+        return
+    published = LoraConfig(lora_rank=info.lora_rank, lora_alpha=info.lora_alpha,
+                           lora_targets=",".join(info.lora_targets))
+    check_lora_agreement({"scheduler": published, service: config})
+
+
 # ---------------------------------------------------------------- allowlist
 
 
@@ -176,6 +191,7 @@ def port_of(parts: SplitResult) -> int | None:
 
 __all__ = [
     "DeploymentInfo", "deployment_key", "allowlist_key", "deployment_from_config", "write_deployment",
-    "read_deployment", "write_deployment_async", "read_deployment_async", "read_allowlist",
-    "read_allowlist_async", "encode_deployment", "decode_deployment", "parse_allowlist", "refusal_reason",
+    "read_deployment", "write_deployment_async", "read_deployment_async", "check_lora_against_deployment_async",
+    "read_allowlist", "read_allowlist_async", "encode_deployment", "decode_deployment", "parse_allowlist",
+    "refusal_reason",
 ]

@@ -42,6 +42,7 @@ from redis.exceptions import ResponseError
 from services.rollout.slots import SlotTable
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.config import RolloutConfig
+from shared.deployment import check_lora_against_deployment_async
 from shared.engine import AdapterKey, AdapterNotLoaded, Engine, EngineError, GeneratedSample, GenerationResult
 from shared.messages import (
     AdapterPublished,
@@ -275,6 +276,7 @@ class RolloutService(Service):
 
     async def setup(self) -> None:
         await super().setup()
+        await check_lora_against_deployment_async(self.redis, self.config.stream_prefix, self.name, self.config)
         if self._engine is None:
             from services.rollout.engines import build_engine
 

@@ -72,6 +72,7 @@ from services.trainer.tenants import ShapeMismatch, TenantBank
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
 from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerConfig
+from shared.deployment import check_lora_against_deployment_async
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
 from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
@@ -396,6 +397,7 @@ class TrainerService(Service):
 
     async def setup(self) -> None:
         await super().setup()
+        await check_lora_against_deployment_async(self.redis, self.config.stream_prefix, self.name, self.config)
         self._core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
         await self.bus.ensure_group("events", self.events_group, start_id="$")
         self.log.info("trainer_ready", model_dir=self.config.model_dir, device=str(self.core.device),
