@@ -111,6 +111,8 @@ REDIS_URL_FILE = "redis_url"  # written by `clora up` into its data dir while it
 STREAM_PREFIX_FILE = "stream_prefix"  # likewise
 UNKNOWN_GRACE_S = 2.0
 FOLLOW_BLOCK_S = 1.0  # one read of a stream blocks at most this long, so timeouts are honoured
+# A half-open connection or an unreachable host fails a call instead of hanging it (> FOLLOW_BLOCK_S).
+SOCKET_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 5.0, "socket_timeout": 30.0}
 FOLLOW_READ_COUNT = 1000
 END_CODES = TERMINAL_STATUSES | {"invalid_spec"}  # event codes that end an experiment
 NO_DEPLOYMENT_WARNING = ("no deployment description under {key!r} (has a scheduler started on this prefix?): "
@@ -190,7 +192,7 @@ def redis_connection(redis_url: str | None = None, role: str = "client",
     """A ``redis.Redis`` to the Redis every command talks to, as ``role``
     (see ``find_redis_url`` and ``find_credentials``); ``options`` go to redis-py."""
     url = find_redis_url(redis_url, data_dir)
-    return redis.Redis.from_url(url, **find_credentials(url, role, data_dir), **options)
+    return redis.Redis.from_url(url, **{**SOCKET_TIMEOUTS, **find_credentials(url, role, data_dir), **options})
 
 
 def find_prefix(prefix: str | None = None, data_dir: str | Path | None = None) -> str:
@@ -439,7 +441,10 @@ class CloraClient:
     def _follow(self, stream: str, experiment_id, from_start, timeout_s, until_end) -> Iterator[Any]:
         follow = _Follow("0-0" if from_start else self.bus.stream_end(stream), timeout_s)
         while (block_ms := follow.block_ms()) is not None:
-            for entry in self.bus.tail({stream: follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT):
+            entries = self.bus.tail({stream: follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT)
+            if until_end and not entries and _ended(self.experiment(experiment_id) if experiment_id else None):
+                return  # it ended before we started reading: its end event is behind us
+            for entry in entries:
                 follow.last_id = entry.entry_id
                 message = decode_entry(entry, experiment_id)
                 if message is not None:
@@ -456,7 +461,8 @@ class CloraClient:
         follow, ended = _Follow("0-0", timeout_s), False
         while (block_ms := follow.block_ms()) is not None:
             entries = self.bus.tail(streams, block_ms=None if ended else block_ms, count=FOLLOW_READ_COUNT)
-            if ended and not entries:
+            record = self.experiment(experiment_id) if until_end and experiment_id and not entries else None
+            if not entries and (ended or _ended(record)):
                 return
             for entry in entries:
                 streams[entry.stream] = entry.entry_id
@@ -464,6 +470,13 @@ class CloraClient:
                 if message is not None:
                     ended = ended or (until_end and _is_end(message))
                     yield message
+
+
+def _ended(record: ExperimentRecord | None) -> bool:
+    """Whether an experiment already ended, so a follower that saw nothing new
+    has passed its end event. A record still ``invalid`` may be about to be
+    replaced by a corrected resubmission: not an end to stop at."""
+    return record is not None and record.terminal and record.status != "invalid"
 
 
 # ---------------------------------------------------------------- async client
@@ -485,7 +498,8 @@ class AsyncCloraClient:
     def connect(cls, redis_url: str | None = None, prefix: str | None = None,
                 data_dir: str | Path | None = None, role: str = "client") -> "AsyncCloraClient":
         url = find_redis_url(redis_url, data_dir)
-        return cls(aioredis.Redis.from_url(url, **find_credentials(url, role, data_dir)), find_prefix(prefix, data_dir))
+        client = aioredis.Redis.from_url(url, **SOCKET_TIMEOUTS, **find_credentials(url, role, data_dir))
+        return cls(client, find_prefix(prefix, data_dir))
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -577,7 +591,10 @@ class AsyncCloraClient:
                             timeout_s: float | None = None, until_end: bool = False) -> AsyncIterator[ExperimentEvent]:
         follow = _Follow("0-0" if from_start else await self.bus.stream_end("events"), timeout_s)
         while (block_ms := follow.block_ms()) is not None:
-            for entry in await self.bus.tail({"events": follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT):
+            entries = await self.bus.tail({"events": follow.last_id}, block_ms=block_ms, count=FOLLOW_READ_COUNT)
+            if until_end and not entries and _ended(await self.experiment(experiment_id) if experiment_id else None):
+                return  # it ended before we started reading: its end event is behind us
+            for entry in entries:
                 follow.last_id = entry.entry_id
                 message = decode_entry(entry, experiment_id)
                 if message is not None:
@@ -593,7 +610,8 @@ class AsyncCloraClient:
         follow, ended = _Follow("0-0", timeout_s), False
         while (block_ms := follow.block_ms()) is not None:
             entries = await self.bus.tail(streams, block_ms=None if ended else block_ms, count=FOLLOW_READ_COUNT)
-            if ended and not entries:
+            record = await self.experiment(experiment_id) if until_end and experiment_id and not entries else None
+            if not entries and (ended or _ended(record)):
                 return
             for entry in entries:
                 streams[entry.stream] = entry.entry_id

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-from urllib.parse import SplitResult, urlsplit
+from urllib.parse import SplitResult, unquote, urlsplit
 
 import msgspec
 
@@ -165,6 +165,9 @@ def refusal_reason(url: str, allowlist: Sequence[str]) -> str | None:
         return f"reward url {url!r} is not an http(s) URL"
     if target.username or target.password:
         return f"reward url {url!r} must not carry credentials"
+    if any(unquote(segment) in (".", "..") for segment in target.path.split("/")):
+        # the HTTP client (and the server) would resolve them: "/score/../admin" is "/admin"
+        return f"reward url {url!r} must not have '.' or '..' path segments"
     if not allowlist:
         return "http rewards are disabled: the reward service's allowlist (CLORA_HTTP_ALLOWLIST) is empty"
     if any(_under_prefix(target, urlsplit(prefix)) for prefix in allowlist):

@@ -68,7 +68,17 @@ def _use_json(fmt: str) -> bool:
 def _renderer(use_json: bool):
     if use_json:
         return _JsonWithTraceback()
-    return structlog.dev.ConsoleRenderer()
+    return structlog.dev.ConsoleRenderer(exception_formatter=_console_traceback())
+
+
+def _console_traceback():
+    """Tracebacks without frame locals: a message being handled may carry an
+    owner secret, which must never reach a log."""
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return structlog.dev.plain_traceback
+    return structlog.dev.RichTracebackFormatter(show_locals=False)
 
 
 class _JsonWithTraceback:

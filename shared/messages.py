@@ -294,7 +294,9 @@ class RolloutRequest(_Message, tag="rollout_request"):
     """Stream ``rollout_requests``: generate ``sampling.n`` completions of one
     prompt under adapter ``adapter_version`` of ``experiment_id``.
 
-    ``adapter_path`` is the PEFT directory of that version (None for version 0).
+    ``adapter_path``: informational only (None for version 0); the rollout
+    takes a version's directory from its adapter store and checks its DIGEST,
+    never from a message.
     ``purpose`` "train" feeds a train step; "eval" measures held-out accuracy
     (``step`` is then the version being evaluated)."""
 

@@ -56,6 +56,12 @@ DRAIN_MARGIN_S = 5.0  # on top of drain_timeout_s: final acks and task unwinding
 HEARTBEAT_KEY_PART = "heartbeat"
 
 
+# A half-open connection (a lost host, a NAT timeout) fails a call, which the
+# loops retry, instead of blocking it forever; every blocking read waits far less.
+SOCKET_OPTIONS: dict[str, Any] = {"socket_timeout": 30.0, "socket_connect_timeout": 5.0, "socket_keepalive": True,
+                                  "health_check_interval": 30}
+
+
 class ServiceTaskDied(RuntimeError):
     """A consumer, the heartbeat or a background task ended while the service ran."""
 
@@ -121,8 +127,9 @@ class Service:
         """Connect to Redis (waiting for it until stopped) and build the bus."""
         if not self.config.redis_url:
             raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
-        self._redis = aioredis.Redis.from_url(self.config.redis_url, **connection_options(
-            self.config.redis_url, self.config.redis_username, self.config.redis_password_file))
+        credentials = connection_options(self.config.redis_url, self.config.redis_username,
+                                         self.config.redis_password_file)
+        self._redis = aioredis.Redis.from_url(self.config.redis_url, **SOCKET_OPTIONS, **credentials)
         await _wait_for_redis(self._redis, self.config.redis_url, self.stopping)
         self._bus = StreamBus(self._redis, prefix=self.config.stream_prefix, maxlen=self.config.stream_maxlen)
 

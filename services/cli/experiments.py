@@ -39,9 +39,9 @@ from shared.client import (
     SpecRefused,
     UnknownExperiment,
     cluster_credentials,
-    find_credentials,
     find_prefix,
     find_redis_url,
+    redis_connection,
 )
 from shared.deployment import allowlist_key, read_allowlist
 from shared.messages import Prompt
@@ -83,8 +83,7 @@ def resolve_prefix(args: argparse.Namespace) -> str:
 def connect(args: argparse.Namespace, role: str = "client") -> CloraClient:
     url = resolve_redis_url(args)
     try:
-        client = CloraClient(redis.Redis.from_url(url, **find_credentials(url, role, args.data_dir)),
-                             resolve_prefix(args))
+        client = CloraClient(redis_connection(url, role, args.data_dir), resolve_prefix(args))
         client.redis.ping()
     except AclError as exc:
         raise CliError(str(exc)) from None

@@ -470,6 +470,8 @@ def demo(argv: list[str]) -> int:
 
 
 def _demo(args: argparse.Namespace, data_dir: Path, specs: list) -> int:
+    from shared.client import SpecRefused
+
     started = time.monotonic()
     print(f"clora demo: {len(specs)} experiments, {args.steps} steps each; data in {data_dir}")
     with LocalCluster(data_dir, env=DEMO_ENV, service_env=_engine_env(args.engine), acl=True) as cluster:
@@ -480,6 +482,9 @@ def _demo(args: argparse.Namespace, data_dir: Path, specs: list) -> int:
         except ClusterError as exc:
             print(f"clora demo: {exc}", file=sys.stderr)
             return 1
+        except SpecRefused as exc:  # e.g. --data-dir of an earlier demo: its experiment ids are taken
+            print(f"clora demo: refused: {'; '.join(exc.reasons)} (use a fresh --data-dir)", file=sys.stderr)
+            return 2
     rows = _demo_rows(specs, records)
     _print_demo_table(rows)
     plot_path = Path(args.plot)

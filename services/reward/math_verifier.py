@@ -16,7 +16,8 @@ and a bare ``72`` both work as ``Prompt.answer``.
 
 Numbers become exact ``Fraction``s and match when
 ``|predicted - reference| <= tolerance * max(1, |reference|)``. Text is model
-output or user data: every pattern here is linear in the text, a number
+output or user data: only its last ``MAX_TEXT_CHARS`` are read, the patterns
+do not backtrack over the same characters twice, a number
 longer than ``MAX_NUMBER_CHARS`` is not read, and exponents are bounded, so
 no completion can make parsing slow or huge.
 """
@@ -40,7 +41,10 @@ _UNSIGNED = rf"(?:{_DIGITS}(?:\.\d+)?|\.\d+)(?:[eE][-+]?\d{{1,3}}(?!\d))?"
 NUMBER_PATTERN = re.compile(
     rf"(?<![\w.])(?:(?<![\w)\]}}])[-+])?{_UNSIGNED}(?:\s*/\s*{_DIGITS}(?!\.?\d))?"
 )
-_FRAC = re.compile(r"\\[dt]?frac\s*\{\s*([^{}]*?)\s*\}\s*\{\s*([^{}]*?)\s*\}")
+# Each brace's content taken whole, then stripped: no two parts of the pattern compete for the same
+# spaces (that backtracked quadratically and worse on "\frac{" + many spaces).
+_FRAC = re.compile(r"\\[dt]?frac\s*\{([^{}]*)\}\s*\{([^{}]*)\}")
+MAX_TEXT_CHARS = 20_000  # a final answer sits at the end: only this much of a text's end is read
 _REMOVED = ("{,}", "\\,", "\\!", "\\;", "\\ ", "\\$", "$", "\\%", "%", "\\left", "\\right", "€", "£")
 
 
@@ -70,7 +74,7 @@ def numbers_match(predicted: Fraction, expected: Fraction, tolerance: float) -> 
 
 def final_answer(text: str) -> Fraction | None:
     """The final answer of ``text`` (see the module doc), None when there is none."""
-    text = after_thinking(text)
+    text = after_thinking(text)[-MAX_TEXT_CHARS:]
     marked = text.rfind(GSM8K_MARKER)
     if marked >= 0:
         return first_number(text[marked + len(GSM8K_MARKER):])
@@ -82,7 +86,7 @@ def final_answer(text: str) -> Fraction | None:
 
 def has_answer_marker(text: str) -> bool:
     """A final answer in the expected form: a number after ``####`` or in ``\\boxed{}``."""
-    text = after_thinking(text)
+    text = after_thinking(text)[-MAX_TEXT_CHARS:]
     marked = text.rfind(GSM8K_MARKER)
     if marked >= 0:
         return first_number(text[marked + len(GSM8K_MARKER):]) is not None
@@ -126,7 +130,7 @@ def last_number(text: str) -> Fraction | None:
 def normalize(text: str) -> str:
     """LaTeX fractions as ``a/b``; unit signs and LaTeX spacing dropped."""
     text = text.replace("\u2212", "-")  # Unicode minus
-    text = _FRAC.sub(r"\1/\2", text)
+    text = _FRAC.sub(lambda match: f"{match[1].strip()}/{match[2].strip()}", text)
     for removed in _REMOVED:
         text = text.replace(removed, "")
     return text

@@ -33,6 +33,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from redis.exceptions import ResponseError
+
 from services.reward.http_client import HttpReward, HttpRewardClient, request_body
 from services.reward.limits import ScoringSlots, bounded_spec
 from services.reward.scoring import (
@@ -43,7 +45,7 @@ from services.reward.scoring import (
     score_builtin,
 )
 from services.reward.worker import WorkerReplies, combine_scores, failed_result
-from shared.bus import RETRYABLE_REDIS_ERRORS
+from shared.bus import RETRYABLE_REDIS_ERRORS, is_redis_outage
 from shared.config import RewardConfig
 from shared.deployment import parse_allowlist, read_allowlist_async
 from shared.messages import Completion, ExperimentEvent, RewardSpec, ScoredCompletion, now
@@ -61,6 +63,7 @@ class RewardService(Service):
     def __init__(self, config: RewardConfig) -> None:
         super().__init__(config)
         self.configured_allowlist = parse_allowlist(config.http_allowlist)
+        self._allowlist_logged = False  # the allow-list is logged once, then on every change
         self.slots = ScoringSlots(max(1, config.max_inflight), max(1, config.max_inflight_per_experiment))
         # as many pooled connections as scoring slots: a call holding a slot never waits for the pool
         self.http = HttpRewardClient(self.configured_allowlist, backoff_s=config.retry_backoff_s,
@@ -100,14 +103,17 @@ class RewardService(Service):
                 pass
             try:
                 await self._refresh_allowlist()
-            except RETRYABLE_REDIS_ERRORS as exc:
+            except (*RETRYABLE_REDIS_ERRORS, ResponseError) as exc:
+                if not is_redis_outage(exc):
+                    raise
                 self.log.warning("reward_allowlist_refresh_failed", error=repr(exc))  # keep the last one
 
     async def _refresh_allowlist(self) -> None:
         added = await read_allowlist_async(self.redis, self.config.stream_prefix)
         allowlist = [*self.configured_allowlist, *sorted(set(added) - set(self.configured_allowlist))]
-        if allowlist != self.http.allowlist or not self.http.allowlist:
+        if allowlist != self.http.allowlist or not self._allowlist_logged:
             self.http.allowlist = allowlist
+            self._allowlist_logged = True
             self.log.info("reward_allowlist", prefixes=allowlist)
 
     def status(self) -> dict[str, Any]:
@@ -149,6 +155,9 @@ class RewardService(Service):
                 return combine_scores(completion, await asyncio.to_thread(score_all))
         except RewardError as exc:
             return failed_result(completion, exc.reason)
+        except Exception as exc:  # a verifier's bug or odd input: this group fails, never the service
+            self.log.exception("builtin_scoring_raised", request_id=completion.request_id)
+            return failed_result(completion, f"scoring raised {type(exc).__name__}: {exc}")
 
     async def _score_http(self, completion: Completion, spec: RewardSpec) -> ScoredCompletion:
         outcomes = await asyncio.gather(*(

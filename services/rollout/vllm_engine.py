@@ -406,13 +406,22 @@ class VLLMEngine(Engine):
     async def generate(self, prompt_token_ids: list[int], adapter: AdapterKey | None,
                        sampling: SamplingParams) -> GenerationResult:
         from vllm import SamplingParams as VllmSamplingParams
+        from vllm.exceptions import VLLMClientError
 
+        # What vLLM refuses as this request's fault (bad settings, a prompt over the context) is a clean
+        # error for this request alone, as the torch engine's own checks give.
+        refused = (ValueError, VLLMClientError)
         if not prompt_token_ids:
             raise EngineError("empty prompt")
-        params = VllmSamplingParams(**vllm_sampling_kwargs(sampling), ignore_eos=self.ignore_eos)
+        try:
+            params = VllmSamplingParams(**vllm_sampling_kwargs(sampling), ignore_eos=self.ignore_eos)
+        except refused as exc:
+            raise EngineError(f"sampling settings refused by vLLM: {exc}") from exc
         lora_request = self._acquire(adapter, sampling.n)
         try:
             return await self._run(prompt_token_ids, adapter, lora_request, params, sampling.n)
+        except refused as exc:
+            raise EngineError(f"request refused by vLLM: {exc}") from exc
         finally:
             await self._release(adapter, sampling.n)
 

@@ -267,7 +267,10 @@ class SchedulerCore:
         effects = Effects()
         for view in self.running():
             if now - view.last_progress > self.rules.stall_timeout_s:
-                self._reissue(view, effects, now)
+                try:
+                    self._reissue(view, effects, now)
+                except ExperimentFailure as exc:  # e.g. its dataset changed: it fails alone
+                    self._fail(view, effects, str(exc), now)
         return self._settle(effects, now)
 
     def dead_letter(self, letter: DeadLetter, *, submission_exists: bool, now: float) -> Effects:

@@ -1,14 +1,15 @@
 """Experiment owners: the secret a submission carries, kept only as a salted hash.
 
 An experiment submitted with an ``owner_secret`` stores ``owner_hash``
-(``hmac-sha256$<salt hex>$<digest hex>``: HMAC-SHA256 keyed by a random
-16-byte salt of its own, over the secret); its cancels and task pushes must
-present the same secret, compared in constant time. Without a secret the
+(``scrypt$<salt hex>$<digest hex>``: scrypt over the secret with a random
+16-byte salt of its own; memory-hard, because every client can read the
+experiment record that holds it); its cancels and task pushes must present
+the same secret, compared in constant time. Without a secret the
 experiment has no owner: only the operators' stream ``admin`` can cancel it
 or push to it.
 
 The secret itself is never stored: the scheduler deletes the stream entry
-that carried it once handled (``forget_entry``), and a message that cannot
+that carried it once handled (``SchedulerService._forgetting``), and a message that cannot
 be decoded is dead-lettered with the secret masked (``redacting_decoder``).
 """
 
@@ -23,7 +24,10 @@ import msgspec
 from shared.bus import EntryRejected, StreamEntry, decode_message_entry
 from shared.messages import ExperimentCancel, ExperimentSubmit, Message, TaskPush
 
-SCHEME = "hmac-sha256"
+SCHEME = "scrypt"
+# scrypt cost: ~10 ms and 4 MiB a check here (pushes are checked on the scheduler's loop), and as
+# much per guess for anyone trying secrets offline against a hash read from a record.
+SCRYPT_N, SCRYPT_R, SCRYPT_P, DIGEST_BYTES = 2**12, 8, 1, 32
 SALT_BYTES = 16
 MIN_SECRET_CHARS = 16
 MAX_SECRET_CHARS = 256
@@ -65,7 +69,9 @@ def secret_matches(owner_hash: str | None, secret: str | None) -> bool:
 
 
 def _digest(salt: bytes, secret: str) -> str:
-    return hmac.new(salt, secret.encode("utf-8", errors="surrogatepass"), hashlib.sha256).hexdigest()
+    key = hashlib.scrypt(secret.encode("utf-8", errors="surrogatepass"), salt=salt, n=SCRYPT_N, r=SCRYPT_R,
+                         p=SCRYPT_P, dklen=DIGEST_BYTES)
+    return key.hex()
 
 
 def carries_secret(message: Message) -> bool:

@@ -296,8 +296,8 @@ class SchedulerService(Service):
         await self._transition(decide)
 
     async def on_adapter_published(self, message: AdapterPublished, entry) -> None:
-        if not self.core.needs_check(message):
-            return  # not ours, or a re-announcement: nothing to check
+        if not self._needs_recovery and not self.core.needs_check(message):
+            return  # not ours, or a re-announcement (views in step with Redis): nothing to check
         # hashing the files takes a while: off the loop, and outside the lock
         adapter_path, rejection = await asyncio.to_thread(self._check_announcement, message)
 
@@ -393,4 +393,7 @@ class SchedulerService(Service):
             async def decide() -> Effects:
                 return self.core.reissue_stalled(messages.now())
 
-            await self._transition(decide)
+            try:
+                await self._transition(decide)
+            except RETRYABLE_REDIS_ERRORS as exc:  # an outage: the next tick tries again (and recovers first)
+                self.log.warning("stall_check_retrying", error=repr(exc))

@@ -381,7 +381,8 @@ class TenantBank:
             raise CheckpointInvalid(f"sidecar version {sidecar.get('version')} for a tenant at version {state.version}")
         weights_path = path / CHECKPOINT_WEIGHTS_FILE
         try:
-            if "sha256" in sidecar and _file_sha256(weights_path) != sidecar["sha256"]:
+            # format 2 always records the sha256: a sidecar of that format without one is not trusted
+            if sidecar["format"] == CHECKPOINT_FORMAT and _file_sha256(weights_path) != sidecar.get("sha256"):
                 raise CheckpointInvalid(f"{CHECKPOINT_WEIGHTS_FILE} does not match the sha256 in its sidecar")
             moments = load_file(str(weights_path), device="cpu")
         except (OSError, SafetensorError) as exc:

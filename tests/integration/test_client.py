@@ -71,6 +71,10 @@ async def test_submit_follow_and_wait_for_the_final_record(cluster, client):
     assert events[-1].code == "finished" and all(e.experiment_id == experiment_id for e in events)
     assert [r.experiment_id for r in client.experiments()] == [experiment_id]
 
+    # Following from now an experiment that already ended returns (no timeout given: it would hang forever).
+    assert await asyncio.to_thread(lambda: list(client.follow_events(experiment_id, until_end=True))) == []
+    assert await asyncio.to_thread(lambda: list(client.follow_metrics(experiment_id, until_end=True))) == []
+
 
 async def test_following_from_now_sees_only_new_entries(cluster, client):
     client.submit(make_spec("old-run", steps=1, eval_size=0))

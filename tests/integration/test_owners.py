@@ -206,7 +206,7 @@ async def test_the_secret_is_nowhere_in_redis_in_clear(scheduler, standins, bus,
     scanned = assert_nowhere_in_clear(sync_redis, SECRET_A, SECRET_B)
     assert scanned > 20  # the scan read the prefix's keys
     owner_hash = sync_redis.hget(Keys(stream_prefix).exp("hidden"), "owner")
-    assert owner_hash.startswith(b"hmac-sha256$")
+    assert owner_hash.startswith(b"scrypt$")
 
 
 # ---------------------------------------------------------------- CloraClient

@@ -19,7 +19,7 @@ import torch
 
 from services.trainer import grpo
 from shared.config import DEFAULT_MODEL_DIR
-from shared.engine import AdapterKey, AdapterNotLoaded, LoraSignature
+from shared.engine import AdapterKey, AdapterNotLoaded, EngineError, LoraSignature
 from shared.messages import SamplingParams
 
 pytest.importorskip("vllm")
@@ -184,3 +184,12 @@ async def test_versions_get_fresh_names_and_ids_and_retire(engine, adapter_paths
     await engine.register_adapter(v1, adapter_paths["exp-a"])
     assert engine.lora_request(v1).lora_int_id > first_id  # never an id twice
     assert engine.failure() is None
+
+
+async def test_a_request_vllm_refuses_is_a_clean_engine_error(engine):
+    prompt = engine.tokenizer().encode(PROMPTS[0], add_special_tokens=False)
+    too_long = prompt * 40  # far over the tiny model's 64-position context
+    with pytest.raises(EngineError, match="refused by vLLM"):
+        await engine.generate(too_long, None, SamplingParams(n=1, temperature=0.0, max_tokens=8))
+    # the engine goes on serving
+    assert (await engine.generate(prompt, None, SamplingParams(n=1, temperature=0.0, max_tokens=4))).samples

@@ -115,3 +115,10 @@ def test_hostile_text_is_read(text, expected):
     # long runs that would make a backtracking pattern or an exact number
     # blow up: every pattern here is linear, numbers are bounded
     assert final_answer(text) == (None if expected is None else Fraction(expected))
+
+
+def test_fractions_with_long_runs_of_spaces_parse_without_backtracking():
+    # The old \frac pattern let three parts compete for the same spaces: 4,000 took 30 s (a hang here).
+    assert final_answer("\\frac{" + " " * 20_000 + "x") is None
+    assert final_answer("\\frac{1}{" + " " * 5_000 + "x") == Fraction(1)
+    assert final_answer("so \\frac{ 3 }{ 4 }") == Fraction(3, 4)

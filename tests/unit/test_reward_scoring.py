@@ -142,6 +142,8 @@ def test_allowlisted_urls(url):
     ("http://u:p@127.0.0.1:8088/score", "credentials"),
     ("file:///etc/passwd", "http(s)"),
     ("http://[::1/score", "valid URL"),                      # unbalanced IPv6 bracket: a reason, not a crash
+    ("http://127.0.0.1:8088/score/../admin", "'..' path"),   # resolves to /admin, outside the prefix
+    ("http://127.0.0.1:8088/score/%2E%2E/admin", "'..' path"),  # the same, percent-encoded
 ])
 def test_refused_urls_say_why(url, needle):
     reason = refusal_reason(url, ALLOW)
