@@ -336,12 +336,12 @@ async def test_a_train_job_refused_for_good_fails_its_experiment_and_junk_dead_l
     assert sync_redis.xpending(dead_letters, "scheduler-dead-letters")["pending"] == 0  # every letter acked
 
 
-async def test_a_lora_rank_other_than_the_deployments_is_refused_at_submission(scheduler, bus, sync_redis,
-                                                                              stream_prefix):
+async def test_a_lora_rank_over_the_deployments_is_refused_at_submission(scheduler, bus, sync_redis,
+                                                                         stream_prefix):
     await scheduler.start()
-    await bus.publish(ExperimentSubmit(spec=make_spec("small-rank", lora_rank=2)))
-    record = await wait_status(sync_redis, stream_prefix, "small-rank", ("invalid",))
-    assert "lora_rank: 2 is under the deployment's rank 8; it must equal it" in record.error
+    await bus.publish(ExperimentSubmit(spec=make_spec("big-rank", lora_rank=16)))
+    record = await wait_status(sync_redis, stream_prefix, "big-rank", ("invalid",))
+    assert "lora_rank: 16 is over the deployment's rank 8" in record.error
 
 
 @pytest.mark.parametrize("reward, expected", [

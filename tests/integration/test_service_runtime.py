@@ -28,7 +28,7 @@ from tests.integration.bus_worker import GROUP as WORKER_GROUP
 from tests.integration.worker_process import REPO_ROOT, WorkerProcesses, wait_for
 
 README = REPO_ROOT / "README.md"
-CLIENT_MODULES = {"os", "sys", "time", "json", "msgpack", "redis"}
+CLIENT_MODULES = {"os", "sys", "time", "json", "secrets", "msgpack", "redis"}  # the standard library, msgpack, redis-py
 EVENTUALLY_S = 10.0
 
 
