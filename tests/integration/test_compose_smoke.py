@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -24,17 +25,43 @@ SMOKE_TIMEOUT_S = 2400  # a cold build included; a warm run takes a few minutes
 SKIP_EXIT = 77
 CPU_SERVICES = {"redis", "scheduler", "reward", "example-reward", "rollout-cpu", "trainer-cpu"}
 ENGINE_PROCESSES = {"dockerd", "containerd", "containerd-shim", "containerd-shim-runc-v2"}
+ENGINE_EXIT_GRACE_S = 30.0
 
 
 def engine_pids() -> set[int]:
+    """Live Docker engine processes (a killed one waiting to be reaped is not alive)."""
     pids = set()
     for comm in Path("/proc").glob("[0-9]*/comm"):
         try:
-            if comm.read_text().strip() in ENGINE_PROCESSES:
+            if comm.read_text().strip() in ENGINE_PROCESSES and not _zombie(comm.parent):
                 pids.add(int(comm.parent.name))
         except OSError:  # the process ended while we looked
             continue
     return pids
+
+
+def _zombie(proc: Path) -> bool:
+    return (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def describe(pids: set[int]) -> list[str]:
+    described = []
+    for pid in sorted(pids):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            described.append(f"{pid}: {command[:200]}")
+        except OSError:
+            described.append(f"{pid}: (gone)")
+    return described
+
+
+def engines_left(before: set[int], grace_s: float = ENGINE_EXIT_GRACE_S) -> set[int]:
+    """Engine processes started since ``before`` still alive after ``grace_s``
+    (the script kills its engine's session; the kernel may take a moment)."""
+    deadline = time.monotonic() + grace_s
+    while (left := engine_pids() - before) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
 
 
 def tagged_line(output: str, tag: str) -> str | None:
@@ -51,9 +78,9 @@ def test_compose_cpu_stack_trains_an_experiment(capsys):
     output = result.stdout + result.stderr
     if result.returncode == SKIP_EXIT:
         pytest.skip(f"no Docker engine can be started here: {tagged_line(output, 'SMOKE_SKIP')}")
-    left_running = engine_pids() - engines_before
     assert result.returncode == 0, f"smoke check failed (exit {result.returncode}):\n{output[-12000:]}"
-    assert not left_running, f"the smoke check left engine processes running: {sorted(left_running)}"
+    left_running = engines_left(engines_before)
+    assert not left_running, f"the smoke check left engine processes running: {describe(left_running)}"
 
     summary = tagged_line(result.stdout, "SMOKE_RESULT")
     assert summary, f"no SMOKE_RESULT line:\n{output[-4000:]}"
