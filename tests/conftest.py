@@ -54,3 +54,13 @@ def owners_file(tmp_path, monkeypatch):
     path = tmp_path / "owners.json"
     monkeypatch.setenv("CLORA_OWNERS_FILE", str(path))
     return path
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A Redis of the test's own (persistent, fsynced on every write), so that
+    it can be killed and restarted on the same port and data."""
+    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
+    server.start()
+    yield server
+    server.stop()

@@ -482,17 +482,6 @@ async def test_a_failing_dead_letter_write_leaves_the_entry_pending_and_the_cons
 # ---------------------------------------------------------------- a Redis restart (issue 12)
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis of this test's own, so that it can be killed and restarted."""
-    from shared.redis_server import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
-    server.start()
-    yield server
-    server.stop()
-
-
 async def test_consumer_rides_out_a_redis_restart_and_an_outage_failure_is_not_a_delivery(own_redis, stream_prefix):
     import redis.asyncio as aioredis
 

@@ -13,7 +13,6 @@ from structlog.testing import capture_logs
 
 from shared import messages
 from shared.bus import StreamBus, StreamEntry, StreamTail, SyncStreamBus, decode_message_entry
-from shared.redis_server import EmbeddedRedis
 
 WAIT_S = 30.0  # a guard against hanging, never an assertion
 
@@ -151,15 +150,6 @@ async def test_stream_tail_skips_a_raising_entry_and_rereads_one_that_failed_on_
     await asyncio.wait_for(follower, WAIT_S)
     assert calls == ["first", "hostile", "outage", "outage", "last"]
     assert tail.last_ids["events"] == await bus.stream_end("events")
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis of this test's own, so that it can be killed and restarted."""
-    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
-    server.start()
-    yield server
-    server.stop()
 
 
 async def test_stream_tail_rides_out_a_redis_restart(own_redis, stream_prefix):

@@ -133,17 +133,6 @@ class Recorder(Service):
         self.handled.append(message.experiment_id)
 
 
-@pytest.fixture
-def own_redis(tmp_path):
-    """A Redis of this test's own, so that it can be killed and restarted."""
-    from shared.redis_server import EmbeddedRedis
-
-    server = EmbeddedRedis(tmp_path / "own-redis", persist=True, fsync_always=True)
-    server.start()
-    yield server
-    server.stop()
-
-
 async def _now(value):
     return value
 
