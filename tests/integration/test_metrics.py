@@ -41,7 +41,8 @@ EXPECTED = {
     "reward": {"clora_scoring_seconds_count"},
     "rollout-0": {"clora_engine_rows", "clora_engine_capacity_rows", "clora_generated_tokens_total",
                   "clora_decode_steps_total", "clora_adapter_slots_in_use", "clora_adapter_slots",
-                  "clora_adapter_loads_total", "clora_adapter_load_seconds_count", "clora_rollout_request_seconds_count"},
+                  "clora_adapter_loads_total", "clora_adapter_load_seconds_count",
+                  "clora_rollout_request_seconds_count"},
     "trainer-0": {"clora_train_step_seconds_count", "clora_trainer_tenant_swaps_total", "clora_train_jobs_total"},
 }
 GENERIC = {"clora_messages_handled_total", "clora_message_handle_seconds_count", "clora_stream_lag",
