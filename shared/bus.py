@@ -68,7 +68,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from shared import messages
+from shared import messages, metrics
 from shared.config import DEFAULT_STREAM_MAXLEN, DEFAULT_STREAM_PREFIX
 
 log = structlog.get_logger(__name__)
@@ -369,6 +369,7 @@ class StreamBus(_BusBase):
             "deliveries": str(deliveries), "reason": reason[:MAX_REASON_CHARS], "payload": payload,
         }
         await self.redis.xadd(self.key(DEAD_LETTER_STREAM), fields, maxlen=self.maxlen, approximate=True)
+        metrics.dead_lettered(stream, reason)
         await self.redis.xack(self.key(stream), group, entry_id)
 
     async def dead_letters(self, stream: str | None = None) -> list[DeadLetter]:
@@ -789,6 +790,7 @@ class StreamConsumer:
                     self._log.warning("handler_failed_redis_unavailable", error=repr(exc))
                 else:
                     self._log.warning("handler_failed", deliveries=entry.deliveries, exc_info=True)
+            metrics.message_settled(entry.stream, kind, outcome, time.monotonic() - started)
             settle = asyncio.create_task(
                 self._settle_logged(entry, payload, error, outcome, time.monotonic() - started),
                 name=f"settle:{self.key}:{entry.entry_id}",

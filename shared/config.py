@@ -97,6 +97,9 @@ class BaseConfig(_Section):
     max_entry_bytes: int = 16 * 1024 * 1024  # larger stream entries are dead-lettered unread
     log_level: str = "info"
     log_format: str = "auto"  # auto | json | console
+    metrics_port: int = 0  # Prometheus /metrics: -1 off, 0 a free port (in the heartbeat's metrics_url), else this one
+    metrics_host: str = "127.0.0.1"  # the address it binds (0.0.0.0 in containers)
+    metrics_max_experiments: int = 20  # experiment ids with their own metrics label; later ones read "other"
 
     @property
     def adapter_dir(self) -> Path:
@@ -110,6 +113,9 @@ class BaseConfig(_Section):
                                "heartbeat_ttl_s", "max_entry_bytes")
         self._require(self.log_level.lower() in LOG_LEVELS, "log_level", f"one of {', '.join(LOG_LEVELS)}")
         self._require_choice("log_format", LOG_FORMATS)
+        self._require(-1 <= self.metrics_port <= 65535, "metrics_port", "-1 (off), 0 (a free port) or a TCP port")
+        self._require(bool(self.metrics_host), "metrics_host", "non-empty")
+        self._require_non_negative("metrics_max_experiments")
 
 
 @dataclass

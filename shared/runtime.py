@@ -42,6 +42,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import AuthenticationError, ResponseError
 
+from shared import metrics
 from shared.acl import connection_options
 from shared.bus import RETRYABLE_REDIS_ERRORS, Handler, StreamBus, StreamConsumer, is_redis_outage
 
@@ -118,6 +119,7 @@ class Service:
         # set by setup() (read through the ``redis`` and ``bus`` properties)
         self._redis: aioredis.Redis | None = None
         self._bus: StreamBus | None = None
+        self._metrics: metrics.MetricsServer | None = None
         # set by run()
         self._consumers: list[StreamConsumer] = []
 
@@ -127,6 +129,7 @@ class Service:
         """Connect to Redis (waiting for it until stopped) and build the bus."""
         if not self.config.redis_url:
             raise RuntimeError("redis_url is empty: set REDIS_URL (or start the service through `clora up`)")
+        self._start_metrics()
         credentials = connection_options(self.config.redis_url, self.config.redis_username,
                                          self.config.redis_password_file)
         self._redis = aioredis.Redis.from_url(self.config.redis_url, **SOCKET_OPTIONS, **credentials)
@@ -143,10 +146,17 @@ class Service:
         """Service-specific status for the heartbeat (msgpack-able values)."""
         return {}
 
+    def update_metrics(self) -> None:
+        """Set this service's gauges from its state (called on the loop every
+        ``metrics.STREAM_POLL_INTERVAL_S`` while metrics are on)."""
+
     async def close(self) -> None:
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
+        if self._metrics is not None:
+            await asyncio.to_thread(self._metrics.close)
+            self._metrics = None
 
     # ------------------------------------------------------------ helpers
 
@@ -194,7 +204,7 @@ class Service:
             ))
         background = {
             asyncio.create_task(coro, name=f"background:{self.name}:{getattr(coro, '__qualname__', 'task')}")
-            for coro in self.background()
+            for coro in [*self.background(), *([self._poll_metrics()] if self._metrics else [])]
         }
         self.log.info("service_running", consumers=len(self._consumers), background=len(background))
         try:
@@ -263,8 +273,39 @@ class Service:
                 self.log.warning("heartbeat_failed", error=repr(exc))
             await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
 
+    def _start_metrics(self) -> None:
+        metrics.set_max_experiment_labels(self.config.metrics_max_experiments)
+        if self.config.metrics_port == metrics.METRICS_OFF or self._metrics is not None:
+            return
+        self._metrics = metrics.MetricsServer(self.config.metrics_host, self.config.metrics_port)
+        self.log.info("metrics_serving", url=self._metrics.url)
+
+    async def _poll_metrics(self) -> None:
+        """Every few seconds: each consumer group's lag and pending count, and
+        the service's own gauges. A Redis outage skips a round, never ends it."""
+        while not self.stopping.is_set():
+            for consumer in self._consumers:
+                try:
+                    groups = await self.redis.xinfo_groups(consumer.key)
+                except (ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
+                    self.log.debug("metrics_poll_skipped", stream=consumer.stream, error=repr(exc))
+                    continue
+                for group in groups:
+                    if _text(group.get("name")) == consumer.group:
+                        metrics.set_group_backlog(consumer.stream, consumer.group, group.get("lag"),
+                                                  int(group.get("pending") or 0))
+            try:
+                self.update_metrics()
+            except Exception:  # a gauge bug must not take the service down
+                self.log.exception("update_metrics_failed")
+            try:
+                await asyncio.wait_for(self.stopping.wait(), metrics.STREAM_POLL_INTERVAL_S)
+            except TimeoutError:
+                pass
+
     def _heartbeat_value(self) -> dict[str, Any]:
         return {
+            "metrics_url": self._metrics.url if self._metrics is not None else "",
             "service": self.name,
             "consumer": self.consumer_name,
             "pid": os.getpid(),
@@ -283,6 +324,10 @@ class Service:
             await asyncio.wait_for(asyncio.shield(removal), HEARTBEAT_REMOVAL_TIMEOUT_S)
         except (TimeoutError, ResponseError, *RETRYABLE_REDIS_ERRORS) as exc:
             self.log.warning("heartbeat_not_removed", error=repr(exc))  # it expires on its own
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 def _task_error(task: asyncio.Task) -> BaseException | None:

@@ -262,6 +262,23 @@ class LocalCluster:
         finally:
             client.close()
 
+    def metrics_urls(self) -> dict[str, str]:
+        """Process name -> its Prometheus endpoint, from the live heartbeats
+        (each service binds a free port unless CLORA_METRICS_PORT says otherwise)."""
+        from shared.runtime import decode_heartbeat, heartbeat_key
+
+        client = self.redis_client("admin")
+        try:
+            urls = {}
+            for process in self.processes.values():
+                value = client.get(heartbeat_key(self.stream_prefix, process.service, process.name))
+                url = decode_heartbeat(value).get("metrics_url", "") if value else ""
+                if url:
+                    urls[process.name] = url
+            return urls
+        finally:
+            client.close()
+
     # ------------------------------------------------------------ internals
 
     def _plan(self) -> list[ServiceProcess]:

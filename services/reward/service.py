@@ -31,6 +31,7 @@ renewed), so a crash loses none.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 from redis.exceptions import ResponseError
@@ -45,6 +46,7 @@ from services.reward.scoring import (
     score_builtin,
 )
 from services.reward.worker import WorkerReplies, combine_scores, failed_result
+from shared import metrics
 from shared.bus import RETRYABLE_REDIS_ERRORS, is_redis_outage
 from shared.config import RewardConfig
 from shared.deployment import parse_allowlist, read_allowlist_async
@@ -54,6 +56,7 @@ from shared.runtime import Service, set_up
 CONSUMER_GROUP = "reward"
 READ_AHEAD_PER_SLOT = 8  # completions read (in flight or waiting) per scoring slot: see the module doc
 ALLOWLIST_REFRESH_S = 2.0  # how soon `clora allowlist add|remove` takes effect
+METRIC_REWARD_TYPES = (*BUILTIN_TYPES, "http", "worker")  # reward_type label values; anything else reads "other"
 
 
 class RewardService(Service):
@@ -121,12 +124,22 @@ class RewardService(Service):
         return {"scoring_slots": self.slots.status(), "reward_replies_dead_lettered": replies_dead_lettered}
 
     async def on_completion(self, completion: Completion, entry) -> None:
+        started = time.monotonic()
         scored = await self.score(completion)
+        self._count_scoring(completion, scored, time.monotonic() - started)
         if scored.reward_error is not None and completion.error is None:
             await self._report_failure(completion, scored.reward_error)
         await self.bus.publish(scored)
         self.log.debug("completion_scored", request_id=completion.request_id,
                        rewards=scored.rewards, error=scored.reward_error)
+
+    def _count_scoring(self, completion: Completion, scored: ScoredCompletion, took_s: float) -> None:
+        if completion.error is not None:
+            return  # nothing was scored: the generation failed
+        reward_type = metrics.bounded(completion.reward.type, METRIC_REWARD_TYPES)
+        metrics.SCORING_SECONDS.labels(reward_type).observe(took_s)
+        if scored.reward_error is not None:
+            metrics.SCORING_FAILURES.labels(reward_type).inc()
 
     async def score(self, completion: Completion) -> ScoredCompletion:
         """Score every sample of ``completion`` (never raises for a bad reward)."""

@@ -40,6 +40,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from services.rollout.slots import SlotTable
+from shared import metrics
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.config import RolloutConfig
 from shared.deployment import check_lora_against_deployment_async
@@ -143,6 +144,8 @@ class AdapterSet:
         except Exception as exc:  # a file, format or capacity problem: the request reports it
             raise AdapterLoadError(key, f"cannot load adapter from {path}: {type(exc).__name__}: {exc}") from exc
         self.table.place(key, self.table.fresh_slot())
+        metrics.ADAPTER_LOADS.inc()
+        metrics.ADAPTER_LOAD_SECONDS.observe(time.monotonic() - started)
         self.log.info("adapter_ready", adapter=key.name, path=str(path),
                       took_s=round(time.monotonic() - started, 4))
 
@@ -180,6 +183,7 @@ class AdapterSet:
         except EngineError as exc:
             self.log.warning("adapter_retire_failed", adapter=key.name, error=str(exc))
             return
+        metrics.ADAPTER_RETIRES.inc()
         self.log.info("adapter_retired", adapter=key.name)
 
 
@@ -271,6 +275,7 @@ class RolloutService(Service):
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
+        self._engine_counters = metrics.CounterFollower()  # engine stats totals -> Prometheus counters
 
     # -------------------------------------------------------------- lifecycle
 
@@ -335,6 +340,20 @@ class RolloutService(Service):
                 "adapter_loads": stats.adapter_loads, "running_rows": stats.running_rows,
                 "shared_steps": dict(stats.shared_steps.most_common(MAX_REPORTED_PAIRS))}
 
+    def update_metrics(self) -> None:
+        stats = self.engine.stats()
+        metrics.ENGINE_ROWS.labels("running").set(stats.running_rows)
+        metrics.ENGINE_ROWS.labels("waiting").set(stats.waiting_rows)
+        metrics.ENGINE_CAPACITY_ROWS.set(self.engine.capacity_rows)
+        self._engine_counters.follow(metrics.DECODE_STEPS, stats.decode_steps)
+        metrics.ADAPTER_SLOTS_IN_USE.set(len(self.adapters.table))
+        metrics.ADAPTER_SLOTS.set(self.config.max_loras)
+
+    def _count_completion(self, completion: Completion, received: float) -> None:
+        tokens = sum(len(sample.token_ids) for sample in completion.samples)
+        metrics.GENERATED_TOKENS.labels(metrics.experiment_labels.label(completion.experiment_id)).inc(tokens)
+        metrics.ROLLOUT_REQUEST_SECONDS.observe(max(0.0, time.time() - received))
+
     async def close(self) -> None:
         for task in list(self._preloads.values()):
             task.cancel()
@@ -367,6 +386,7 @@ class RolloutService(Service):
             return
         completion = self._completion(request, prompt_ids, result, received, submitted)
         await self.bus.publish(completion)
+        self._count_completion(completion, received)
         self.log.debug("completion_published", request_id=request.request_id, adapter=key and key.name,
                        tokens=sum(len(s.token_ids) for s in completion.samples))
 

@@ -67,7 +67,7 @@ from services.scheduler.effects import Effects
 from services.scheduler.lease import Lease
 from services.scheduler.owners import SECRET_STREAMS, carries_secret, redacting_decoder
 from services.scheduler.state import ExperimentView, Keys, StateStore, StoredRecord
-from shared import messages
+from shared import messages, metrics
 from shared.adapters import AdapterStoreError, DirectoryAdapterStore
 from shared.bus import RETRYABLE_REDIS_ERRORS, DeadLetter, Entry
 from shared.config import SchedulerConfig
@@ -212,8 +212,14 @@ class SchedulerService(Service):
             for outgoing in effects.messages:
                 self.bus.publish_in(pipe, outgoing.message, outgoing.stream)
             await pipe.execute()
+        _count_steps(effects)
         for line in effects.logs:
             getattr(self.log, line.level)(line.event, **line.fields)
+
+    def update_metrics(self) -> None:
+        statuses = [view.status for view in self.core.views.values()]
+        for state in metrics.EXPERIMENT_STATES:
+            metrics.EXPERIMENTS.labels(state).set(statuses.count(state))
 
     # ------------------------------------------------------------ recovery
 
@@ -397,3 +403,13 @@ class SchedulerService(Service):
                 await self._transition(decide)
             except RETRYABLE_REDIS_ERRORS as exc:  # an outage: the next tick tries again (and recovers first)
                 self.log.warning("stall_check_retrying", error=repr(exc))
+
+
+def _count_steps(effects: Effects) -> None:
+    """Each committed ``StepMetrics``: its step's rollout and train time."""
+    for outgoing in effects.messages:
+        if isinstance(outgoing.message, messages.StepMetrics):
+            step = outgoing.message
+            metrics.STEP_ROLLOUT_SECONDS.observe(max(0.0, step.rollout_s))
+            metrics.STEP_TRAIN_SECONDS.observe(max(0.0, step.train_s))
+            metrics.STEPS_FINISHED.labels(metrics.experiment_labels.label(step.experiment_id)).inc()

@@ -69,6 +69,7 @@ import torch
 
 from services.trainer import grpo
 from services.trainer.tenants import ShapeMismatch, TenantBank
+from shared import metrics
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
 from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerConfig
@@ -419,7 +420,9 @@ class TrainerService(Service):
 
     async def on_train_job(self, job: TrainJob, entry: Entry) -> None:
         with structlog.contextvars.bound_contextvars(experiment_id=job.experiment_id, job_id=job.job_id):
+            active_before = self.core.bank.active
             outcome = await self._in_model_thread(self.core.handle, job)
+            self._count_metrics(outcome, swapped=self.core.bank.active != active_before)
             for level, code, message in outcome.events:
                 await self.bus.publish(ExperimentEvent(
                     experiment_id=job.experiment_id, level=level, code=code, message=message, ts=now()))
@@ -454,6 +457,13 @@ class TrainerService(Service):
                       grad_norm=round(stats.grad_norm, 5), tokens=stats.num_tokens,
                       skipped_groups=stats.skipped_groups, skipped_update=stats.skipped_update,
                       train_s=round(stats.train_s, 4))
+
+    def _count_metrics(self, outcome: JobOutcome, swapped: bool) -> None:
+        metrics.TRAIN_JOBS.labels(outcome.kind).inc()
+        if swapped:
+            metrics.TRAINER_TENANT_SWAPS.inc()
+        if outcome.kind == "published":
+            metrics.TRAIN_STEP_SECONDS.observe(outcome.stats.train_s)
 
     async def close(self) -> None:
         # A cancelled handler leaves its step running in the thread: let it finish (bounded by one step).
