@@ -20,10 +20,13 @@ from typing import Literal, Union
 import msgspec
 
 SCHEMA_VERSION = 2
-# The oldest schema this code reads: schema 2 made rollout requests, completions
-# and scored completions carry every prompt of a step (``prompts``/``results``/
-# ``scores``), so a schema-1 message is refused with a reason, not misread.
-MIN_SCHEMA_VERSION = 2
+# Kinds whose shape changed, with the oldest schema still read. Schema 2: a
+# rollout request carries every prompt of a step (``prompts``), a completion a
+# result per prompt (``results``), a scored completion a score per prompt
+# (``scores``), a train job ``ScoredGroup``s; an older sender of these (e.g.
+# an old reward worker) is refused with a reason, not misread. Other kinds
+# of an older schema are read as they are (fields are only added with defaults).
+MIN_SCHEMA_BY_KIND = {"rollout_request": 2, "completion": 2, "scored_completion": 2, "train_job": 2}
 # An experiment id becomes part of Redis keys and of directory names: no ':',
 # no '/', no '.', no newline. Always ``fullmatch`` (``$`` would accept "id\n").
 EXPERIMENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -530,6 +533,7 @@ class _Envelope(msgspec.Struct):
     """Just enough of a message to check its schema before the strict decode."""
 
     schema: int = SCHEMA_VERSION
+    kind: str = ""
 
 
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(_Envelope)
@@ -575,17 +579,19 @@ def decode(payload: bytes, stream: str | None = None) -> Message:
 
 def _check_schema(payload: bytes) -> None:
     try:
-        schema = _ENVELOPE_DECODER.decode(payload).schema
+        envelope = _ENVELOPE_DECODER.decode(payload)
     except msgspec.DecodeError:
         return  # not even a map: the strict decode says why
+    schema = envelope.schema
     if schema > SCHEMA_VERSION:
         raise MessageDecodeError(
             f"schema {schema} is newer than this service understands ({SCHEMA_VERSION})"
         )
-    if schema < MIN_SCHEMA_VERSION:
+    oldest = MIN_SCHEMA_BY_KIND.get(envelope.kind, 0)
+    if schema < oldest:
         raise MessageDecodeError(
-            f"schema {schema} is older than this service reads ({MIN_SCHEMA_VERSION}..{SCHEMA_VERSION}): "
-            "upgrade the sender"
+            f"{envelope.kind} of schema {schema} is older than this service reads ({oldest}..{SCHEMA_VERSION}): "
+            "its shape changed, upgrade the sender"
         )
 
 

@@ -433,16 +433,19 @@ class RolloutService(Service):
     def _completion(self, request: RolloutRequest,
                     outcomes: list[tuple[PromptResult, float, GenerationResult | None]],
                     received: float) -> Completion:
-        """The request's results; timings of its first prompt to reach the
-        engine (queue wait, first token) and of its longest decode."""
+        """The request's results. Timings: from the request's queueing to its
+        first prompt reaching the engine, that prompt's first token, and from
+        then to now (the last prompt done): first token + decode spans the
+        request's time in the engine."""
         generated = [(submitted, g) for _, submitted, g in outcomes if g is not None]
         queued_since = request.ts if request.ts > 0 else received
         first_submitted = min((submitted for submitted, _ in generated), default=received)
+        first_token_s = min((g.time_to_first_token_s for _, g in generated), default=0.0)
         timings = RolloutTimings(
             queue_wait_s=max(0.0, first_submitted - queued_since) + min((g.queue_wait_s for _, g in generated),
                                                                          default=0.0),
-            time_to_first_token_s=min((g.time_to_first_token_s for _, g in generated), default=0.0),
-            decode_s=max((g.decode_s for _, g in generated), default=0.0),
+            time_to_first_token_s=first_token_s,
+            decode_s=max(0.0, time.time() - first_submitted - first_token_s) if generated else 0.0,
         )
         versions = [g.adapter.version if g.adapter is not None else 0 for _, g in generated]
         return Completion(
