@@ -319,7 +319,8 @@ async def test_unloadable_version_fails_only_that_request(redis_url, stream_pref
         assert not service.engine.has_adapter(AdapterKey("exp-t", 1))
     for request_id in ("exp-a:v5:p0", "exp-c:v1:p3", "exp-t:v1:p4"):
         failed = completions[request_id]
-        assert [r.samples for r in failed.results] == [[]] and "not loadable from the adapter store" in failed.error, failed.error
+        assert [r.samples for r in failed.results] == [[]], failed
+        assert "not loadable from the adapter store" in failed.error, failed.error
     assert completions["exp-a:v5:p0"].adapter_version == 5
     assert "hash to" in completions["exp-t:v1:p4"].error  # the digest check, not a missing file
     served = completions["exp-b:v1:p5"]
