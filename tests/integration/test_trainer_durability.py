@@ -220,11 +220,11 @@ async def test_jobs_that_can_never_succeed_are_dead_lettered_with_their_reason(
     config = service_config(redis_url, stream_prefix, tiny_model_dir, tmp_path, max_train_tokens=40,
                             max_packed_row_tokens=16)
     out_of_vocabulary = random_groups("oov", 0, 0, seed=1)
-    out_of_vocabulary[1].completion.samples[2].token_ids[1] = VOCAB
+    out_of_vocabulary[1].result.samples[2].token_ids[1] = VOCAB
     negative = random_groups("negative", 0, 0, seed=2)
-    negative[0].completion.prompt_token_ids[0] = -1
+    negative[0].result.prompt_token_ids[0] = -1
     misaligned = random_groups("misaligned", 0, 0, seed=3)
-    misaligned[0].completion.samples[0].logprobs.pop()
+    misaligned[0].result.samples[0].logprobs.pop()
     wide = [scored_group("wide", 0, 0, PROMPTS[0], [[1, 2, 3]] * 5, [[-4.0] * 3] * 5, [0, 1, 0, 1, 0], 0)]
     foreign = random_groups("thief", 0, 0, seed=4)
     foreign[1] = random_groups("victim", 0, 0, seed=4)[1]
