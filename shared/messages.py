@@ -19,7 +19,14 @@ from typing import Literal, Union
 
 import msgspec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Kinds whose shape changed, with the oldest schema still read. Schema 2: a
+# rollout request carries every prompt of a step (``prompts``), a completion a
+# result per prompt (``results``), a scored completion a score per prompt
+# (``scores``), a train job ``ScoredGroup``s; an older sender of these (e.g.
+# an old reward worker) is refused with a reason, not misread. Other kinds
+# of an older schema are read as they are (fields are only added with defaults).
+MIN_SCHEMA_BY_KIND = {"rollout_request": 2, "completion": 2, "scored_completion": 2, "train_job": 2}
 # An experiment id becomes part of Redis keys and of directory names: no ':',
 # no '/', no '.', no newline. Always ``fullmatch`` (``$`` would accept "id\n").
 EXPERIMENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -291,8 +298,9 @@ class TaskPush(_Message, tag="task_push"):
 
 
 class RolloutRequest(_Message, tag="rollout_request"):
-    """Stream ``rollout_requests``: generate ``sampling.n`` completions of one
-    prompt under adapter ``adapter_version`` of ``experiment_id``.
+    """Stream ``rollout_requests``: generate ``sampling.n`` completions of each
+    of ``prompts`` (every prompt of one step, or every held-out prompt of one
+    evaluation) under adapter ``adapter_version`` of ``experiment_id``.
 
     ``adapter_path``: informational only (None for version 0); the rollout
     takes a version's directory from its adapter store and checks its DIGEST,
@@ -304,7 +312,7 @@ class RolloutRequest(_Message, tag="rollout_request"):
     experiment_id: str
     step: int
     purpose: Literal["train", "eval"]
-    prompt: Prompt
+    prompts: list[Prompt]
     adapter_version: int
     adapter_path: str | None
     sampling: SamplingParams
@@ -312,17 +320,26 @@ class RolloutRequest(_Message, tag="rollout_request"):
     ts: float = 0.0
 
 
+class PromptResult(_Struct):
+    """One prompt of a ``Completion``: its token ids and samples, or
+    ``error`` (generation failed for this prompt only; ``samples`` empty)."""
+
+    prompt: Prompt
+    prompt_token_ids: list[int] = []
+    samples: list[Sample] = []
+    error: str | None = None
+
+
 class Completion(_Message, tag="completion"):
-    """Stream ``completions``: the samples of one ``RolloutRequest``.
-    ``error`` not None: generation failed for this request; ``samples`` empty."""
+    """Stream ``completions``: the samples of one ``RolloutRequest``,
+    ``results[i]`` those of its ``prompts[i]``. ``error`` not None: the whole
+    request failed (e.g. its adapter version is unavailable)."""
 
     request_id: str
     experiment_id: str
     step: int
     purpose: Literal["train", "eval"]
-    prompt: Prompt
-    prompt_token_ids: list[int]
-    samples: list[Sample]
+    results: list[PromptResult]
     adapter_version: int
     reward: RewardSpec
     timings: RolloutTimings = msgspec.field(default_factory=RolloutTimings)
@@ -330,17 +347,33 @@ class Completion(_Message, tag="completion"):
     error: str | None = None
 
 
-class ScoredCompletion(_Message, tag="scored_completion"):
-    """Stream ``scored``: a ``Completion`` with one reward per sample.
-    ``correct`` per sample: the verifier's verdict where the reward has one
-    (None otherwise). ``reward_error`` not None: scoring failed; ``rewards``
-    then holds 0.0 and the group must not be trained on."""
+class PromptScore(_Struct):
+    """The rewards of one prompt's samples, one per sample. ``correct`` per
+    sample: the verifier's verdict where the reward has one (None otherwise).
+    ``reward_error`` not None: scoring failed; ``rewards`` then holds 0.0 and
+    the group must not be trained on."""
 
-    completion: Completion
-    rewards: list[float]
+    rewards: list[float] = []
     correct: list[bool | None] = []
     reward_metrics: dict[str, float] = {}
     reward_error: str | None = None
+
+
+class ScoredCompletion(_Message, tag="scored_completion"):
+    """Stream ``scored``: a ``Completion`` with ``scores[i]`` the rewards of
+    its ``results[i]``."""
+
+    completion: Completion
+    scores: list[PromptScore]
+
+
+class ScoredGroup(_Struct):
+    """One prompt's samples with their rewards, as a train job carries them:
+    ``adapter_version`` sampled them."""
+
+    adapter_version: int
+    result: PromptResult
+    score: PromptScore
 
 
 class TrainJob(_Message, tag="train_job"):
@@ -358,7 +391,7 @@ class TrainJob(_Message, tag="train_job"):
     step: int
     base_version: int
     lora_rank: int
-    groups: list[ScoredCompletion]
+    groups: list[ScoredGroup]
     hyper: TrainHyper
     ts: float = 0.0
     lora_alpha: float | None = None
@@ -500,6 +533,7 @@ class _Envelope(msgspec.Struct):
     """Just enough of a message to check its schema before the strict decode."""
 
     schema: int = SCHEMA_VERSION
+    kind: str = ""
 
 
 _ENVELOPE_DECODER = msgspec.msgpack.Decoder(_Envelope)
@@ -509,7 +543,8 @@ def now() -> float:
     return time.time()
 
 
-def encode(message: _Message) -> bytes:
+def encode(message: msgspec.Struct) -> bytes:
+    """A message (or a nested part the services store, e.g. a ``ScoredGroup``) as msgpack."""
     return _ENCODER.encode(message)
 
 
@@ -544,12 +579,19 @@ def decode(payload: bytes, stream: str | None = None) -> Message:
 
 def _check_schema(payload: bytes) -> None:
     try:
-        schema = _ENVELOPE_DECODER.decode(payload).schema
+        envelope = _ENVELOPE_DECODER.decode(payload)
     except msgspec.DecodeError:
         return  # not even a map: the strict decode says why
+    schema = envelope.schema
     if schema > SCHEMA_VERSION:
         raise MessageDecodeError(
             f"schema {schema} is newer than this service understands ({SCHEMA_VERSION})"
+        )
+    oldest = MIN_SCHEMA_BY_KIND.get(envelope.kind, 0)
+    if schema < oldest:
+        raise MessageDecodeError(
+            f"{envelope.kind} of schema {schema} is older than this service reads ({oldest}..{SCHEMA_VERSION}): "
+            "its shape changed, upgrade the sender"
         )
 
 

@@ -76,7 +76,7 @@ TRAIN_JOBS = Counter("clora_train_jobs", "Train jobs by outcome", ["outcome"])
 
 SCORING_SECONDS = Histogram("clora_scoring_seconds", "Scoring one completion, per reward type", ["reward_type"],
                             buckets=_LATENCY_BUCKETS_S)
-SCORING_FAILURES = Counter("clora_scoring_failures", "Completions whose scoring failed, per reward type",
+SCORING_FAILURES = Counter("clora_scoring_failures", "Prompts whose scoring failed, per reward type",
                            ["reward_type"])
 
 # ---------------------------------------------------------------- scheduler

@@ -4,11 +4,12 @@ Protocol: one ``POST`` per sample, ``Content-Type: application/json``, body::
 
     {
       "experiment_id": "add-lr3",        # the experiment (tenant) id
-      "request_id": "add-lr3:s4:p2",     # the rollout request the sample belongs to
+      "request_id": "add-lr3:s4",        # the rollout request the sample belongs to
       "prompt": "12+30=",                # the prompt text
       "answer": "42",                    # the prompt's reference answer, or null
       "completion": "42",                # the sampled completion text
-      "sample_index": 3                  # which sample of the request (0..n-1)
+      "sample_index": 3,                 # which sample of the prompt (0..n-1)
+      "prompt_index": 2                  # which prompt of the request
     }
 
 Reply ``200`` with a JSON object::
@@ -76,15 +77,18 @@ class HttpReward:
 # ---------------------------------------------------------------- protocol
 
 
-def request_body(completion: Completion, sample_index: int) -> dict:
-    """The documented JSON body for one sample of ``completion``."""
+def request_body(completion: Completion, prompt_index: int, sample_index: int) -> dict:
+    """The documented JSON body for sample ``sample_index`` of prompt
+    ``prompt_index`` of ``completion``."""
+    result = completion.results[prompt_index]
     return {
         "experiment_id": completion.experiment_id,
         "request_id": completion.request_id,
-        "prompt": completion.prompt.text,
-        "answer": completion.prompt.answer,
-        "completion": completion.samples[sample_index].text,
+        "prompt": result.prompt.text,
+        "answer": result.prompt.answer,
+        "completion": result.samples[sample_index].text,
         "sample_index": sample_index,
+        "prompt_index": prompt_index,
     }
 
 

@@ -1,14 +1,15 @@
 """The reward service: scores every completion with its experiment's reward.
 
 Consumes ``completions`` (group ``reward``) and publishes one
-``ScoredCompletion`` per completion to ``scored``; when scoring fails (the
-reward failed, timed out, or replied with something that is not a finite
-number) the result carries ``reward_error`` (zero rewards, not to be trained
-on) and an ``ExperimentEvent(code="reward_failed")`` says why. The service
-itself never stops over a reward.
+``ScoredCompletion`` per completion to ``scored``, one ``PromptScore`` per
+prompt result; when scoring a prompt fails (the reward failed, timed out, or
+replied with something that is not a finite number) its score carries
+``reward_error`` (zero rewards, not to be trained on) and one
+``ExperimentEvent(code="reward_failed")`` per completion says why. The
+service itself never stops over a reward.
 
 Fair scoring. Every scoring call (one HTTP request per sample, one forward to
-a reward worker, one built-in scoring of a completion) holds a slot of
+a reward worker, one built-in scoring of a prompt's samples) holds a slot of
 ``ScoringSlots``: at most ``max_inflight`` calls at once, at most
 ``max_inflight_per_experiment`` of one experiment, whose excess waits on the
 experiment's own slots (see ``services.reward.limits``). Each call's
@@ -45,12 +46,12 @@ from services.reward.scoring import (
     apply_invert,
     score_builtin,
 )
-from services.reward.worker import WorkerReplies, combine_scores, failed_result
+from services.reward.worker import WorkerReplies, combine_scores, failed_result, failed_score
 from shared import metrics
 from shared.bus import RETRYABLE_REDIS_ERRORS, is_redis_outage
 from shared.config import RewardConfig
 from shared.deployment import parse_allowlist, read_allowlist_async
-from shared.messages import Completion, ExperimentEvent, RewardSpec, ScoredCompletion, now
+from shared.messages import Completion, ExperimentEvent, PromptResult, PromptScore, RewardSpec, ScoredCompletion, now
 from shared.runtime import Service, set_up
 
 CONSUMER_GROUP = "reward"
@@ -126,71 +127,80 @@ class RewardService(Service):
     async def on_completion(self, completion: Completion, entry) -> None:
         started = time.monotonic()
         scored = await self.score(completion)
-        self._count_scoring(completion, scored, time.monotonic() - started)
-        if scored.reward_error is not None and completion.error is None:
-            await self._report_failure(completion, scored.reward_error)
+        errors = [score.reward_error for score, result in zip(scored.scores, completion.results, strict=False)
+                  if score.reward_error is not None and result.error is None]  # a rollout failure is not ours
+        self._count_scoring(completion, len(errors), time.monotonic() - started)
+        if errors and completion.error is None:
+            await self._report_failure(completion, errors)
         await self.bus.publish(scored)
-        self.log.debug("completion_scored", request_id=completion.request_id,
-                       rewards=scored.rewards, error=scored.reward_error)
 
-    def _count_scoring(self, completion: Completion, scored: ScoredCompletion, took_s: float) -> None:
+    def _count_scoring(self, completion: Completion, failed_prompts: int, took_s: float) -> None:
         if completion.error is not None:
             return  # nothing was scored: the generation failed
         reward_type = metrics.bounded(completion.reward.type, METRIC_REWARD_TYPES)
         metrics.SCORING_SECONDS.labels(reward_type).observe(took_s)
-        if scored.reward_error is not None:
-            metrics.SCORING_FAILURES.labels(reward_type).inc()
+        if failed_prompts:
+            metrics.SCORING_FAILURES.labels(reward_type).inc(failed_prompts)
 
     async def score(self, completion: Completion) -> ScoredCompletion:
-        """Score every sample of ``completion`` (never raises for a bad reward)."""
+        """Score every sample of every prompt of ``completion`` (never raises for a bad reward)."""
         if completion.error is not None:
             return failed_result(completion, f"generation failed: {completion.error}")
         spec = bounded_spec(completion.reward, self.config)
-        if spec.type in BUILTIN_TYPES:
-            scored = await self._score_builtin(completion)
-        elif spec.type == "http":
-            scored = await self._score_http(completion, spec)
-        elif spec.type == "worker":
+        if spec.type == "worker":
             scored = await self._score_worker(completion, spec)
         else:
-            scored = failed_result(completion, f"unknown reward type {spec.type!r}")
-        return _inverted(scored) if spec.invert and scored.reward_error is None else scored
+            scored = ScoredCompletion(completion=completion, scores=list(await asyncio.gather(*(
+                self._score_result(completion, spec, index) for index in range(len(completion.results))))))
+        if not spec.invert:
+            return scored
+        return ScoredCompletion(completion=completion, scores=[_inverted(s) for s in scored.scores])
 
-    async def _score_builtin(self, completion: Completion) -> ScoredCompletion:
+    async def _score_result(self, completion: Completion, spec: RewardSpec, index: int) -> PromptScore:
+        result = completion.results[index]
+        if result.error is not None:
+            return failed_score(result, f"generation failed: {result.error}")
+        if spec.type in BUILTIN_TYPES:
+            return await self._score_builtin(completion, result)
+        if spec.type == "http":
+            return await self._score_http(completion, spec, index)
+        return failed_score(result, f"unknown reward type {spec.type!r}")
+
+    async def _score_builtin(self, completion: Completion, result: PromptResult) -> PromptScore:
         # A thread keeps the loop free for long completions; user regexes are
         # RE2 (linear time), so no pattern can hold the thread, or the GIL, for long.
         def score_all() -> list[SampleScore]:
-            return [score_builtin(completion.reward, sample.text, completion.prompt.answer)
-                    for sample in completion.samples]
+            return [score_builtin(completion.reward, sample.text, result.prompt.answer)
+                    for sample in result.samples]
 
         try:
             async with self.slots.hold(completion.experiment_id):
-                return combine_scores(completion, await asyncio.to_thread(score_all))
+                return combine_scores(await asyncio.to_thread(score_all))
         except RewardError as exc:
-            return failed_result(completion, exc.reason)
+            return failed_score(result, exc.reason)
         except Exception as exc:  # a verifier's bug or odd input: this group fails, never the service
             self.log.exception("builtin_scoring_raised", request_id=completion.request_id)
-            return failed_result(completion, f"scoring raised {type(exc).__name__}: {exc}")
+            return failed_score(result, f"scoring raised {type(exc).__name__}: {exc}")
 
-    async def _score_http(self, completion: Completion, spec: RewardSpec) -> ScoredCompletion:
+    async def _score_http(self, completion: Completion, spec: RewardSpec, prompt_index: int) -> PromptScore:
+        result = completion.results[prompt_index]
         outcomes = await asyncio.gather(*(
-            self._score_http_sample(completion, spec, index) for index in range(len(completion.samples))
+            self._score_http_sample(completion, spec, prompt_index, index) for index in range(len(result.samples))
         ))
         errors = [outcome for outcome in outcomes if isinstance(outcome, RewardError)]
         if errors:
-            return failed_result(completion, f"{len(errors)} of {len(outcomes)} samples unscored: "
-                                             f"{errors[0].reason}")
-        return combine_scores(completion, [
+            return failed_score(result, f"{len(errors)} of {len(outcomes)} samples unscored: {errors[0].reason}")
+        return combine_scores([
             SampleScore(reward=o.reward, correct=o.correct, metrics=o.metrics)
             for o in outcomes if isinstance(o, HttpReward)  # all of them: no errors
         ])
 
-    async def _score_http_sample(self, completion: Completion, spec: RewardSpec,
+    async def _score_http_sample(self, completion: Completion, spec: RewardSpec, prompt_index: int,
                                  index: int) -> HttpReward | RewardError:
         async with self.slots.hold(completion.experiment_id):
             try:
                 async with asyncio.timeout(self.config.max_reward_budget_s):
-                    return await self.http.score(spec, request_body(completion, index))
+                    return await self.http.score(spec, request_body(completion, prompt_index, index))
             except TimeoutError:  # the client turns its own per-attempt timeouts into RewardError
                 return RewardError(self._over_budget(spec))
             except RewardError as exc:
@@ -210,7 +220,10 @@ class RewardService(Service):
         return (f"scoring took longer than the reward budget of {self.config.max_reward_budget_s:g}s "
                 f"({spec.max_attempts} attempt(s) of {spec.timeout_s:g}s with backoff)")
 
-    async def _report_failure(self, completion: Completion, reason: str) -> None:
+    async def _report_failure(self, completion: Completion, errors: list[str]) -> None:
+        """One event per completion, however many of its prompts failed."""
+        failed = f"{len(errors)} of {len(completion.results)} prompts" if len(completion.results) > 1 else "prompt"
+        reason = f"{failed} unscored: {errors[0]}"
         self.log.warning("reward_failed", experiment_id=completion.experiment_id,
                          request_id=completion.request_id, reason=reason)
         await self.bus.publish(ExperimentEvent(
@@ -219,9 +232,10 @@ class RewardService(Service):
         ))
 
 
-def _inverted(scored: ScoredCompletion) -> ScoredCompletion:
-    scores = [apply_invert(SampleScore(reward=r, correct=c), True)
-              for r, c in zip(scored.rewards, scored.correct or [None] * len(scored.rewards), strict=False)]
-    return ScoredCompletion(completion=scored.completion, rewards=[s.reward for s in scores],
-                            correct=[s.correct for s in scores], reward_metrics=scored.reward_metrics,
-                            reward_error=None)
+def _inverted(score: PromptScore) -> PromptScore:
+    if score.reward_error is not None:
+        return score
+    inverted = [apply_invert(SampleScore(reward=r, correct=c), True)
+                for r, c in zip(score.rewards, score.correct or [None] * len(score.rewards), strict=False)]
+    return PromptScore(rewards=[s.reward for s in inverted], correct=[s.correct for s in inverted],
+                       reward_metrics=score.reward_metrics)

@@ -3,14 +3,15 @@
 Protocol: for an experiment whose reward is ``{"type": "worker", "worker":
 "NAME"}``, the reward service publishes each ``Completion`` to stream
 ``<prefix>reward:NAME``. A worker (consumer group ``reward-worker-NAME``, so
-several worker processes share the load) scores every sample and publishes a
-``ScoredCompletion`` (same ``completion``, one reward per sample) to
-``<prefix>reward_replies``. The reward service matches replies by
+several worker processes share the load) scores every sample of every prompt
+result and publishes a ``ScoredCompletion`` (same ``completion``; ``scores[i]``
+one reward per sample of ``results[i]``) to ``<prefix>reward_replies``. The reward service matches replies by
 experiment id and ``request_id`` and waits ``RewardSpec.timeout_s`` per
 attempt, forwarding again up to ``RewardSpec.max_attempts`` times (both within
 the operator's ``RewardLimits``). A reply whose rewards or metrics are not
-finite numbers, or whose reward count is not the sample count, fails the
-group with the reason.
+finite numbers, or whose reward count is not the sample count, fails that
+prompt's group with the reason (a reply without one score per result fails
+them all).
 
 A user turns a plain function into a worker in a few lines::
 
@@ -26,7 +27,7 @@ A user turns a plain function into a worker in a few lines::
 The function may return a number, a bool (reward 0/1 and the verdict used
 for accuracy) or a dict ``{"reward": float, "correct": bool?, "metrics":
 {str: float}?}``; it may be ``async def``. A function that raises marks the
-completion's result with ``reward_error`` instead of crashing the worker.
+prompt's score with ``reward_error`` instead of crashing the worker.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import structlog
 
 from services.reward.scoring import RewardError, SampleScore, check_reward_value
 from shared.bus import EntryRejected, StreamBus, StreamEntry, StreamTail, decode_message_entry
-from shared.messages import Completion, RewardSpec, ScoredCompletion
+from shared.messages import Completion, PromptResult, PromptScore, RewardSpec, ScoredCompletion
 
 log = structlog.get_logger(__name__)
 
@@ -81,17 +82,24 @@ def to_sample_score(value: object) -> SampleScore:
 
 
 async def score_with_function(fn: RewardFn, completion: Completion) -> ScoredCompletion:
-    """Apply ``fn`` to every sample; a raising function marks the result."""
+    """Apply ``fn`` to every sample of every prompt result."""
+    return ScoredCompletion(completion=completion,
+                            scores=[await _score_result(fn, result) for result in completion.results])
+
+
+async def _score_result(fn: RewardFn, result: PromptResult) -> PromptScore:
+    """One prompt's samples; a raising function marks this prompt's score."""
+    if result.error is not None:
+        return failed_score(result, f"generation failed: {result.error}")
     scores: list[SampleScore] = []
     try:
-        for sample in completion.samples:
-            scores.append(to_sample_score(await _call(fn, completion.prompt.text, sample.text,
-                                                      completion.prompt.answer)))
+        for sample in result.samples:
+            scores.append(to_sample_score(await _call(fn, result.prompt.text, sample.text, result.prompt.answer)))
     except RewardError as exc:
-        return failed_result(completion, exc.reason)
+        return failed_score(result, exc.reason)
     except Exception as exc:  # the user's code: report any failure on the experiment, keep serving
-        return failed_result(completion, f"reward function raised {type(exc).__name__}: {exc}")
-    return combine_scores(completion, scores)
+        return failed_score(result, f"reward function raised {type(exc).__name__}: {exc}")
+    return combine_scores(scores)
 
 
 async def _call(fn: RewardFn, prompt: str, text: str, answer: str | None) -> object:
@@ -100,23 +108,33 @@ async def _call(fn: RewardFn, prompt: str, text: str, answer: str | None) -> obj
     return await asyncio.to_thread(fn, prompt, text, answer)  # user code may be slow: keep the loop free
 
 
-def combine_scores(completion: Completion, scores: list[SampleScore]) -> ScoredCompletion:
-    """One ``ScoredCompletion`` from per-sample scores (metrics averaged)."""
+def combine_scores(scores: list[SampleScore]) -> PromptScore:
+    """One prompt's ``PromptScore`` from per-sample scores (metrics averaged)."""
     names = sorted({name for score in scores for name in score.metrics})
     metrics = {
         name: sum(s.metrics[name] for s in scores if name in s.metrics)
         / sum(1 for s in scores if name in s.metrics)
         for name in names
     }
-    return ScoredCompletion(completion=completion, rewards=[s.reward for s in scores],
-                            correct=[s.correct for s in scores], reward_metrics=metrics)
+    return PromptScore(rewards=[s.reward for s in scores], correct=[s.correct for s in scores],
+                       reward_metrics=metrics)
+
+
+def failed_score(result: PromptResult, reason: str) -> PromptScore:
+    """A score the scheduler must not train on: zero rewards, ``reward_error`` set."""
+    count = len(result.samples)
+    return PromptScore(rewards=[0.0] * count, correct=[None] * count, reward_error=reason)
 
 
 def failed_result(completion: Completion, reason: str) -> ScoredCompletion:
-    """A result the scheduler must not train on: zero rewards, ``reward_error`` set."""
-    count = len(completion.samples)
-    return ScoredCompletion(completion=completion, rewards=[0.0] * count, correct=[None] * count,
-                            reward_error=reason)
+    """Every prompt of ``completion`` failed with ``reason``."""
+    return ScoredCompletion(completion=completion,
+                            scores=[failed_score(result, reason) for result in completion.results])
+
+
+def reward_errors(scored: ScoredCompletion) -> list[str]:
+    """The ``reward_error`` of each prompt whose scoring failed."""
+    return [score.reward_error for score in scored.scores if score.reward_error is not None]
 
 
 async def serve_reward_worker(
@@ -139,8 +157,8 @@ async def serve_reward_worker(
     async def handle(completion: Completion, entry) -> None:
         scored = await score_with_function(fn, completion)
         await bus.publish(scored, stream=REPLIES_STREAM)
-        log.info("reward_worker_scored", worker=worker, request_id=completion.request_id,
-                 error=scored.reward_error)
+        log.debug("reward_worker_scored", worker=worker, request_id=completion.request_id,
+                  errors=reward_errors(scored))
 
     consumer = bus.consumer(
         reward_stream(worker), worker_group(worker), handle,
@@ -291,21 +309,31 @@ class WorkerReplies:
 
     @staticmethod
     def _checked(reply: ScoredCompletion, completion: Completion, worker: str | None) -> ScoredCompletion:
-        """The reply on our own copy of the completion (the reply's is the
-        worker's echo), or a failed result saying what is wrong with it."""
-        if reply.reward_error is not None:
-            return failed_result(completion, reply.reward_error)
-        problem = _reply_problem(reply, len(completion.samples))
-        if problem is not None:
-            return failed_result(completion, f"reward worker {worker!r} {problem}")
-        correct: list[bool | None] = (list(reply.correct) if len(reply.correct) == len(reply.rewards)
-                                      else [None] * len(reply.rewards))
-        return ScoredCompletion(completion=completion, rewards=list(reply.rewards), correct=correct,
-                                reward_metrics=dict(reply.reward_metrics))
+        """The reply's scores on our own copy of the completion (the reply's
+        is the worker's echo), each prompt's failed with what is wrong with it."""
+        if len(reply.scores) != len(completion.results):
+            return failed_result(completion, f"reward worker {worker!r} replied with {len(reply.scores)} "
+                                             f"scores for {len(completion.results)} prompts")
+        return ScoredCompletion(completion=completion, scores=[
+            _checked_score(score, result, worker) for score, result in zip(reply.scores, completion.results,
+                                                                           strict=True)])
 
 
-def _reply_problem(reply: ScoredCompletion, sample_count: int) -> str | None:
-    """None for a usable reply, else what the worker got wrong."""
+def _checked_score(score: PromptScore, result: PromptResult, worker: str | None) -> PromptScore:
+    if result.error is not None:
+        return failed_score(result, f"generation failed: {result.error}")
+    if score.reward_error is not None:
+        return failed_score(result, score.reward_error)
+    problem = _reply_problem(score, len(result.samples))
+    if problem is not None:
+        return failed_score(result, f"reward worker {worker!r} {problem}")
+    correct: list[bool | None] = (list(score.correct) if len(score.correct) == len(score.rewards)
+                                  else [None] * len(score.rewards))
+    return PromptScore(rewards=list(score.rewards), correct=correct, reward_metrics=dict(score.reward_metrics))
+
+
+def _reply_problem(reply: PromptScore, sample_count: int) -> str | None:
+    """None for a usable score, else what the worker got wrong."""
     if len(reply.rewards) != sample_count:
         return f"replied with {len(reply.rewards)} rewards for {sample_count} samples"
     values = [(f"sample {index}", reward) for index, reward in enumerate(reply.rewards)]

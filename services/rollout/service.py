@@ -1,13 +1,17 @@
 """The rollout service: every tenant's rollout requests in one decode stream.
 
-Reads ``rollout_requests`` (group ``rollout``) with as many handlers in flight
-as the engine holds rows (``capacity_rows // typical group size``): that is
-the backpressure, a worker never reads more than it can decode, and the rest
-stays in the stream for other workers. Each handler tokenizes its prompt and
-awaits ``engine.generate``; the engine batches the rows of all in-flight
-handlers, whatever their tenant, into the same decode steps. The handler then
-publishes one ``Completion`` (token ids, behaviour logprobs, text, the adapter
-version that produced it, timings).
+Reads ``rollout_requests`` (group ``rollout``) with ``capacity_rows //
+typical group size`` handlers in flight. A request carries every prompt of a
+step (or of an evaluation); its handler splits it into its prompts, and each
+prompt waits for its ``sampling.n`` rows at the ``RowGate``
+(``services.rollout.rows``): that is the backpressure, the service never
+hands the engine more rows than it has, a request larger than the engine runs
+prompt by prompt, and tenants take turns for the rows that free. Each prompt
+is tokenized and awaits ``engine.generate``; the engine batches the rows of
+all prompts in flight, whatever their tenant, into the same decode steps. The
+handler then publishes one ``Completion`` for the request, a ``PromptResult``
+per prompt (token ids, behaviour logprobs, text; or the prompt's own
+``error``), with the adapter version that produced it and timings.
 
 Adapters: version 0 is the base model; version v is ``AdapterKey(experiment,
 v)``, addressed by (experiment, version) only: its directory comes from the
@@ -39,6 +43,7 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from services.rollout.rows import RowGate
 from services.rollout.slots import SlotTable
 from shared import metrics
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
@@ -50,6 +55,7 @@ from shared.messages import (
     Completion,
     ExperimentEvent,
     Prompt,
+    PromptResult,
     RolloutRequest,
     RolloutTimings,
     Sample,
@@ -272,6 +278,7 @@ class RolloutService(Service):
         # Where every adapter version comes from: messages name (experiment, version), never a path.
         self.store = DirectoryAdapterStore(Path(config.adapter_dir).resolve())
         self._adapters: AdapterSet | None = None  # set in setup
+        self._rows: RowGate | None = None  # set in setup: the engine's rows, shared fairly by tenants
         self._preloads: dict[str, asyncio.Task] = {}
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
@@ -289,6 +296,7 @@ class RolloutService(Service):
         await self._engine.start()
         keep = self.config.adapter_keep_versions
         self._adapters = AdapterSet(self._engine, self.store, keep, self.log)
+        self._rows = RowGate(self._engine.capacity_rows)
         # This worker's private announcement group, from the stream's end:
         # versions announced before it started are loaded on demand instead.
         self._watch_group = f"rollout-watch-{self.consumer_name}"
@@ -304,6 +312,10 @@ class RolloutService(Service):
     @property
     def adapters(self) -> AdapterSet:
         return set_up(self._adapters, "rollout: adapters")
+
+    @property
+    def rows(self) -> RowGate:
+        return set_up(self._rows, "rollout: rows")
 
     def request_concurrency(self) -> int:
         typical_n = self.config.typical_group_size
@@ -350,7 +362,7 @@ class RolloutService(Service):
         metrics.ADAPTER_SLOTS.set(self.config.max_loras)
 
     def _count_completion(self, completion: Completion, received: float) -> None:
-        tokens = sum(len(sample.token_ids) for sample in completion.samples)
+        tokens = sum(len(sample.token_ids) for result in completion.results for sample in result.samples)
         metrics.GENERATED_TOKENS.labels(metrics.experiment_labels.label(completion.experiment_id)).inc(tokens)
         metrics.ROLLOUT_REQUEST_SECONDS.observe(max(0.0, time.time() - received))
 
@@ -373,22 +385,42 @@ class RolloutService(Service):
     async def on_request(self, request: RolloutRequest, entry) -> None:
         received = time.time()
         key = adapter_key(request.experiment_id, request.adapter_version)
+        if request.sampling.n > self.engine.capacity_rows:
+            await self._fail(request, f"n={request.sampling.n} exceeds the engine's {self.engine.capacity_rows} rows")
+            return
         try:
-            prompt_ids = self._encode(request)
-            submitted, result = await self._generate(request, key, prompt_ids)
+            async with self.adapters.use(key):  # loaded once for all the prompts; from the store, not the message
+                outcomes = await asyncio.gather(*(self._prompt_result(request, key, prompt)
+                                                  for prompt in request.prompts), return_exceptions=True)
         except AdapterLoadError as exc:
             await self._fail(request, f"adapter version {request.adapter_version} unavailable: {exc.reason}")
             return
-        except EngineError as exc:
-            if self.stopping.is_set() or self.engine.failure() is not None:
-                raise  # the engine is closing or dead: leave the request for redelivery
-            await self._fail(request, f"generation failed: {exc}")
+        failures = [o for o in outcomes if isinstance(o, BaseException)]
+        if any(isinstance(f, AdapterLoadError) for f in failures):
+            reason = next(f.reason for f in failures if isinstance(f, AdapterLoadError))
+            await self._fail(request, f"adapter version {request.adapter_version} unavailable: {reason}")
             return
-        completion = self._completion(request, prompt_ids, result, received, submitted)
+        if failures:
+            raise failures[0]  # the engine is closing or dead: leave the request for redelivery
+        results = [o for o in outcomes if not isinstance(o, BaseException)]
+        completion = self._completion(request, results, received)
         await self.bus.publish(completion)
         self._count_completion(completion, received)
-        self.log.debug("completion_published", request_id=request.request_id, adapter=key and key.name,
-                       tokens=sum(len(s.token_ids) for s in completion.samples))
+
+    async def _prompt_result(self, request: RolloutRequest, key: AdapterKey | None,
+                             prompt: Prompt) -> tuple[PromptResult, float, GenerationResult | None]:
+        """One prompt of ``request`` under its fair share of rows: (result,
+        submission time, engine result). A prompt that cannot be generated gets
+        its own ``error``; the others go on."""
+        try:
+            prompt_ids = self._encode(prompt)
+            async with self.rows.rows(request.experiment_id, request.sampling.n):
+                submitted, generated = await self._generate(request, key, prompt_ids)
+        except EngineError as exc:
+            if self.stopping.is_set() or self.engine.failure() is not None:
+                raise  # the engine is closing or dead: the whole request is redelivered
+            return PromptResult(prompt=prompt, error=f"generation failed: {exc}"), time.time(), None
+        return self._prompt_samples(request, prompt, prompt_ids, generated), submitted, generated
 
     async def _generate(self, request: RolloutRequest, key: AdapterKey | None,
                         prompt_ids: list[int]) -> tuple[float, GenerationResult]:
@@ -405,29 +437,41 @@ class RolloutService(Service):
                     self.log.info("adapter_evicted_reloading", adapter=key and key.name)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _encode(self, request: RolloutRequest) -> list[int]:
-        if request.sampling.n > self.engine.capacity_rows:
-            raise EngineError(f"n={request.sampling.n} exceeds the engine's {self.engine.capacity_rows} rows")
-        prompt_ids = prompt_token_ids(self.engine.tokenizer(), request.prompt)
+    def _encode(self, prompt: Prompt) -> list[int]:
+        prompt_ids = prompt_token_ids(self.engine.tokenizer(), prompt)
         if not prompt_ids:
             raise EngineError("the prompt is empty after tokenization")
         return prompt_ids
 
-    def _completion(self, request: RolloutRequest, prompt_ids: list[int], result: GenerationResult,
-                    received: float, submitted: float) -> Completion:
+    def _prompt_samples(self, request: RolloutRequest, prompt: Prompt, prompt_ids: list[int],
+                        generated: GenerationResult) -> PromptResult:
         tokenizer = self.engine.tokenizer()
         stops = stop_tokens(tokenizer, request.sampling.stop_token_ids)
-        samples = [to_sample(tokenizer, generated, stops, request.sampling.stop) for generated in result.samples]
+        samples = [to_sample(tokenizer, sample, stops, request.sampling.stop) for sample in generated.samples]
+        return PromptResult(prompt=prompt, prompt_token_ids=list(prompt_ids), samples=samples)
+
+    def _completion(self, request: RolloutRequest,
+                    outcomes: list[tuple[PromptResult, float, GenerationResult | None]],
+                    received: float) -> Completion:
+        """The request's results. Timings: from the request's queueing to its
+        first prompt reaching the engine, that prompt's first token, and from
+        then to now (the last prompt done): first token + decode spans the
+        request's time in the engine."""
+        generated = [(submitted, g) for _, submitted, g in outcomes if g is not None]
         queued_since = request.ts if request.ts > 0 else received
+        first_submitted = min((submitted for submitted, _ in generated), default=received)
+        first_token_s = min((g.time_to_first_token_s for _, g in generated), default=0.0)
         timings = RolloutTimings(
-            queue_wait_s=max(0.0, submitted - queued_since) + result.queue_wait_s,
-            time_to_first_token_s=result.time_to_first_token_s,
-            decode_s=result.decode_s,
+            queue_wait_s=max(0.0, first_submitted - queued_since) + min((g.queue_wait_s for _, g in generated),
+                                                                         default=0.0),
+            time_to_first_token_s=first_token_s,
+            decode_s=max(0.0, time.time() - first_submitted - first_token_s) if generated else 0.0,
         )
+        versions = [g.adapter.version if g.adapter is not None else 0 for _, g in generated]
         return Completion(
             request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
-            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=list(prompt_ids), samples=samples,
-            adapter_version=result.adapter.version if result.adapter is not None else 0,
+            purpose=request.purpose, results=[result for result, _, _ in outcomes],
+            adapter_version=versions[0] if versions else request.adapter_version,
             reward=request.reward, timings=timings, worker=self.consumer_name,
         )
 
@@ -436,7 +480,7 @@ class RolloutService(Service):
                          experiment_id=request.experiment_id, reason=reason)
         await self.bus.publish(Completion(
             request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
-            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=[], samples=[],
+            purpose=request.purpose, results=[PromptResult(prompt=p, error=reason) for p in request.prompts],
             adapter_version=request.adapter_version, reward=request.reward, worker=self.consumer_name,
             error=reason,
         ))

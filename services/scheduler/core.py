@@ -14,8 +14,9 @@ callers never have to.
 Per running experiment (``v`` = newest published version, ``k`` =
 ``max_off_policy_steps``):
 
-- step ``s`` is *issued* (its ``prompts_per_step`` rollout requests under
-  version ``v``) as soon as ``s <= v + k``;
+- step ``s`` is *issued* (one rollout request carrying its ``prompts_per_step``
+  prompts, under version ``v``) as soon as ``s <= v + k``; its scored
+  completion brings one group per prompt, each kept once;
 - the train job of step ``s`` always has ``base_version = s``; it is *ready*
   once all of step s's groups are scored **and** version ``s`` exists, so a
   tenant has at most one train job out at a time;
@@ -41,7 +42,15 @@ from services.scheduler import spec as spec_rules
 from services.scheduler.dead_letters import decoded, explain_refusal, failed_group_from, raw_experiment_id
 from services.scheduler.dispatch import Dispatcher
 from services.scheduler.effects import Effects, Level
-from services.scheduler.outgoing import eval_request_id, group_failed, train_job_id, train_request_id
+from services.scheduler.outgoing import (
+    eval_group_id,
+    eval_request_id,
+    group_failed,
+    scored_groups,
+    train_group_id,
+    train_job_id,
+    train_request_id,
+)
 from services.scheduler.prompts import MAX_ID_CHARS, ExperimentFailure, PromptSource, prompts_needed, screen_prompts
 from services.scheduler.spec import SpecLimits
 from services.scheduler.state import (
@@ -60,10 +69,10 @@ from shared import messages
 from shared.bus import DeadLetter
 from shared.messages import (
     AdapterPublished,
-    Completion,
     ExperimentSpec,
     Prompt,
     ScoredCompletion,
+    ScoredGroup,
     StepMetrics,
     TaskPush,
     TrainJob,
@@ -217,7 +226,7 @@ class SchedulerCore:
         return self._settle(effects, now)
 
     def collect(self, scored: ScoredCompletion, now: float) -> Effects:
-        """A scored group (train or eval) came back."""
+        """A scored request (every group of a train step, or a whole eval) came back."""
         effects = Effects()
         view = self.views.get(scored.completion.experiment_id)
         if view is not None and view.status == "running":
@@ -498,8 +507,7 @@ class SchedulerCore:
             if not self.prompts.available(view, step):
                 self._announce_prompt_wait(view, step, effects, now)
                 return
-            for index, prompt in enumerate(self.prompts.train(view, step)):
-                effects.publish(outgoing.rollout_request(view, step, index, prompt, now))
+            effects.publish(outgoing.rollout_request(view, step, self.prompts.train(view, step), now))
             view.issued = step + 1
             view.issued_at[step] = now
             view.groups.setdefault(step, {})
@@ -528,8 +536,7 @@ class SchedulerCore:
         for version in [0, view.spec.steps] if final_due else [0]:
             if version in view.evals_issued:
                 continue
-            for index, prompt in enumerate(self.prompts.held_out(view)):
-                effects.publish(outgoing.eval_request(view, version, index, prompt, now))
+            effects.publish(outgoing.eval_request(view, version, self.prompts.held_out(view), now))
             view.evals_issued.add(version)
             view.evals.setdefault(version, {})
             effects.set_fields(view.experiment_id, **{eval_issued_field(version): 1})
@@ -578,18 +585,14 @@ class SchedulerCore:
         view.last_progress = now
         missing = 0
         for step in range(view.train_sent, view.issued):
-            scored = view.groups.get(step, {})
-            for index, prompt in enumerate(self.prompts.train(view, step)):
-                if train_request_id(view.experiment_id, step, index) not in scored:
-                    # the version that issued it may be older than view.version: re-issue under the newest
-                    effects.publish(outgoing.rollout_request(view, step, index, prompt, now))
-                    missing += 1
+            # the whole step again (its groups already in are not counted twice), under the newest version
+            if len(view.groups.get(step, {})) < view.spec.prompts_per_step:
+                effects.publish(outgoing.rollout_request(view, step, self.prompts.train(view, step), now))
+                missing += 1
         for version in view.evals_issued:
-            measured = view.evals.get(version, {})
-            for index, prompt in enumerate(self.prompts.held_out(view)):
-                if eval_request_id(view.experiment_id, version, index) not in measured:
-                    effects.publish(outgoing.eval_request(view, version, index, prompt, now))
-                    missing += 1
+            if len(view.evals.get(version, {})) < self.prompts.held_out_size(view):
+                effects.publish(outgoing.eval_request(view, version, self.prompts.held_out(view), now))
+                missing += 1
         if view.train_outstanding:
             shard = self.dispatcher.shard(view.experiment_id)
             effects.publish(outgoing.train_job(view, now), f"train_jobs:{shard}")
@@ -601,45 +604,59 @@ class SchedulerCore:
     # ------------------------------------------------------------ results
 
     def _collect_train(self, view: ExperimentView, scored: ScoredCompletion, effects: Effects, now: float) -> None:
+        """Keep each group of the step not yet in: a redelivered or re-issued
+        request's groups already kept are not counted twice."""
         completion = scored.completion
         step = completion.step
-        expected = {train_request_id(view.experiment_id, step, i) for i in range(view.spec.prompts_per_step)}
         groups = view.groups.get(step)
-        if groups is None or step < view.train_sent or completion.request_id not in expected:
+        if groups is None or step < view.train_sent or completion.request_id != train_request_id(
+                view.experiment_id, step):
             return  # an old step's redelivery, or not ours
-        if completion.request_id in groups:
+        fresh: dict[str, ScoredGroup] = {}
+        for index, group in enumerate(scored_groups(scored)[:view.spec.prompts_per_step]):
+            group_id = train_group_id(view.experiment_id, step, index)
+            if group_id not in groups:
+                fresh[group_id] = group
+        if not fresh:
             return  # duplicate
-        groups[completion.request_id] = scored
+        first = step == 0 and not groups
+        groups.update(fresh)
         view.last_progress = now
-        if step == 0 and len(groups) == 1:
+        if first:
             effects.set_fields(view.experiment_id, first_scored_at=now)
-        effects.write("hset", self.keys.step_groups(view.experiment_id, step), completion.request_id,
-                      messages.encode(scored))
-        failure = group_failed(scored)
-        if failure is not None:
-            self._count_failure(view, effects, completion, failure, now)
+        for group_id, group in fresh.items():
+            effects.write("hset", self.keys.step_groups(view.experiment_id, step), group_id, messages.encode(group))
+            failure = group_failed(group)
+            if failure is not None:
+                self._count_failure(view, effects, group_id, group, failure, step, now)
 
-    def _count_failure(self, view: ExperimentView, effects: Effects, completion: Completion, failure: str,
-                       now: float) -> None:
+    def _count_failure(self, view: ExperimentView, effects: Effects, group_id: str, group: ScoredGroup,
+                       failure: str, step: int, now: float) -> None:
         view.errors += 1
         effects.write("hincrby", self.keys.exp(view.experiment_id), "errors", 1)
-        code = "rollout_failed" if completion.error is not None else "reward_failed"
+        code = "rollout_failed" if group.result.error is not None else "reward_failed"
         effects.event(view.experiment_id, "warning", code,
-                      f"{completion.request_id}: {failure}; the group is left out of step {completion.step}", now)
+                      f"{group_id}: {failure}; the group is left out of step {step}", now)
 
     def _collect_eval(self, view: ExperimentView, scored: ScoredCompletion, effects: Effects, now: float) -> None:
         completion = scored.completion
         version = completion.step
         results = view.evals.get(version)
         size = self.prompts.held_out_size(view)
-        expected = {eval_request_id(view.experiment_id, version, i) for i in range(size)}
-        if results is None or completion.request_id not in expected or completion.request_id in results:
+        if results is None or completion.request_id != eval_request_id(view.experiment_id, version):
             return
-        correct = any(outgoing.sample_successes(scored, view.spec.reward)[:1])
-        results[completion.request_id] = correct
+        fresh: dict[str, bool] = {}
+        for index, group in enumerate(scored_groups(scored)[:size]):
+            group_id = eval_group_id(view.experiment_id, version, index)
+            if group_id not in results:
+                fresh[group_id] = any(outgoing.sample_successes(group, view.spec.reward)[:1])
+        if not fresh:
+            return  # duplicate
+        results.update(fresh)
         view.last_progress = now
-        effects.write("hset", self.keys.eval_results(view.experiment_id, version), completion.request_id,
-                      b"1" if correct else b"0")
+        for group_id, correct in fresh.items():
+            effects.write("hset", self.keys.eval_results(view.experiment_id, version), group_id,
+                          b"1" if correct else b"0")
         if version == 0 and len(results) == size:
             view.start_accuracy = sum(results.values()) / len(results)
             effects.set_fields(view.experiment_id, start_accuracy=view.start_accuracy)

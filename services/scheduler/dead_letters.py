@@ -8,7 +8,7 @@ import msgpack
 
 from services.scheduler import spec as spec_rules
 from shared import messages
-from shared.messages import Completion, RolloutRequest, ScoredCompletion
+from shared.messages import Completion, PromptResult, PromptScore, RolloutRequest, ScoredCompletion
 
 
 def raw_experiment_id(payload: bytes) -> str | None:
@@ -47,18 +47,20 @@ def decoded(payload: bytes, stream: str) -> messages.Message | None:
 
 
 def failed_group_from(payload: bytes, stream: str, reason: str) -> ScoredCompletion | None:
-    """A failed ``ScoredCompletion`` standing for a dead-lettered request or completion."""
+    """A failed ``ScoredCompletion`` standing for a dead-lettered request or
+    completion: every group of it fails."""
     message = decoded(payload, stream)
+    failure = f"dead-lettered: {reason}"
     if isinstance(message, RolloutRequest):
         completion = Completion(
             request_id=message.request_id, experiment_id=message.experiment_id, step=message.step,
-            purpose=message.purpose, prompt=message.prompt, prompt_token_ids=[], samples=[],
-            adapter_version=message.adapter_version, reward=message.reward, error=f"dead-lettered: {reason}",
+            purpose=message.purpose, results=[PromptResult(prompt=p, error=failure) for p in message.prompts],
+            adapter_version=message.adapter_version, reward=message.reward, error=failure,
         )
-        return ScoredCompletion(completion=completion, rewards=[], reward_error=None)
+        return ScoredCompletion(completion=completion, scores=[PromptScore() for _ in message.prompts])
     if isinstance(message, Completion):
-        return ScoredCompletion(completion=message, rewards=[0.0] * len(message.samples),
-                                reward_error=f"dead-lettered: {reason}")
+        return ScoredCompletion(completion=message, scores=[
+            PromptScore(rewards=[0.0] * len(r.samples), reward_error=failure) for r in message.results])
     return None
 
 

@@ -14,10 +14,13 @@ from services.scheduler.state import ExperimentView
 from shared.messages import (
     AdapterPublished,
     Prompt,
+    PromptResult,
+    PromptScore,
     RewardSpec,
     RolloutRequest,
     SamplingParams,
     ScoredCompletion,
+    ScoredGroup,
     StepMetrics,
     TrainHyper,
     TrainJob,
@@ -30,19 +33,45 @@ def shard_of(experiment_id: str, num_shards: int) -> int:
     return zlib.crc32(experiment_id.encode()) % num_shards
 
 
-def train_request_id(experiment_id: str, step: int, index: int) -> str:
+def train_request_id(experiment_id: str, step: int) -> str:
+    """The one rollout request of a step (all its prompts)."""
+    return f"{experiment_id}:s{step}"
+
+
+def eval_request_id(experiment_id: str, version: int) -> str:
+    """The one rollout request of an evaluation of ``version`` (all held-out prompts)."""
+    return f"{experiment_id}:e{version}"
+
+
+def train_group_id(experiment_id: str, step: int, index: int) -> str:
+    """Prompt ``index`` of step ``step``: the key of its group in the scheduler's state."""
     return f"{experiment_id}:s{step}:p{index}"
 
 
-def eval_request_id(experiment_id: str, version: int, index: int) -> str:
+def eval_group_id(experiment_id: str, version: int, index: int) -> str:
     return f"{experiment_id}:e{version}:p{index}"
+
+
+def scored_groups(scored: ScoredCompletion) -> list[ScoredGroup]:
+    """One group per prompt result, in the request's prompt order. A whole
+    request that failed fails each of its groups; a result without a score
+    fails its group."""
+    completion = scored.completion
+    groups = []
+    for index, result in enumerate(completion.results):
+        if completion.error is not None and result.error is None:
+            result = PromptResult(prompt=result.prompt, error=completion.error)
+        score = (scored.scores[index] if index < len(scored.scores)
+                 else PromptScore(reward_error=f"no score for prompt {index}"))
+        groups.append(ScoredGroup(adapter_version=completion.adapter_version, result=result, score=score))
+    return groups
 
 
 def train_job_id(experiment_id: str, step: int) -> str:
     return f"{experiment_id}:s{step}"
 
 
-def sample_successes(scored: ScoredCompletion, reward: RewardSpec) -> list[bool]:
+def sample_successes(scored: ScoredGroup, reward: RewardSpec) -> list[bool]:
     """Per sample: did it achieve the experiment's objective? The verifier's
     verdict (flipped for an inverted reward), else reward >= 0.5 for 0/1
     built-in rewards (not a weighted ``sum``). [] for a failed group or a
@@ -50,8 +79,9 @@ def sample_successes(scored: ScoredCompletion, reward: RewardSpec) -> list[bool]
     if group_failed(scored) is not None:
         return []
     successes = []
-    for index, reward_value in enumerate(scored.rewards):
-        verdict = scored.correct[index] if index < len(scored.correct) else None
+    correct = scored.score.correct
+    for index, reward_value in enumerate(scored.score.rewards):
+        verdict = correct[index] if index < len(correct) else None
         if verdict is not None:
             successes.append(verdict != reward.invert)
         elif reward.type in BUILT_IN_REWARDS and reward.type != "sum":
@@ -59,19 +89,20 @@ def sample_successes(scored: ScoredCompletion, reward: RewardSpec) -> list[bool]
     return successes
 
 
-def group_failed(scored: ScoredCompletion) -> str | None:
+def group_failed(scored: ScoredGroup) -> str | None:
     """Why a scored group must not be trained on, or None. Rewards that are
     not one finite number per sample fail the group: a NaN would poison the
     step's mean and the trainer's loss."""
-    if scored.completion.error is not None:
-        return f"rollout failed: {scored.completion.error}"
-    if scored.reward_error is not None:
-        return f"reward failed: {scored.reward_error}"
-    if not all(math.isfinite(reward) for reward in scored.rewards):
-        shown = ", ".join(repr(r) for r in scored.rewards[:8])
+    result, score = scored.result, scored.score
+    if result.error is not None:
+        return f"rollout failed: {result.error}"
+    if score.reward_error is not None:
+        return f"reward failed: {score.reward_error}"
+    if not all(math.isfinite(reward) for reward in score.rewards):
+        shown = ", ".join(repr(r) for r in score.rewards[:8])
         return f"reward failed: rewards are not all finite numbers ({shown})"
-    if len(scored.rewards) != len(scored.completion.samples):
-        return f"reward failed: {len(scored.rewards)} rewards for {len(scored.completion.samples)} samples"
+    if len(score.rewards) != len(result.samples):
+        return f"reward failed: {len(score.rewards)} rewards for {len(result.samples)} samples"
     return None
 
 
@@ -90,12 +121,12 @@ def eval_reward(spec) -> RewardSpec:
     return RewardSpec(type="family", family=spec_rules.eval_family(spec))
 
 
-def rollout_request(view: ExperimentView, step: int, index: int, prompt: Prompt, now: float) -> RolloutRequest:
-    """Request ``index`` of step ``step``, under the view's newest version."""
+def rollout_request(view: ExperimentView, step: int, prompts: list[Prompt], now: float) -> RolloutRequest:
+    """The request of step ``step`` (all its prompts), under the view's newest version."""
     spec = view.spec
     return RolloutRequest(
-        request_id=train_request_id(view.experiment_id, step, index), experiment_id=view.experiment_id,
-        step=step, purpose="train", prompt=prompt, adapter_version=view.version,
+        request_id=train_request_id(view.experiment_id, step), experiment_id=view.experiment_id,
+        step=step, purpose="train", prompts=prompts, adapter_version=view.version,
         adapter_path=view.adapter_path if view.version > 0 else None,
         sampling=SamplingParams(n=spec.group_size, temperature=spec.temperature, top_p=spec.top_p,
                                 top_k=spec.top_k, max_tokens=spec.max_tokens, stop=list(spec.stop)),
@@ -103,12 +134,12 @@ def rollout_request(view: ExperimentView, step: int, index: int, prompt: Prompt,
     )
 
 
-def eval_request(view: ExperimentView, version: int, index: int, prompt: Prompt, now: float) -> RolloutRequest:
-    """A greedy rollout of held-out prompt ``index`` under ``version``."""
+def eval_request(view: ExperimentView, version: int, prompts: list[Prompt], now: float) -> RolloutRequest:
+    """A greedy rollout of every held-out prompt under ``version``."""
     # the final eval is issued only once version == steps, so the path is the final one
     return RolloutRequest(
-        request_id=eval_request_id(view.experiment_id, version, index), experiment_id=view.experiment_id,
-        step=version, purpose="eval", prompt=prompt, adapter_version=version,
+        request_id=eval_request_id(view.experiment_id, version), experiment_id=view.experiment_id,
+        step=version, purpose="eval", prompts=prompts, adapter_version=version,
         adapter_path=view.adapter_path if version > 0 else None,
         sampling=SamplingParams(n=1, temperature=0.0, max_tokens=view.spec.max_tokens, stop=list(view.spec.stop)),
         reward=eval_reward(view.spec), ts=now,
@@ -122,7 +153,7 @@ def train_job(view: ExperimentView, now: float) -> TrainJob:
     spec = view.spec
     step = view.version
     groups = view.groups.get(step, {})
-    ordered = [groups[train_request_id(view.experiment_id, step, i)] for i in range(spec.prompts_per_step)]
+    ordered = [groups[train_group_id(view.experiment_id, step, i)] for i in range(spec.prompts_per_step)]
     return TrainJob(
         job_id=train_job_id(view.experiment_id, step), experiment_id=view.experiment_id, step=step,
         base_version=step, lora_rank=spec.lora_rank, lora_alpha=spec.lora_alpha, lora_targets=spec.lora_targets,
@@ -139,13 +170,13 @@ def step_metrics(view: ExperimentView, step: int, published: AdapterPublished, n
     """What step ``step`` did, from its groups and the version it produced."""
     all_groups = list(view.groups.get(step, {}).values())
     groups = [g for g in all_groups if group_failed(g) is None]
-    rewards = [r for g in groups for r in g.rewards]
+    rewards = [r for g in groups for r in g.score.rewards]
     successes = [s for g in groups for s in sample_successes(g, view.spec.reward)]
     issued_at = view.issued_at.get(step)
     completed_at = view.completed_at.get(step)
     rollout_s = completed_at - issued_at if issued_at is not None and completed_at is not None else 0.0
     # on-policy every group was sampled by version `step`; off-policy, the oldest that sampled one
-    sampled_by = min((g.completion.adapter_version for g in all_groups), default=step)
+    sampled_by = min((g.adapter_version for g in all_groups), default=step)
     return StepMetrics(
         experiment_id=view.experiment_id, step=step, adapter_version=sampled_by,
         produced_version=published.version, groups=len(all_groups),

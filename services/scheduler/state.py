@@ -30,8 +30,8 @@ valid experiment id, see ``Keys``):
 - ``P exp_active`` set: running experiments (what a restart resumes).
 - ``P exp_queue`` zset: queued experiments, FIFO by submission time.
 - ``P exp:<id>:metrics`` list of msgpack ``StepMetrics``, one per step.
-- ``P exp:<id>:s<step>`` hash request_id -> msgpack ``ScoredCompletion``.
-- ``P exp:<id>:e<version>`` hash request_id -> ``1``/``0`` (eval sample correct).
+- ``P exp:<id>:s<step>`` hash group id (``<id>:s<step>:p<i>``) -> msgpack ``ScoredGroup``.
+- ``P exp:<id>:e<version>`` hash group id (``<id>:e<version>:p<i>``) -> ``1``/``0`` (eval sample correct).
 - ``P exp:<id>:tasks`` list of msgpack ``Prompt`` pushed by the user; the
   first ``H`` (``spec.held_out_size(spec)``) are the held-out split, then step ``s``
   uses entries ``[H + s * prompts_per_step, H + (s + 1) * prompts_per_step)``;
@@ -64,7 +64,7 @@ from shared.messages import (
     TERMINAL_STATUSES,
     ExperimentSpec,
     Prompt,
-    ScoredCompletion,
+    ScoredGroup,
     StepMetrics,
     is_experiment_id,
 )
@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 DONE_STEP_TTL_S = 3600  # a trained step's groups stay readable this long
 
 _SPEC_DECODER = msgspec.msgpack.Decoder(ExperimentSpec)
-_SCORED_DECODER = msgspec.msgpack.Decoder(ScoredCompletion)
+_SCORED_DECODER = msgspec.msgpack.Decoder(ScoredGroup)
 _PROMPT_DECODER = msgspec.msgpack.Decoder(Prompt)
 _METRICS_DECODER = msgspec.msgpack.Decoder(StepMetrics)
 _ENCODER = msgspec.msgpack.Encoder()
@@ -314,7 +314,7 @@ class ExperimentView:
     start_accuracy: float | None = None
     issued_at: dict[int, float] = field(default_factory=dict)
     completed_at: dict[int, float] = field(default_factory=dict)
-    groups: dict[int, dict[str, ScoredCompletion]] = field(default_factory=dict)
+    groups: dict[int, dict[str, ScoredGroup]] = field(default_factory=dict)
     evals: dict[int, dict[str, bool]] = field(default_factory=dict)
     evals_issued: set[int] = field(default_factory=set)
     stream_prompts: list[Prompt] = field(default_factory=list)

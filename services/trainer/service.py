@@ -14,8 +14,8 @@ moves messages. For a job updating version v of tenant T to v+1:
   deployment's (rank over it, alpha not finite > 0, targets not a subset)
   or differs from the shape the tenant's adapter already has
   (``rank_mismatch``); a token id outside the model's vocabulary, behaviour logprobs
-  not one per completion token, completions without a prompt or of another
-  experiment (``train_job_invalid``); more prompt + completion tokens than
+  not one per completion token, completions without a prompt
+  (``train_job_invalid``); more prompt + completion tokens than
   ``max_train_tokens``, or a group (its prompt + all its completions, one
   packed row) longer than ``max_packed_row_tokens``
   (``train_job_over_budget``); v behind the tenant's state although v+1 is
@@ -76,7 +76,15 @@ from shared.config import DEFAULT_ADAPTER_RETAIN_VERSIONS, TrainBudget, TrainerC
 from shared.deployment import check_lora_against_deployment_async
 from shared.devices import resolve_device, resolve_dtype
 from shared.engine import LoraSignature
-from shared.messages import TERMINAL_STATUSES, AdapterPublished, ExperimentEvent, TrainJob, TrainStats, now
+from shared.messages import (
+    TERMINAL_STATUSES,
+    AdapterPublished,
+    ExperimentEvent,
+    PromptResult,
+    TrainJob,
+    TrainStats,
+    now,
+)
 from shared.runtime import Service, set_up
 
 CONSUMER_GROUP = "trainer"
@@ -311,12 +319,12 @@ def job_problem(job: TrainJob, vocab_size: int, budget: TrainBudget) -> tuple[st
     if job.base_version < 0:
         return "train_job_invalid", f"base_version {job.base_version} is negative"
     total_tokens = 0
-    for index, scored in enumerate(job.groups):
-        problem = _group_problem(job.experiment_id, scored.completion, vocab_size)
+    for index, group in enumerate(job.groups):
+        problem = _group_problem(group.result, vocab_size)
         if problem is not None:
             return "train_job_invalid", f"group {index}: {problem}"
-        row_tokens = len(scored.completion.prompt_token_ids) + sum(
-            len(sample.token_ids) for sample in scored.completion.samples)
+        row_tokens = len(group.result.prompt_token_ids) + sum(
+            len(sample.token_ids) for sample in group.result.samples)
         if row_tokens > budget.max_packed_row_tokens:
             return "train_job_over_budget", (
                 f"group {index} packs {row_tokens} tokens (prompt + all its completions) in one row, over the "
@@ -329,18 +337,16 @@ def job_problem(job: TrainJob, vocab_size: int, budget: TrainBudget) -> tuple[st
     return None
 
 
-def _group_problem(experiment_id: str, completion, vocab_size: int) -> str | None:
-    if completion.experiment_id != experiment_id:
-        return f"completion of experiment {completion.experiment_id!r} in a job of {experiment_id!r}"
-    if bad := _out_of_vocabulary(completion.prompt_token_ids, vocab_size):
+def _group_problem(result: PromptResult, vocab_size: int) -> str | None:
+    if bad := _out_of_vocabulary(result.prompt_token_ids, vocab_size):
         return f"prompt token id {bad} outside the model's vocabulary [0, {vocab_size})"
-    for number, sample in enumerate(completion.samples):
+    for number, sample in enumerate(result.samples):
         if bad := _out_of_vocabulary(sample.token_ids, vocab_size):
             return f"sample {number}: token id {bad} outside the model's vocabulary [0, {vocab_size})"
         if len(sample.logprobs) != len(sample.token_ids):
             return (f"sample {number}: {len(sample.logprobs)} behaviour logprobs for "
                     f"{len(sample.token_ids)} completion tokens")
-        if sample.token_ids and not completion.prompt_token_ids:
+        if sample.token_ids and not result.prompt_token_ids:
             return f"sample {number} has completion tokens but the group has no prompt tokens"
     return None
 
@@ -358,22 +364,22 @@ def job_examples(job: TrainJob) -> tuple[list[grpo.SequenceExample], int, int]:
     oldest_version = job.base_version - job.hyper.max_off_policy_steps
     examples: list[grpo.SequenceExample] = []
     skipped = stale = 0
-    for group_index, scored in enumerate(job.groups):
-        completion = scored.completion
-        if completion.adapter_version < oldest_version:
+    for group_index, group in enumerate(job.groups):
+        result, score = group.result, group.score
+        if group.adapter_version < oldest_version:
             stale += 1
             continue
-        usable = (scored.reward_error is None and completion.error is None and completion.samples
-                  and len(scored.rewards) == len(completion.samples))
-        advantages_N = grpo.group_advantage(torch.tensor(scored.rewards, dtype=torch.float32),
+        usable = (score.reward_error is None and result.error is None and result.samples
+                  and len(score.rewards) == len(result.samples))
+        advantages_N = grpo.group_advantage(torch.tensor(score.rewards, dtype=torch.float32),
                                             job.hyper.normalize_advantage_std) if usable else None
         if advantages_N is None:
             skipped += 1
             continue
-        for sample, advantage in zip(completion.samples, advantages_N.tolist(), strict=True):
+        for sample, advantage in zip(result.samples, advantages_N.tolist(), strict=True):
             if sample.token_ids:  # one packed row per group (see ``job_problem``'s row budget)
                 examples.append(grpo.SequenceExample(
-                    completion.prompt_token_ids, sample.token_ids, sample.logprobs, advantage, group=group_index))
+                    result.prompt_token_ids, sample.token_ids, sample.logprobs, advantage, group=group_index))
     return examples, skipped, stale
 
 

@@ -84,6 +84,6 @@ def test_an_experiment_of_chat_prompts_learns_on_the_ids_the_template_gives(tmp_
     assert record.final_accuracy >= record.start_accuracy + MIN_GAIN, record
     completions = [c for c in (decode(f[b"msg"], "completions") for _, f in entries) if isinstance(c, Completion)]
     assert {c.purpose for c in completions} == {"train", "eval"}
-    for completion in completions:
-        turns = [{"role": m.role, "content": m.content} for m in completion.prompt.messages or []]
-        assert turns and completion.prompt_token_ids == template_ids(tokenizer, turns), completion.request_id
+    for result in (r for completion in completions for r in completion.results):
+        turns = [{"role": m.role, "content": m.content} for m in result.prompt.messages or []]
+        assert turns and result.prompt_token_ids == template_ids(tokenizer, turns), result.prompt.prompt_id

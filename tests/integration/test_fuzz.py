@@ -31,6 +31,7 @@ import redis
 
 from services.cli.local import LocalCluster
 from services.reward.worker import REPLIES_READER, REPLIES_STREAM, reward_stream, serve_reward_worker, worker_group
+from services.scheduler import outgoing
 from services.scheduler.state import Keys
 from shared import messages as m
 from shared.bus import DEAD_LETTER_STREAM
@@ -73,12 +74,15 @@ SAMPLE = m.Sample(token_ids=[5, 6], logprobs=[-0.1, -0.2], text="3", finish_reas
 
 
 def completion(experiment_id: str) -> m.Completion:
-    return m.Completion(request_id=f"{experiment_id}:s0:p0", experiment_id=experiment_id, step=0, purpose="train",
-                        prompt=PROMPT, prompt_token_ids=[1, 2], samples=[SAMPLE], adapter_version=0, reward=REWARD)
+    results = [m.PromptResult(prompt=PROMPT, prompt_token_ids=[1, 2], samples=[SAMPLE]),
+               m.PromptResult(prompt=PROMPT, error="generation failed")]
+    return m.Completion(request_id=f"{experiment_id}:s0", experiment_id=experiment_id, step=0, purpose="train",
+                        results=results, adapter_version=0, reward=REWARD)
 
 
 def scored(experiment_id: str, reward: float = 1.0) -> m.ScoredCompletion:
-    return m.ScoredCompletion(completion=completion(experiment_id), rewards=[reward], correct=[True])
+    return m.ScoredCompletion(completion=completion(experiment_id),
+                              scores=[m.PromptScore(rewards=[reward], correct=[True]), m.PromptScore()])
 
 
 def valid_message(stream: str, experiment_id: str, rng: random.Random) -> m.Message:
@@ -91,8 +95,9 @@ def valid_message(stream: str, experiment_id: str, rng: random.Random) -> m.Mess
     if base == "tasks":
         return m.TaskPush(experiment_id=experiment_id, prompts=[PROMPT])
     if base == "rollout_requests":
-        return m.RolloutRequest(request_id=f"{experiment_id}:s0:p0", experiment_id=experiment_id, step=0,
-                                purpose="train", prompt=PROMPT, adapter_version=rng.choice([0, 1]),
+        return m.RolloutRequest(request_id=f"{experiment_id}:s0", experiment_id=experiment_id, step=0,
+                                purpose="train", prompts=[PROMPT] * rng.choice([1, 3]),
+                                adapter_version=rng.choice([0, 1]),
                                 adapter_path=rng.choice([None, "../x", "/etc"]),
                                 sampling=m.SamplingParams(n=1, max_tokens=4), reward=REWARD)
     if base in ("completions", "reward"):
@@ -101,7 +106,8 @@ def valid_message(stream: str, experiment_id: str, rng: random.Random) -> m.Mess
         return scored(experiment_id, rng.choice([1.0, float("nan"), float("inf"), -float("inf")]))
     if base == "train_jobs":
         return m.TrainJob(job_id=f"{experiment_id}:s0", experiment_id=experiment_id, step=0, base_version=0,
-                          lora_rank=8, groups=[scored(experiment_id)], hyper=m.TrainHyper(learning_rate=1e-3))
+                          lora_rank=8, groups=outgoing.scored_groups(scored(experiment_id)),
+                          hyper=m.TrainHyper(learning_rate=1e-3))
     if base == "adapters":
         return m.AdapterPublished(experiment_id=experiment_id, version=rng.choice([1, 1000]), step=0,
                                   path=rng.choice(["../x", "/etc", "/tmp"]), digest="0" * 64, trainer="fuzz")

@@ -230,8 +230,8 @@ def test_inline_prompts_get_a_held_out_split_never_trained_on(cluster, client):
     assert transcript.codes[-1] == "finished" and transcript.nothing_after_end()
 
     requests = rollout_requests(client, "proto-inline")
-    held_out = {r.prompt.prompt_id for r in requests if r.purpose == "eval"}
-    trained = {r.prompt.prompt_id for r in requests if r.purpose == "train"}
+    held_out = {p.prompt_id for r in requests if r.purpose == "eval" for p in r.prompts}
+    trained = {p.prompt_id for r in requests if r.purpose == "train" for p in r.prompts}
     assert len(held_out) == 4 and not held_out & trained
     record = client.experiment("proto-inline")
     assert record.start_accuracy is not None and transcript.metrics[-1].eval_accuracy == record.final_accuracy
@@ -261,9 +261,9 @@ def test_streamed_experiment_says_it_waits_and_holds_out_the_first_pushed_prompt
     assert events[-1].code == "finished" and transcript.nothing_after_end()
     requests = rollout_requests(client, "proto-stream")
     ids = [p.prompt_id for p in prompts]
-    assert {r.prompt.prompt_id for r in requests if r.purpose == "eval"} == set(ids[:4])
-    train = sorted((r.step, r.request_id, r.prompt.prompt_id) for r in requests if r.purpose == "train")
-    assert [prompt_id for _, _, prompt_id in train] == ids[4:12]  # consumed in order, each once
+    assert {p.prompt_id for r in requests if r.purpose == "eval" for p in r.prompts} == set(ids[:4])
+    train = sorted((r.step, [p.prompt_id for p in r.prompts]) for r in requests if r.purpose == "train")
+    assert [prompt_id for _, step_ids in train for prompt_id in step_ids] == ids[4:12]  # in order, each once
     assert transcript.metrics[-1].eval_accuracy is not None
 
 

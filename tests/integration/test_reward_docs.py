@@ -76,9 +76,10 @@ def completion(request_id: str, reward: m.RewardSpec) -> m.Completion:
     """Two samples: a short one (reward 1.0 under both examples) and a long one (0.0)."""
     samples = [m.Sample(token_ids=[1, 2], logprobs=[-0.1, -0.2], text=text, finish_reason="stop")
                for text in ("42", "12345678")]
-    return m.Completion(request_id=request_id, experiment_id="docs", step=0, purpose="train",
-                        prompt=m.Prompt(prompt_id="p0", text="40+2=", answer="42"), prompt_token_ids=[5, 6],
-                        samples=samples, adapter_version=0, reward=reward)
+    result = m.PromptResult(prompt=m.Prompt(prompt_id="p0", text="40+2=", answer="42"), prompt_token_ids=[5, 6],
+                            samples=samples)
+    return m.Completion(request_id=request_id, experiment_id="docs", step=0, purpose="train", results=[result],
+                        adapter_version=0, reward=reward)
 
 
 def wait_scored(sync_redis, prefix: str, request_id: str) -> m.ScoredCompletion:
@@ -132,8 +133,9 @@ def test_the_http_server_example_scores_for_the_reward_service(reward_cluster, s
     finally:
         server.kill()
         server.wait()
-    assert scored.reward_error is None, scored.reward_error
-    assert scored.rewards == [1.0, 0.0] and scored.correct == [True, False]
+    [score] = scored.scores
+    assert score.reward_error is None, score.reward_error
+    assert score.rewards == [1.0, 0.0] and score.correct == [True, False]
     cluster.check_alive()
 
 
@@ -149,6 +151,7 @@ def test_the_plain_worker_example_scores_for_the_reward_service(reward_cluster, 
     finally:
         worker.kill()
         worker.wait()
-    assert scored.reward_error is None, scored.reward_error
-    assert scored.rewards == [1.0, 0.0] and scored.correct == [True, False]
+    [score] = scored.scores
+    assert score.reward_error is None, score.reward_error
+    assert score.rewards == [1.0, 0.0] and score.correct == [True, False]
     cluster.check_alive()

@@ -20,7 +20,18 @@ from services.reward.service import RewardService
 from services.reward.worker import reward_worker
 from shared.bus import StreamBus
 from shared.config import RewardConfig
-from shared.messages import Completion, Prompt, RewardSpec, RewardTerm, Sample, ScoredCompletion, decode, encode
+from shared.messages import (
+    Completion,
+    Prompt,
+    PromptResult,
+    PromptScore,
+    RewardSpec,
+    RewardTerm,
+    Sample,
+    ScoredCompletion,
+    decode,
+    encode,
+)
 
 RESULT_WAIT_S = 60.0  # a guard against hanging, never an assertion
 
@@ -32,18 +43,37 @@ def completion(experiment_id: str, reward: RewardSpec, texts: list[str], answer:
                request_id: str | None = None) -> Completion:
     return Completion(
         request_id=request_id or f"{experiment_id}:s0:p0", experiment_id=experiment_id, step=0,
-        purpose="train", prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
-        samples=[Sample(token_ids=[5] * len(t), logprobs=[-0.5] * len(t), text=t, finish_reason="stop")
-                 for t in texts],
+        purpose="train", results=[PromptResult(
+            prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
+            samples=[Sample(token_ids=[5] * len(t), logprobs=[-0.5] * len(t), text=t, finish_reason="stop")
+                     for t in texts])],
         adapter_version=0, reward=reward,
     )
+
+
+@dataclasses.dataclass
+class OnePrompt:
+    """A ``ScoredCompletion`` of a one-prompt completion, its score's fields at hand."""
+
+    completion: Completion
+    rewards: list[float]
+    correct: list[bool | None]
+    reward_metrics: dict[str, float]
+    reward_error: str | None
+
+
+def one_prompt(message):
+    if not isinstance(message, ScoredCompletion):
+        return message
+    [score] = message.scores
+    return OnePrompt(message.completion, score.rewards, score.correct, score.reward_metrics, score.reward_error)
 
 
 async def read_messages(redis, key: str, count: int, where=lambda m: True) -> list:
     """The first ``count`` messages of ``key`` matching ``where`` (waits for them)."""
     deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
     while True:
-        found = [decode(fields[b"msg"]) for _, fields in await redis.xrange(key)]
+        found = [one_prompt(decode(fields[b"msg"])) for _, fields in await redis.xrange(key)]
         found = [m for m in found if where(m)]
         if len(found) >= count:
             return found
@@ -228,6 +258,40 @@ async def test_generation_errors_pass_through_without_a_reward_event(redis_url, 
     assert await async_redis.xlen(stream_prefix + "events") == 0
 
 
+async def test_every_prompt_of_a_completion_is_scored_on_its_own(redis_url, stream_prefix, async_redis):
+    """One completion of three prompts: each gets its own score, a prompt whose
+    generation failed stays failed without failing the others, and a prompt
+    whose reward fails (no answer for exact_match) gives one event."""
+    def result(prompt_id: str, answer: str | None, texts: list[str], error: str | None = None) -> PromptResult:
+        return PromptResult(prompt=Prompt(prompt_id=prompt_id, text="40+2=", answer=answer), prompt_token_ids=[1],
+                            samples=[Sample(token_ids=[5], logprobs=[-0.5], text=t, finish_reason="stop")
+                                     for t in texts], error=error)
+
+    request = Completion(request_id="multi:s0", experiment_id="multi", step=0, purpose="train", results=[
+        result("p0", "42", ["42", "7"]), result("p1", "42", [], error="empty after tokenization"),
+        result("p2", None, ["1"]), result("p3", "7", ["7"])], adapter_version=0,
+        reward=RewardSpec(type="exact_match"))
+    service = RewardService(config(redis_url, stream_prefix, []))
+    async with running(service):
+        await StreamBus(async_redis, prefix=stream_prefix).publish(request)
+        [scored] = [decode(f[b"msg"]) for _, f in await read_raw(async_redis, stream_prefix + "scored", 1)]
+        events = [decode(f[b"msg"]) for _, f in await read_raw(async_redis, stream_prefix + "events", 1)]
+    first, failed, unanswered, last = scored.scores
+    assert first.rewards == [1.0, 0.0] and first.reward_error is None and last.rewards == [1.0]
+    assert "generation failed: empty after tokenization" in failed.reward_error
+    assert "exact_match needs the prompt's answer" in unanswered.reward_error
+    [event] = events
+    assert event.code == "reward_failed" and "1 of 4 prompts" in event.message
+
+
+async def read_raw(redis, key: str, count: int) -> list:
+    deadline = asyncio.get_running_loop().time() + RESULT_WAIT_S
+    while len(entries := await redis.xrange(key)) < count:
+        assert asyncio.get_running_loop().time() < deadline, f"only {len(entries)} of {count} entries on {key}"
+        await asyncio.sleep(0.05)
+    return entries
+
+
 async def test_reward_worker_written_with_the_helper(redis_url, stream_prefix, async_redis):
     # ---- a user's reward worker: the whole thing (under 15 lines) ----
     @reward_worker("short-answers")
@@ -343,10 +407,12 @@ async def test_worker_replies_that_are_not_finite_numbers_fail_the_group(redis_u
     bus = StreamBus(async_redis, prefix=stream_prefix)
     nan = float("nan")
     replies = {
-        "nan": lambda c: ScoredCompletion(completion=c, rewards=[1.0, nan]),
-        "inf": lambda c: ScoredCompletion(completion=c, rewards=[float("inf"), 0.0]),
-        "nan-metric": lambda c: ScoredCompletion(completion=c, rewards=[1.0, 0.0], reward_metrics={"m": nan}),
-        "fine": lambda c: ScoredCompletion(completion=c, rewards=[1.0, 0.25], reward_metrics={"m": 2.0}),
+        "nan": lambda c: ScoredCompletion(completion=c, scores=[PromptScore(rewards=[1.0, nan])]),
+        "inf": lambda c: ScoredCompletion(completion=c, scores=[PromptScore(rewards=[float("inf"), 0.0])]),
+        "nan-metric": lambda c: ScoredCompletion(completion=c, scores=[
+            PromptScore(rewards=[1.0, 0.0], reward_metrics={"m": nan})]),
+        "fine": lambda c: ScoredCompletion(completion=c, scores=[
+            PromptScore(rewards=[1.0, 0.25], reward_metrics={"m": 2.0})]),
     }
     stop_workers = asyncio.Event()
     workers = [asyncio.create_task(_serve_raw_worker(bus, name, reply, stop_workers))
@@ -383,8 +449,10 @@ async def test_malformed_worker_replies_are_dead_lettered_and_replies_keep_flowi
         await async_redis.xadd(replies_key, {"msg": encode(message)})  # a kind this stream does not carry
         # the same request id under another experiment: nobody here waits for it
         forged = msgspec.structs.replace(message, experiment_id="intruder")
-        await bus.publish(ScoredCompletion(completion=forged, rewards=[1.0, 1.0]), stream="reward_replies")
-        await bus.publish(ScoredCompletion(completion=message, rewards=[0.25, 0.75]), stream="reward_replies")
+        await bus.publish(ScoredCompletion(completion=forged, scores=[PromptScore(rewards=[1.0, 1.0])]),
+                          stream="reward_replies")
+        await bus.publish(ScoredCompletion(completion=message, scores=[PromptScore(rewards=[0.25, 0.75])]),
+                          stream="reward_replies")
 
     stop_worker = asyncio.Event()
     worker = asyncio.create_task(
@@ -444,7 +512,7 @@ class KeepAliveServer:
 
 
 def sample_body() -> dict:
-    return request_body(completion("client", RewardSpec(type="http"), ["42"]), 0)
+    return request_body(completion("client", RewardSpec(type="http"), ["42"]), 0, 0)
 
 
 async def test_the_http_client_pools_at_most_max_connections():

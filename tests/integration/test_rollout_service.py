@@ -144,11 +144,11 @@ async def rollout_service(redis_url, stream_prefix, tiny: Tiny, **engine_options
 
 
 def request(tenant: str, version: int, adapters: dict, *, index: int = 0, max_tokens: int = 8,
-            n: int = 2, path: str | None = "auto") -> RolloutRequest:
+            n: int = 2, path: str | None = "auto", prompts: list[Prompt] | None = None) -> RolloutRequest:
     adapter_path = adapters.get((tenant, version)) if path == "auto" else path
     return RolloutRequest(
         request_id=f"{tenant}:v{version}:p{index}", experiment_id=tenant, step=0, purpose="train",
-        prompt=Prompt(prompt_id=f"p{index}", text="12+30=", answer="42"), adapter_version=version,
+        prompts=prompts or [Prompt(prompt_id=f"p{index}", text="12+30=", answer="42")], adapter_version=version,
         adapter_path=adapter_path, sampling=SamplingParams(n=n, temperature=1.0, max_tokens=max_tokens, seed=index),
         reward=RewardSpec(type="exact_match"),
     )
@@ -203,12 +203,34 @@ async def test_two_tenants_share_decode_steps(redis_url, stream_prefix, async_re
     assert first.error is None and first.adapter_version == 1 and first.worker == "rollout-test"
     assert completions["exp-c:v0:p0"].adapter_version == 0
     for completion in completions.values():
-        assert completion.prompt_token_ids and len(completion.samples) == 2
-        for sample in completion.samples:
+        [result] = completion.results
+        assert result.prompt_token_ids and len(result.samples) == 2
+        for sample in result.samples:
             assert len(sample.token_ids) == len(sample.logprobs) == 40
             assert all(lp <= 0.0 for lp in sample.logprobs)
             assert sample.finish_reason == "length"
         assert completion.timings.decode_s > 0 and completion.timings.time_to_first_token_s > 0
+
+
+async def test_a_request_larger_than_the_engine_is_split_and_one_bad_prompt_fails_alone(
+        redis_url, stream_prefix, async_redis, tiny):
+    """20 prompts x n=4 is 80 rows, the engine has 32: the request runs in
+    parts (never more rows out than the engine has) and comes back whole, one
+    result per prompt in order; a prompt that tokenizes to nothing gets its
+    own error and the others their samples."""
+    prompts = [Prompt(prompt_id=f"q{i}", text=f"{i}+1=") for i in range(20)]
+    prompts[7] = Prompt(prompt_id="empty", text="")
+    async with rollout_service(redis_url, stream_prefix, tiny) as service:
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 1, tiny.adapters, n=4, max_tokens=4, prompts=prompts))
+        await bus.publish(request("exp-b", 0, tiny.adapters, n=4, max_tokens=4))  # another tenant meanwhile
+        completions = by_request(await read_messages(async_redis, stream_prefix + "completions", 2))
+        assert service.rows.free == service.engine.capacity_rows == 32  # every row given back
+    big = completions["exp-a:v1:p0"]
+    assert big.error is None and [r.prompt.prompt_id for r in big.results] == [p.prompt_id for p in prompts]
+    assert "empty after tokenization" in (big.results[7].error or "") and big.results[7].samples == []
+    assert all(r.error is None and len(r.samples) == 4 for i, r in enumerate(big.results) if i != 7)
+    assert completions["exp-b:v0:p0"].results[0].error is None
 
 
 async def test_new_version_loads_mid_generation_without_pausing_decode(
@@ -297,11 +319,12 @@ async def test_unloadable_version_fails_only_that_request(redis_url, stream_pref
         assert not service.engine.has_adapter(AdapterKey("exp-t", 1))
     for request_id in ("exp-a:v5:p0", "exp-c:v1:p3", "exp-t:v1:p4"):
         failed = completions[request_id]
-        assert failed.samples == [] and "not loadable from the adapter store" in failed.error, failed.error
+        assert [r.samples for r in failed.results] == [[]], failed
+        assert "not loadable from the adapter store" in failed.error, failed.error
     assert completions["exp-a:v5:p0"].adapter_version == 5
     assert "hash to" in completions["exp-t:v1:p4"].error  # the digest check, not a missing file
     served = completions["exp-b:v1:p5"]
-    assert served.error is None and len(served.samples) == 2 and served.adapter_version == 1
+    assert served.error is None and len(served.results[0].samples) == 2 and served.adapter_version == 1
     assert {e.experiment_id for e in events} == {"exp-a", "exp-c", "exp-t"}
     assert all(e.code == "rollout_failed" and e.level == "error" for e in events)
 
@@ -351,9 +374,10 @@ async def test_forged_announcements_are_refused_and_the_victim_keeps_its_own_wei
     assert "path" in rejected[0].message and "not in the adapter store" in rejected[1].message
     assert "digest" in rejected[2].message
     assert completion.error is None and completion.adapter_version == 2
-    (sample,) = completion.samples
+    [result] = completion.results
+    (sample,) = result.samples
     served_logprobs = torch.tensor(sample.logprobs)
-    genuine = reference_logprobs(tiny.model_dir, str(genuine_path), completion.prompt_token_ids, sample.token_ids)
-    forged = reference_logprobs(tiny.model_dir, other_path, completion.prompt_token_ids, sample.token_ids)
+    genuine = reference_logprobs(tiny.model_dir, str(genuine_path), result.prompt_token_ids, sample.token_ids)
+    forged = reference_logprobs(tiny.model_dir, other_path, result.prompt_token_ids, sample.token_ids)
     torch.testing.assert_close(served_logprobs, genuine, atol=1e-4, rtol=0)
     assert (served_logprobs - forged).abs().max() > 1e-2  # the other tenant's weights would give other numbers

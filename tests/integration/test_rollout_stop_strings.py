@@ -40,7 +40,7 @@ async def rollout_service(redis_url, stream_prefix, data_dir):
 def greedy_request(name: str, stop: list[str]) -> RolloutRequest:
     return RolloutRequest(
         request_id=f"exp-stop:{name}", experiment_id="exp-stop", step=0, purpose="eval",
-        prompt=Prompt(prompt_id=name, text="57+68=", answer="125"), adapter_version=0, adapter_path=None,
+        prompts=[Prompt(prompt_id=name, text="57+68=", answer="125")], adapter_version=0, adapter_path=None,
         sampling=SamplingParams(n=1, temperature=0.0, max_tokens=8, stop=stop), reward=RewardSpec(type="math"),
     )
 
@@ -60,7 +60,7 @@ async def test_a_stop_string_ends_the_completion(redis_url, stream_prefix, async
     async with rollout_service(redis_url, stream_prefix, tmp_path) as service:
         bus = StreamBus(async_redis, prefix=stream_prefix)
         await bus.publish(greedy_request("plain", []))
-        plain = (await read_completions(async_redis, stream_prefix + "completions", 1))["plain"].samples[0]
+        plain = (await read_completions(async_redis, stream_prefix + "completions", 1))["plain"].results[0].samples[0]
         # the greedy completion is known now: stop strings taken from its text
         text = plain.text
         requests = {"one-char": [text[1]], "two-chars": [text[1:3]], "earliest": [text[2:], text[1]],
@@ -72,7 +72,7 @@ async def test_a_stop_string_ends_the_completion(redis_url, stream_prefix, async
     assert all(c.error is None for c in completions.values())
     assert len(text) >= 3 and plain.finish_reason == "stop"  # ended by the eos token
     assert len(plain.token_ids) == len(text) + 1  # a token per character, then eos
-    samples = {name: completion.samples[0] for name, completion in completions.items()}
+    samples = {name: completion.results[0].samples[0] for name, completion in completions.items()}
     for name, stop in requests.items():
         sample = samples[name]
         at = min((text.find(s) for s in stop if s in text), default=None)

@@ -38,6 +38,8 @@ from shared.messages import (
     ExperimentSpec,
     ExperimentSubmit,
     Prompt,
+    PromptResult,
+    PromptScore,
     RewardSpec,
     RolloutRequest,
     Sample,
@@ -92,17 +94,19 @@ class StandIns:
         self.requests.append(request)
         samples = [Sample(token_ids=[1, 2], logprobs=[-0.1, -0.2], text="42", finish_reason="stop")
                    for _ in range(request.sampling.n)]
-        error = "engine exploded" if request.request_id in self.fail_requests else None
+        results, prompt_scores = [], []
+        for index, prompt in enumerate(request.prompts):  # fail_requests names groups: <request_id>:p<index>
+            error = "engine exploded" if f"{request.request_id}:p{index}" in self.fail_requests else None
+            results.append(PromptResult(prompt=prompt, prompt_token_ids=[5, 6], samples=[] if error else samples,
+                                        error=error))
+            scores = [self.reward_of(request, i) for i in range(0 if error else len(samples))]
+            prompt_scores.append(PromptScore(rewards=[r for r, _ in scores], correct=[c for _, c in scores]))
         completion = Completion(
             request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
-            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=[5, 6],
-            samples=[] if error else samples, adapter_version=request.adapter_version,
-            reward=request.reward, error=error,
+            purpose=request.purpose, results=results, adapter_version=request.adapter_version,
+            reward=request.reward,
         )
-        scores = [self.reward_of(request, i) for i in range(len(completion.samples))]
-        await self.bus.publish(ScoredCompletion(
-            completion=completion, rewards=[r for r, _ in scores], correct=[c for _, c in scores],
-        ))
+        await self.bus.publish(ScoredCompletion(completion=completion, scores=prompt_scores))
 
     async def on_job(self, job: TrainJob, entry) -> None:
         await self.train_gate.wait()
@@ -265,13 +269,15 @@ async def test_steps_advance_on_policy_and_record_metrics(scheduler, standins, b
     assert [(j.step, j.base_version) for j in standins.jobs] == [(0, 0), (1, 1), (2, 2)]
     assert all(len(j.groups) == 2 and j.job_id == f"exp-a:s{j.step}" for j in standins.jobs)
     train = [r for r in standins.requests if r.purpose == "train"]
-    assert sorted(r.request_id for r in train) == sorted(f"exp-a:s{s}:p{i}" for s in range(3) for i in range(2))
+    assert sorted(r.request_id for r in train) == [f"exp-a:s{s}" for s in range(3)]  # one request per step
+    assert all(len(r.prompts) == 2 for r in train)
     # on-policy: every step sampled by the version it trains, with that version's files
     assert all(r.adapter_version == r.step for r in train)
     assert all(r.adapter_path == (None if r.step == 0 else standins.path_of("exp-a", r.step)) for r in train)
     assert all(r.sampling.n == 2 for r in train)
     evals = [r for r in standins.requests if r.purpose == "eval"]
-    assert Counter(r.adapter_version for r in evals) == {0: 4, 3: 4}
+    assert Counter(r.adapter_version for r in evals) == {0: 1, 3: 1}  # one request each, every held-out prompt
+    assert all(len(r.prompts) == 4 for r in evals)
     assert all(r.sampling.temperature == 0.0 and r.sampling.n == 1 for r in evals)
     assert (record.step, record.version, record.steps) == (3, 3, 3)
     assert (record.start_accuracy, record.final_accuracy) == (0.0, 1.0)
@@ -294,8 +300,10 @@ async def test_step_zero_rollouts_do_not_wait_for_the_start_eval(scheduler, stan
     await bus.publish(ExperimentSubmit(spec=make_spec("exp-b", eval_size=3)))
     await wait_status(sync_redis, stream_prefix, "exp-b", ("running",))
     entries = await bus.redis.xrange(bus.key("rollout_requests"))
-    kinds = [(m.purpose, m.step) for m in (decode(f[b"msg"], "rollout_requests") for _, f in entries)]
-    assert Counter(kinds) == {("train", 0): 2, ("eval", 0): 3}
+    requests = [decode(f[b"msg"], "rollout_requests") for _, f in entries]
+    kinds = [(m.purpose, m.step) for m in requests]
+    assert Counter(kinds) == {("train", 0): 1, ("eval", 0): 1}
+    assert [len(m.prompts) for m in requests] == [2, 3]
     assert kinds[0] == ("train", 0)  # step 0 goes first, the eval alongside
 
 
@@ -393,7 +401,7 @@ async def test_cancel_stops_issuing(scheduler, standins, bus, sync_redis, stream
     standins.train_gate.clear()
     await scheduler.start()
     await bus.publish(ExperimentSubmit(spec=make_spec("doomed", steps=5), owner_secret=OWNER))
-    await wait_for(lambda: sum(r.experiment_id == "doomed" for r in standins.requests) >= 2 + 4,
+    await wait_for(lambda: sum(r.experiment_id == "doomed" for r in standins.requests) >= 1 + 1,
                    what="step 0 rollouts and start eval")
     await bus.publish(ExperimentCancel(experiment_id="doomed", owner_secret=OWNER))
     record = await wait_status(sync_redis, stream_prefix, "doomed", ("cancelled",))
@@ -458,7 +466,8 @@ async def test_failed_groups_are_counted_and_left_out(scheduler, standins, bus, 
     await bus.publish(ExperimentSubmit(spec=make_spec("flaky", steps=2, eval_size=0)))
     record = await wait_status(sync_redis, stream_prefix, "flaky")
     assert [len(j.groups) for j in standins.jobs] == [1, 2]
-    assert standins.jobs[0].groups[0].completion.request_id == "flaky:s0:p0"
+    assert [g.result.prompt.prompt_id for g in standins.jobs[0].groups] == [
+        r.prompts[0].prompt_id for r in standins.requests if r.request_id == "flaky:s0"][:1]
     assert record.errors == 1
     events = await events_of(bus, "flaky")
     assert any(e.code == "rollout_failed" and "flaky:s0:p1" in e.message for e in events)
@@ -473,11 +482,11 @@ async def test_off_policy_rollouts_run_ahead_but_versions_stay_contiguous(config
     try:
         await bus.publish(ExperimentSubmit(spec=make_spec("ahead", steps=4, eval_size=0, max_off_policy_steps=1)))
         # with the trainer held, steps 0 and 1 are both sampled by version 0
-        await wait_for(lambda: sum(r.experiment_id == "ahead" for r in standins.requests) == 4,
+        await wait_for(lambda: sum(r.experiment_id == "ahead" for r in standins.requests) == 2,
                        what="two steps of rollouts")
         # no step 2 before version 1: test_scheduler_core covers the bound for every k
         issued = await published_requests(bus, "ahead")
-        assert sorted((r.step, r.adapter_version) for r in issued) == [(0, 0), (0, 0), (1, 0), (1, 0)]
+        assert sorted((r.step, r.adapter_version) for r in issued) == [(0, 0), (1, 0)]
         standins.train_gate.set()
         await wait_status(sync_redis, stream_prefix, "ahead")
     finally:
@@ -500,7 +509,7 @@ async def test_streamed_tasks_feed_steps_as_they_arrive(scheduler, standins, bus
     assert await published_requests(bus, "streamed") == []  # 1 prompt < prompts_per_step
     await bus.publish(TaskPush(experiment_id="streamed", prompts=prompts[1:], owner_secret=OWNER))
     await wait_status(sync_redis, stream_prefix, "streamed")
-    assert [r.prompt.prompt_id for r in sorted(standins.requests, key=lambda r: r.request_id)] == \
+    assert [p.prompt_id for r in sorted(standins.requests, key=lambda r: r.request_id) for p in r.prompts] == \
         ["q0", "q1", "q2", "q3"]
 
 
@@ -698,9 +707,9 @@ async def test_a_streamed_step_short_of_prompts_says_so_once_per_wait(scheduler,
     await bus.publish(TaskPush(experiment_id="hungry", prompts=prompts[5:], owner_secret=OWNER))
     record = await wait_status(sync_redis, stream_prefix, "hungry")
     # the first two pushed are the held-out split; training consumed the rest in order, each once
-    train = sorted((r.step, r.request_id, r.prompt.prompt_id) for r in standins.requests if r.purpose == "train")
-    assert [p for _, _, p in train] == ["q2", "q3", "q4", "q5"]
-    assert {r.prompt.prompt_id for r in standins.requests if r.purpose == "eval"} == {"q0", "q1"}
+    train = sorted((r.step, [p.prompt_id for p in r.prompts]) for r in standins.requests if r.purpose == "train")
+    assert [p for _, ids in train for p in ids] == ["q2", "q3", "q4", "q5"]
+    assert {p.prompt_id for r in standins.requests if r.purpose == "eval" for p in r.prompts} == {"q0", "q1"}
     assert (record.start_accuracy, record.final_accuracy) == (0.0, 1.0)
     assert len(await _waits(bus, "hungry", 0)) == 2  # one per wait
 

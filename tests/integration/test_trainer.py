@@ -31,12 +31,12 @@ from shared.config import TrainerConfig
 from shared.engine import LoraSignature
 from shared.messages import (
     AdapterPublished,
-    Completion,
     ExperimentEvent,
     Prompt,
-    RewardSpec,
+    PromptResult,
+    PromptScore,
     Sample,
-    ScoredCompletion,
+    ScoredGroup,
     TrainHyper,
     TrainJob,
     decode,
@@ -91,15 +91,12 @@ def sample_group(model, prompt_ids: list[int], n: int, generator: torch.Generato
 
 
 def scored_group(tenant: str, step: int, index: int, prompt_ids, completions, logprobs, rewards,
-                 adapter_version: int) -> ScoredCompletion:
+                 adapter_version: int) -> ScoredGroup:
     samples = [Sample(token_ids=t, logprobs=lp, text="", finish_reason="length")
                for t, lp in zip(completions, logprobs, strict=True)]
-    completion = Completion(
-        request_id=f"{tenant}:s{step}:p{index}", experiment_id=tenant, step=step, purpose="train",
-        prompt=Prompt(prompt_id=f"p{index}", text=""), prompt_token_ids=list(prompt_ids), samples=samples,
-        adapter_version=adapter_version, reward=RewardSpec(type="regex", pattern="."),
-    )
-    return ScoredCompletion(completion=completion, rewards=list(rewards))
+    result = PromptResult(prompt=Prompt(prompt_id=f"{tenant}:s{step}:p{index}", text=""),
+                          prompt_token_ids=list(prompt_ids), samples=samples)
+    return ScoredGroup(adapter_version=adapter_version, result=result, score=PromptScore(rewards=list(rewards)))
 
 
 def train_job(tenant: str, step: int, groups, base_version: int | None = None, rank: int = SIGNATURE.rank,

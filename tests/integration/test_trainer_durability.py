@@ -220,21 +220,18 @@ async def test_jobs_that_can_never_succeed_are_dead_lettered_with_their_reason(
     config = service_config(redis_url, stream_prefix, tiny_model_dir, tmp_path, max_train_tokens=40,
                             max_packed_row_tokens=16)
     out_of_vocabulary = random_groups("oov", 0, 0, seed=1)
-    out_of_vocabulary[1].completion.samples[2].token_ids[1] = VOCAB
+    out_of_vocabulary[1].result.samples[2].token_ids[1] = VOCAB
     negative = random_groups("negative", 0, 0, seed=2)
-    negative[0].completion.prompt_token_ids[0] = -1
+    negative[0].result.prompt_token_ids[0] = -1
     misaligned = random_groups("misaligned", 0, 0, seed=3)
-    misaligned[0].completion.samples[0].logprobs.pop()
+    misaligned[0].result.samples[0].logprobs.pop()
     wide = [scored_group("wide", 0, 0, PROMPTS[0], [[1, 2, 3]] * 5, [[-4.0] * 3] * 5, [0, 1, 0, 1, 0], 0)]
-    foreign = random_groups("thief", 0, 0, seed=4)
-    foreign[1] = random_groups("victim", 0, 0, seed=4)[1]
     refused = {
         "big": train_job("big", 0, random_groups("big", 0, 0, seed=5) + random_groups("big", 0, 0, seed=6)[:1]),
         "wide": train_job("wide", 0, wide),
         "oov": train_job("oov", 0, out_of_vocabulary),
         "negative": train_job("negative", 0, negative),
         "misaligned": train_job("misaligned", 0, misaligned),
-        "thief": train_job("thief", 0, foreign),
         "Bad:id\n": train_job("Bad:id\n", 0, random_groups("bad", 0, 0, seed=7)),
     }
     service = TrainerService(config)
@@ -252,7 +249,7 @@ async def test_jobs_that_can_never_succeed_are_dead_lettered_with_their_reason(
     assert len(letters) == len(refused)  # each on its first delivery, none retried
     assert {experiment: code for experiment, (_, code, _) in codes.items()} == {
         "big": "train_job_over_budget", "wide": "train_job_over_budget", "oov": "train_job_invalid",
-        "negative": "train_job_invalid", "misaligned": "train_job_invalid", "thief": "train_job_invalid"}
+        "negative": "train_job_invalid", "misaligned": "train_job_invalid"}
     assert {level for level, _, _ in codes.values()} == {"error"}
     reasons = sorted(letter.reason for letter in letters)
     expected_fragments = [
@@ -261,7 +258,6 @@ async def test_jobs_that_can_never_succeed_are_dead_lettered_with_their_reason(
         ("token id 64 outside the model's vocabulary [0, 64)",),
         ("prompt token id -1",),
         ("2 behaviour logprobs for 3 completion tokens",),
-        ("completion of experiment 'victim' in a job of 'thief'",),
         ("'Bad:id\\n'", "not an experiment id"),
     ]
     for fragments in expected_fragments:

@@ -13,24 +13,27 @@ REWARD = m.RewardSpec(type="family", family="addition")
 SAMPLING = m.SamplingParams(n=4, temperature=0.7, max_tokens=8, seed=3)
 SAMPLE = m.Sample(token_ids=[5, 6, 7], logprobs=[-0.1, -0.2, -0.3], text="42", finish_reason="stop")
 SPEC = m.ExperimentSpec(experiment_id="exp-1", task=m.TaskSource(family="addition"), reward=REWARD, steps=3)
+RESULT = m.PromptResult(prompt=PROMPT, prompt_token_ids=[1, 2, 3], samples=[SAMPLE])
 COMPLETION = m.Completion(
-    request_id="exp-1:s0:p0", experiment_id="exp-1", step=0, purpose="train", prompt=PROMPT,
-    prompt_token_ids=[1, 2, 3], samples=[SAMPLE], adapter_version=0, reward=REWARD,
-    timings=m.RolloutTimings(queue_wait_s=0.5), worker="rollout-a",
+    request_id="exp-1:s0", experiment_id="exp-1", step=0, purpose="train",
+    results=[RESULT, m.PromptResult(prompt=PROMPT, error="empty after tokenization")], adapter_version=0,
+    reward=REWARD, timings=m.RolloutTimings(queue_wait_s=0.5), worker="rollout-a",
 )
-SCORED = m.ScoredCompletion(completion=COMPLETION, rewards=[1.0], correct=[True], reward_metrics={"len": 2.0})
+SCORE = m.PromptScore(rewards=[1.0], correct=[True], reward_metrics={"len": 2.0})
+SCORED = m.ScoredCompletion(completion=COMPLETION, scores=[SCORE, m.PromptScore(reward_error="generation failed")])
+GROUP = m.ScoredGroup(adapter_version=0, result=RESULT, score=SCORE)
 
 ONE_OF_EACH: list[m.Message] = [
     m.ExperimentSubmit(spec=SPEC, ts=1.5),
     m.ExperimentCancel(experiment_id="exp-1"),
     m.TaskPush(experiment_id="exp-1", prompts=[PROMPT, m.Prompt(prompt_id="p1", text="no answer")]),
     m.RolloutRequest(
-        request_id="exp-1:s0:p0", experiment_id="exp-1", step=0, purpose="eval", prompt=PROMPT, adapter_version=2,
+        request_id="exp-1:e2", experiment_id="exp-1", step=2, purpose="eval", prompts=[PROMPT], adapter_version=2,
         adapter_path="/adapters/exp-1/v2", sampling=SAMPLING, reward=REWARD,
     ),
     COMPLETION,
     SCORED,
-    m.TrainJob(job_id="exp-1:s0", experiment_id="exp-1", step=0, base_version=0, lora_rank=8, groups=[SCORED],
+    m.TrainJob(job_id="exp-1:s0", experiment_id="exp-1", step=0, base_version=0, lora_rank=8, groups=[GROUP],
                hyper=m.TrainHyper(learning_rate=1e-3)),
     m.AdapterPublished(experiment_id="exp-1", version=1, step=0, path="/a/v1", digest="abc",
                        stats=m.TrainStats(loss=0.5, num_tokens=12)),
@@ -42,7 +45,7 @@ ONE_OF_EACH: list[m.Message] = [
 
 def raw(kind: str, **fields) -> bytes:
     """A payload as a third-party client writes it: plain msgpack."""
-    return msgpack.packb({"kind": kind, "schema": 1, **fields})
+    return msgpack.packb({"kind": kind, "schema": m.SCHEMA_VERSION, **fields})
 
 
 @pytest.mark.parametrize("message", ONE_OF_EACH, ids=lambda msg: type(msg).__name__)
@@ -81,8 +84,19 @@ def test_plain_msgpack_from_a_client_decodes_with_defaults():
 
 
 def test_newer_schema_is_rejected():
-    with pytest.raises(m.MessageDecodeError, match="schema 2 is newer"):
-        m.decode(msgpack.packb({"kind": "experiment_cancel", "schema": 2, "experiment_id": "e"}), "experiments")
+    newer = m.SCHEMA_VERSION + 1
+    with pytest.raises(m.MessageDecodeError, match=f"schema {newer} is newer"):
+        m.decode(msgpack.packb({"kind": "experiment_cancel", "schema": newer, "experiment_id": "e"}), "experiments")
+
+
+@pytest.mark.parametrize("message", [COMPLETION, SCORED], ids=lambda msg: type(msg).__name__)
+def test_a_changed_kind_of_an_older_schema_is_refused_with_the_reason(message):
+    """Schema 2 put every prompt of a step in one request: an old sender's
+    one-prompt completion (or an old reward worker's reply) is refused, not misread."""
+    old = msgspec.msgpack.decode(m.encode(message))
+    old["schema"] = 1
+    with pytest.raises(m.MessageDecodeError, match="of schema 1 is older than this service reads"):
+        m.decode(msgpack.packb(old), m.stream_for(message))
 
 
 def test_current_and_older_schema_are_accepted():
@@ -240,9 +254,9 @@ def test_random_bytes_never_raise_anything_but_message_decode_error():
 def test_non_finite_floats_decode_as_floats_and_round_trip():
     """NaN/inf are representable msgpack floats; deciding whether a value may be
     non-finite is each consumer's job (a NaN reward is a failed sample, say)."""
-    scored = m.ScoredCompletion(completion=COMPLETION, rewards=[float("nan")])
+    scored = m.ScoredCompletion(completion=COMPLETION, scores=[m.PromptScore(rewards=[float("nan")])])
     decoded = m.decode(m.encode(scored), "scored")
-    assert decoded.rewards[0] != decoded.rewards[0]
+    assert decoded.scores[0].rewards[0] != decoded.scores[0].rewards[0]
 
 
 def test_step_metrics_from_an_older_sender_decodes_with_the_new_fields_defaulted():

@@ -11,14 +11,15 @@ from services.reward.http_client import parse_reply, request_body
 from services.reward.scoring import RewardError, SampleScore, apply_invert, check_reward_value, score_builtin
 from services.reward.worker import combine_scores, score_with_function, to_sample_score
 from shared.deployment import parse_allowlist, refusal_reason
-from shared.messages import Completion, Prompt, RewardSpec, RewardTerm, Sample
+from shared.messages import Completion, Prompt, PromptResult, RewardSpec, RewardTerm, Sample
 
 
 def _completion(texts, answer="42") -> Completion:
     return Completion(
-        request_id="exp-a:s0:p0", experiment_id="exp-a", step=0, purpose="train",
-        prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
-        samples=[Sample(token_ids=[3], logprobs=[-0.1], text=t, finish_reason="stop") for t in texts],
+        request_id="exp-a:s0", experiment_id="exp-a", step=0, purpose="train",
+        results=[PromptResult(
+            prompt=Prompt(prompt_id="p0", text="40+2=", answer=answer), prompt_token_ids=[1, 2],
+            samples=[Sample(token_ids=[3], logprobs=[-0.1], text=t, finish_reason="stop") for t in texts])],
         adapter_version=0, reward=RewardSpec(type="exact_match"),
     )
 
@@ -155,9 +156,9 @@ def test_empty_allowlist_refuses_everything():
 
 
 def test_request_body_is_the_documented_one():
-    body = request_body(_completion(["41", "42"]), 1)
-    assert body == {"experiment_id": "exp-a", "request_id": "exp-a:s0:p0", "prompt": "40+2=",
-                    "answer": "42", "completion": "42", "sample_index": 1}
+    body = request_body(_completion(["41", "42"]), 0, 1)
+    assert body == {"experiment_id": "exp-a", "request_id": "exp-a:s0", "prompt": "40+2=",
+                    "answer": "42", "completion": "42", "sample_index": 1, "prompt_index": 0}
 
 
 def test_good_reply():
@@ -207,13 +208,12 @@ def test_rewards_that_are_not_finite_numbers_are_refused(value):
 
 
 def test_a_function_returning_nan_marks_the_result():
-    scored = asyncio.run(score_with_function(lambda p, c, a: float("nan"), _completion(["a"])))
-    assert scored.rewards == [0.0] and "finite" in scored.reward_error
+    [score] = asyncio.run(score_with_function(lambda p, c, a: float("nan"), _completion(["a"]))).scores
+    assert score.rewards == [0.0] and "finite" in score.reward_error
 
 
 def test_metrics_are_averaged_over_samples():
-    scored = combine_scores(_completion(["a", "b"]), [SampleScore(1.0, None, {"m": 1.0}),
-                                                      SampleScore(0.0, None, {"m": 3.0})])
+    scored = combine_scores([SampleScore(1.0, None, {"m": 1.0}), SampleScore(0.0, None, {"m": 3.0})])
     assert scored.rewards == [1.0, 0.0] and scored.reward_metrics == {"m": 2.0}
 
 
@@ -221,6 +221,6 @@ def test_a_raising_function_marks_the_result():
     def broken(prompt, completion, answer):
         raise ZeroDivisionError("oops")
 
-    scored = asyncio.run(score_with_function(broken, _completion(["a", "b"])))
-    assert scored.rewards == [0.0, 0.0]
-    assert "ZeroDivisionError" in scored.reward_error
+    [score] = asyncio.run(score_with_function(broken, _completion(["a", "b"]))).scores
+    assert score.rewards == [0.0, 0.0]
+    assert "ZeroDivisionError" in score.reward_error

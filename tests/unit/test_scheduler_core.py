@@ -21,6 +21,8 @@ from shared.messages import (
     Completion,
     ExperimentSpec,
     Prompt,
+    PromptResult,
+    PromptScore,
     RewardSpec,
     RolloutRequest,
     Sample,
@@ -53,15 +55,23 @@ def inline_spec(experiment_id: str, count: int = 10, **overrides) -> ExperimentS
 
 
 def scored_for(request: RolloutRequest, rewards: list[float], correct: bool | None = None,
-               error: str | None = None) -> ScoredCompletion:
+               error: str | None = None, first: int | None = None,
+               correct_each: list[bool] | None = None) -> ScoredCompletion:
+    """Every prompt of ``request`` scored alike (``first``: only its first
+    prompts, as a partial reply; ``correct_each``: prompt i's verdict);
+    ``error``: the whole request failed."""
     samples = [] if error else [Sample(token_ids=[1], logprobs=[-0.1], text="x", finish_reason="stop")
                                 for _ in rewards]
+    results = [PromptResult(prompt=prompt, prompt_token_ids=[1], samples=samples)
+               for prompt in request.prompts[:first]]
     completion = Completion(request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
-                            purpose=request.purpose, prompt=request.prompt, prompt_token_ids=[1],
-                            samples=samples, adapter_version=request.adapter_version, reward=request.reward,
-                            error=error)
+                            purpose=request.purpose, results=results, adapter_version=request.adapter_version,
+                            reward=request.reward, error=error)
     verdicts = [correct] * len(rewards) if correct is not None else []
-    return ScoredCompletion(completion=completion, rewards=[] if error else rewards, correct=verdicts)
+    scores = [PromptScore(rewards=[] if error else rewards, correct=verdicts)] * len(results)
+    if correct_each is not None:
+        scores = [PromptScore(rewards=rewards, correct=[verdict] * len(rewards)) for verdict in correct_each]
+    return ScoredCompletion(completion=completion, scores=scores)
 
 
 class Harness:
@@ -149,7 +159,7 @@ def test_submit_queues_admits_and_issues_step_zero():
     assert effects.fields["a"]["status"] == "running"
     assert effects.fields["a"]["issued"] == 1 and "issued_at:0" in effects.fields["a"]
     requests = h.requests(effects)
-    assert [r.request_id for r in requests] == ["a:s0:p0", "a:s0:p1"]
+    assert [r.request_id for r in requests] == ["a:s0"] and len(requests[0].prompts) == 2  # one per step
     assert all(r.adapter_version == 0 and r.adapter_path is None and r.sampling.n == 2 for r in requests)
     assert ("sadd", h.keys.active, ("a",)) in [(w.command, w.key, w.args) for w in effects.writes]
 
@@ -162,7 +172,7 @@ def test_admission_queues_beyond_max_concurrent_and_admits_when_one_ends():
     cancelled = h.cancel("a")
     assert cancelled.event_codes("a") == ["cancelled"]
     assert cancelled.event_codes("b") == ["admitted"]
-    assert [r.request_id for r in h.requests(cancelled)] == ["b:s0:p0", "b:s0:p1"]
+    assert [r.request_id for r in h.requests(cancelled)] == ["b:s0"]
 
 
 def test_invalid_spec_is_recorded_invalid_and_never_admitted():
@@ -226,10 +236,10 @@ def test_on_policy_step_loop_trains_each_step_once_and_finishes_last():
 
 def test_a_step_is_ready_only_once_all_groups_are_in():
     h = Harness()
-    first, second = h.requests(h.submit(make_spec("a")))
-    assert h.jobs(h.score(first)) == []
-    assert h.jobs(h.score(first)) == []  # a duplicate result counts once
-    [job] = h.jobs(h.score(second))
+    [request] = h.requests(h.submit(make_spec("a")))
+    assert h.jobs(h.score(request, first=1)) == []
+    assert h.jobs(h.score(request, first=1)) == []  # a duplicate result counts once
+    [job] = h.jobs(h.score(request))  # its first group again (kept once) and the second
     assert job.job_id == "a:s0" and h.core.views["a"].train_sent == 1
 
 
@@ -267,11 +277,16 @@ def test_off_policy_issues_step_s_once_s_le_v_plus_k_and_jobs_stay_contiguous(k)
 
 def test_failed_and_nan_groups_are_counted_and_left_out_of_the_job():
     h = Harness()
-    first, second = h.requests(h.submit(make_spec("a")))
-    nan = h.score(first, rewards=(math.nan, 1.0))
-    assert nan.event_codes("a") == ["reward_failed"]
-    assert ("hincrby", h.keys.exp("a"), ("errors", 1)) in [(w.command, w.key, w.args) for w in nan.writes]
-    [job] = h.jobs(h.score(second, error="engine died"))
+    [request] = h.requests(h.submit(make_spec("a")))
+    scored = scored_for(request, [math.nan, 1.0])
+    results = [scored.completion.results[0], PromptResult(prompt=request.prompts[1], error="engine died")]
+    scored = ScoredCompletion(completion=msgspec.structs.replace(scored.completion, results=results),
+                              scores=[scored.scores[0], PromptScore()])
+    effects = h._keep(h.core.collect(scored, h.now))
+    assert effects.event_codes("a") == ["reward_failed", "rollout_failed"]  # one prompt's failure fails only it
+    writes = [(w.command, w.key, w.args) for w in effects.writes]
+    assert writes.count(("hincrby", h.keys.exp("a"), ("errors", 1))) == 2
+    [job] = h.jobs(effects)
     assert job.groups == []
     [metrics] = h.announce(job).published(StepMetrics)
     assert metrics.failed_groups == 2 and metrics.reward_mean is None
@@ -352,7 +367,7 @@ def test_pushes_need_the_owner_secret():
     refused = h.push("s", pushed("p0", "p1"), owner=OTHER)
     assert refused.event_codes("s") == ["not_owner"] and not refused.writes and not h.core.views["s"].stream_prompts
     fed = h.push("s", pushed("p0", "p1"))
-    assert [r.prompt.prompt_id for r in h.requests(fed)] == ["p0", "p1"]
+    assert [p.prompt_id for r in h.requests(fed) for p in r.prompts] == ["p0", "p1"]
 
 
 def test_early_prompts_are_kept_only_for_the_secret_they_were_pushed_under():
@@ -395,10 +410,10 @@ def test_held_out_eval_runs_at_version_zero_and_at_the_end_and_is_reported():
     h = Harness()
     spec = make_spec("a", steps=1, eval_size=3)
     submitted = h.submit(spec)
-    start_evals = h.requests(submitted, "eval")
-    assert [(r.step, r.sampling.temperature, r.sampling.n) for r in start_evals] == [(0, 0.0, 1)] * 3
-    for index, request in enumerate(start_evals):
-        h._keep(h.core.collect(scored_for(request, [1.0], correct=index == 0), h.now))
+    [start_eval] = h.requests(submitted, "eval")  # one request with every held-out prompt
+    assert (start_eval.step, start_eval.sampling.temperature, start_eval.sampling.n) == (0, 0.0, 1)
+    assert len(start_eval.prompts) == 3
+    h._keep(h.core.collect(scored_for(start_eval, [1.0], correct_each=[True, False, False]), h.now))
     [job] = h.jobs(h.score_all(submitted))
     announced = h.announce(job)
     assert announced.published(StepMetrics) == []  # held until the final eval is in
@@ -417,15 +432,15 @@ def test_inline_prompts_hold_out_a_seeded_split_never_trained_on():
     h = Harness()
     spec = inline_spec("a", count=10, steps=4, eval_size=3)
     effects = h.submit(spec)
-    held_out = {r.prompt.prompt_id for r in h.requests(effects, "eval")}
+    held_out = {p.prompt_id for r in h.requests(effects, "eval") for p in r.prompts}
     assert len(held_out) == 3
     trained = set()
     for _ in range(spec.steps):
-        trained |= {r.prompt.prompt_id for r in h.requests(effects)}
+        trained |= {p.prompt_id for r in h.requests(effects) for p in r.prompts}
         [job] = h.jobs(h.score_all(effects))
         effects = h.announce(job)
     assert trained and not trained & held_out
-    again = {r.prompt.prompt_id for r in Harness().requests(Harness().submit(spec), "eval")}
+    again = {p.prompt_id for r in Harness().requests(Harness().submit(spec), "eval") for p in r.prompts}
     assert again == held_out  # the same split every time
 
 
@@ -444,7 +459,7 @@ def test_streamed_step_waits_for_prompts_announced_once_per_wait():
     push = lambda *ids: h.push("s", pushed(*ids))  # noqa: E731
     assert push("p0").event_codes("s") == ["tasks_ignored"]  # a repeated prompt_id
     fed = push("p1")
-    assert [r.prompt.prompt_id for r in h.requests(fed)] == ["p0", "p1"] and fed.event_codes("s") == []
+    assert [p.prompt_id for r in h.requests(fed) for p in r.prompts] == ["p0", "p1"] and fed.event_codes("s") == []
     [job] = h.jobs(h.score_all(fed))
     assert h.announce(job).event_codes("s") == ["waiting_for_prompts"]  # a new wait: said again
     assert h.all_events("s").count("waiting_for_prompts") == 2
@@ -463,13 +478,14 @@ def test_prompts_pushed_before_the_submission_are_kept_with_an_expiry():
 # ---------------------------------------------------------------- stalls and dead letters
 
 
-def test_stall_reissues_only_missing_requests_under_the_newest_version():
+def test_stall_reissues_only_unfinished_requests_under_the_newest_version():
     h = Harness(stall_timeout_s=10)
-    first, _ = h.requests(h.submit(make_spec("a")))
-    h.score(first)
+    [request] = h.requests(h.submit(make_spec("a")))
+    h.score(request, first=1)
     assert h.core.reissue_stalled(h.now + 5).empty  # not stalled yet
     effects = h.core.reissue_stalled(h.now + 60)
-    assert [r.request_id for r in h.requests(effects)] == ["a:s0:p1"]
+    [again] = h.requests(effects)
+    assert again.request_id == "a:s0" and again.prompts == request.prompts  # its kept group is not counted twice
     assert effects.event_codes("a") == ["stalled"]
     assert h.core.reissue_stalled(h.now + 61).empty  # the re-issue counts as progress
 
@@ -498,9 +514,9 @@ def test_dead_lettered_train_job_of_the_current_step_fails_the_tenant():
 
 def test_dead_lettered_rollout_request_becomes_a_failed_group():
     h = Harness()
-    first, second = h.requests(h.submit(make_spec("a")))
-    h.score(first)
-    effects = h.core.dead_letter(dead_letter("rollout_requests", second), submission_exists=False, now=h.now)
+    [request] = h.requests(h.submit(make_spec("a")))
+    h.score(request, first=1)
+    effects = h.core.dead_letter(dead_letter("rollout_requests", request), submission_exists=False, now=h.now)
     assert effects.event_codes("a") == ["rollout_failed"]
     [job] = h.jobs(effects)
     assert len(job.groups) == 1
@@ -534,7 +550,7 @@ def test_recovery_rebuilds_from_stored_fields_and_publishes_only_what_is_due():
     assert effects.empty  # step 1's requests are out already: nothing is due
     assert restarted.views["a"].issued_at == {1: 1004.0}
     stalled = restarted.reissue_stalled(2_000.0 + 301)
-    assert {r.request_id for r in stalled.published(RolloutRequest)} == {"a:s1:p0", "a:s1:p1"}
+    assert {r.request_id for r in stalled.published(RolloutRequest)} == {"a:s1"}
 
 
 def test_recovery_reads_the_field_names_of_the_previous_version():

@@ -5,25 +5,22 @@ from __future__ import annotations
 
 from services.trainer.service import job_problem
 from shared.config import TrainBudget
-from shared.messages import Completion, Prompt, RewardSpec, Sample, ScoredCompletion, TrainHyper, TrainJob
+from shared.messages import Prompt, PromptResult, PromptScore, Sample, ScoredGroup, TrainHyper, TrainJob
 
 VOCAB = 100
 BUDGET = TrainBudget(max_train_tokens=40, max_packed_row_tokens=20)
 
 
-def group(prompt_ids: list[int], completions: list[list[int]], experiment_id: str = "exp",
-          error: str | None = None) -> ScoredCompletion:
+def group(prompt_ids: list[int], completions: list[list[int]], error: str | None = None) -> ScoredGroup:
     samples = [Sample(token_ids=list(c), logprobs=[-1.0] * len(c), text="", finish_reason="length")
                for c in completions]
-    completion = Completion(
-        request_id="r", experiment_id=experiment_id, step=0, purpose="train", prompt=Prompt(prompt_id="p", text=""),
-        prompt_token_ids=list(prompt_ids), samples=samples, adapter_version=0,
-        reward=RewardSpec(type="exact_match"), error=error,
-    )
-    return ScoredCompletion(completion=completion, rewards=[float(i % 2) for i in range(len(samples))])
+    result = PromptResult(prompt=Prompt(prompt_id="p", text=""), prompt_token_ids=list(prompt_ids),
+                          samples=samples, error=error)
+    return ScoredGroup(adapter_version=0, result=result,
+                       score=PromptScore(rewards=[float(i % 2) for i in range(len(samples))]))
 
 
-def job(*groups: ScoredCompletion, base_version: int = 0) -> TrainJob:
+def job(*groups: ScoredGroup, base_version: int = 0) -> TrainJob:
     return TrainJob(job_id="exp:s0", experiment_id="exp", step=0, base_version=base_version, lora_rank=8,
                     groups=list(groups), hyper=TrainHyper(learning_rate=1e-3))
 
@@ -47,16 +44,11 @@ def test_token_ids_outside_the_vocabulary_are_refused():
 
 def test_logprobs_must_be_one_per_completion_token_and_completions_need_a_prompt():
     misaligned = group([1, 2], [[3, 4, 5]])
-    misaligned.completion.samples[0].logprobs.append(-1.0)
+    misaligned.result.samples[0].logprobs.append(-1.0)
     assert job_problem(job(misaligned), VOCAB, BUDGET) == (
         "train_job_invalid", "group 0: sample 0: 4 behaviour logprobs for 3 completion tokens")
     code, reason = job_problem(job(group([], [[3, 4]])), VOCAB, BUDGET)
     assert code == "train_job_invalid" and "no prompt tokens" in reason
-
-
-def test_groups_of_another_experiment_are_refused():
-    code, reason = job_problem(job(group([1], [[2]]), group([1], [[2]], experiment_id="other")), VOCAB, BUDGET)
-    assert code == "train_job_invalid" and reason.startswith("group 1: completion of experiment 'other'")
 
 
 def test_token_budgets_are_enforced_with_the_numbers_in_the_reason():

@@ -1,0 +1,90 @@
+"""``RowGate``: the rollout's fair share of engine rows between tenants."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.rollout.rows import RowGate
+
+
+async def _hold(gate: RowGate, tenant: str, rows: int, order: list[str], release: asyncio.Event) -> None:
+    async with gate.rows(tenant, rows):
+        order.append(tenant)
+        await release.wait()
+
+
+def test_never_more_rows_out_than_the_capacity_and_waiting_prompts_get_theirs_later():
+    async def main() -> None:
+        gate, order, release = RowGate(4), [], asyncio.Event()
+        tasks = [asyncio.create_task(_hold(gate, "a", 2, order, release)) for _ in range(5)]
+        await asyncio.sleep(0)
+        assert order == ["a", "a"] and gate.free == 0 and gate.waiting == 3
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == ["a"] * 5 and gate.free == 4 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_tenants_take_turns_so_a_huge_request_does_not_run_ahead_of_another_tenant():
+    async def main() -> None:
+        gate, order, release = RowGate(1), [], asyncio.Event()
+        huge = [asyncio.create_task(_hold(gate, "eval-heavy", 1, order, release)) for _ in range(6)]
+        await asyncio.sleep(0)  # the first of them holds the only row; five wait
+        small = [asyncio.create_task(_hold(gate, "small", 1, order, release)) for _ in range(2)]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(*huge, *small)
+        # once both wait, the two tenants alternate until "small" has had its two
+        assert order == ["eval-heavy", "eval-heavy", "small", "eval-heavy", "small"] + ["eval-heavy"] * 3
+
+    asyncio.run(main())
+
+
+def test_a_prompt_of_many_rows_is_not_starved_by_small_ones():
+    async def main() -> None:
+        gate, order = RowGate(4), []
+        release_first = asyncio.Event()
+        first = asyncio.create_task(_hold(gate, "small", 1, order, release_first))
+        await asyncio.sleep(0)
+        big = asyncio.create_task(_hold(gate, "big", 4, order, asyncio.Event()))
+        await asyncio.sleep(0)
+        later_small = asyncio.create_task(_hold(gate, "small", 1, order, asyncio.Event()))
+        await asyncio.sleep(0)
+        assert order == ["small"]  # 3 rows free, but "big" waits its turn and nothing jumps it
+        release_first.set()
+        await asyncio.sleep(0.01)
+        assert order == ["small", "big"] and not later_small.done()
+        for task in (big, later_small):
+            task.cancel()
+        await asyncio.gather(first, big, later_small, return_exceptions=True)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_waiter_gives_nothing_away_and_blocks_nobody():
+    async def main() -> None:
+        gate, order, release = RowGate(2), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "a", 2, order, release))
+        await asyncio.sleep(0)
+        waiter = asyncio.create_task(_hold(gate, "b", 2, order, asyncio.Event()))
+        behind = asyncio.create_task(_hold(gate, "c", 1, order, release))
+        await asyncio.sleep(0)
+        waiter.cancel()
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(holder, behind)
+        assert order == ["a", "c"] and gate.free == 2 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
+def test_more_rows_than_the_gate_has_are_refused():
+    async def main() -> None:
+        with pytest.raises(ValueError, match="5 rows asked of a gate of 4"):
+            async with RowGate(4).rows("a", 5):
+                pass
+
+    asyncio.run(main())
