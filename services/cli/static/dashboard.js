@@ -88,9 +88,11 @@ function renderEngine(workers, note) {
     return el("div", { className: "worker", "data-worker": wk.worker },
       el("p", {}, `${wk.worker}: ${wk.decode_steps} decode steps, ${wk.generated_tokens} tokens, ` +
                   `${wk.running_rows} rows running, ${wk.adapter_loads} adapter loads`),
-      el("table", {}, ...wk.shared_steps.map(([pair, steps]) => el("tr", { className: "pair", "data-pair": pair },
-        el("td", {}, pair.replace("|", " + ")), el("td", {}, steps),
-        el("td", {}, el("span", { className: "bar", style: `width:${Math.round(200 * steps / most)}px` }))))));
+      wk.shared_steps.length ? el("table", {}, ...wk.shared_steps.map(([pair, steps]) =>
+        el("tr", { className: "pair", "data-pair": pair },
+          el("td", {}, pair.replace("|", " + ")), el("td", {}, steps),
+          el("td", {}, el("span", { className: "bar", style: `width:${Math.round(200 * steps / most)}px` })))))
+        : el("p", { className: "muted" }, "no decode step has held rows of two tenants yet"));
   }));
 }
 
