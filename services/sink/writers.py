@@ -101,7 +101,7 @@ class MlflowWriter:
             found = self.client.get_experiment_by_name(experiment_name)
             self.mlflow_experiment_id = (found.experiment_id if found is not None
                                          else self.client.create_experiment(experiment_name))
-        except MlflowException as exc:  # e.g. a file: store without MLFLOW_ALLOW_FILE_STORE=true (MLflow >= 3.7)
+        except MlflowException as exc:  # e.g. a file: store without MLFLOW_ALLOW_FILE_STORE=true
             raise SinkConfigError(f"MLflow tracking URI {tracking_uri}: {exc.message}") from None
         self._runs: dict[str, str] = {}
 

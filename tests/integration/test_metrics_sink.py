@@ -36,7 +36,7 @@ CLUSTER_ENV = {"CLORA_TORCH_THREADS": "1", "CLORA_LOG_FORMAT": "json"}
 STEPS = 6
 RUN_TIMEOUT_S = 300.0
 CATCH_UP_TIMEOUT_S = 60.0
-MLFLOW_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}  # MLflow >= 3.7 refuses file: stores without it
+MLFLOW_FILE_STORE = {"MLFLOW_ALLOW_FILE_STORE": "true"}  # recent MLflow (3.17 here) refuses file: stores without it
 STEP_TAGS = ("reward/mean", "time/rollout_s", "time/train_s", "adapter/version", "train/loss", "train/kl",
              "train/clip_fraction")
 
