@@ -14,7 +14,10 @@ deployment's ``stream_prefix``, glob-escaped):
   ``experiments`` and ``tasks`` only (no read of them); XREAD / XRANGE /
   XREVRANGE / XINFO on ``events``, ``metrics``, ``adapters``; the experiment
   records the client reads (``exp:<id>`` hashes, ``exp:<id>:metrics``
-  lists, ``exp_index``, ``deployment``, ``reward_allowlist``), read-only.
+  lists, ``exp_index``, ``deployment``, ``reward_allowlist``) and the
+  rollout and trainer heartbeats (``heartbeat:rollout:*``,
+  ``heartbeat:trainer:*``: counters and which tenants share decode steps,
+  for ``clora dashboard``), read-only.
   ``exp:<id>`` is matched by one pattern per id length made of the id's
   character class (``[-_a-z0-9]`` repeated), never by ``exp:*``: that glob
   would also match ``exp:<id>:s<step>`` (another tenant's prompts and
@@ -70,6 +73,7 @@ CLIENT_COMMANDS = (
     "ping", "client|setinfo", "xadd", "xread", "xrange", "xrevrange", "xinfo",
     "hgetall", "zrange", "lrange", "get", "smembers",
 )
+CLIENT_HEARTBEATS = ("rollout", "trainer")  # whose heartbeats a client may read (no secrets, no specs)
 ADMIN_READ_COMMANDS = (
     "scan", "type", "ttl", "exists", "get", "mget", "hgetall", "hget", "lrange", "llen", "smembers", "zrange",
     "xrange", "xrevrange", "xread", "xlen", "xinfo", "xpending",
@@ -148,7 +152,9 @@ def _client_rules(prefix: str) -> list[str]:
     reads = [f"%R~{escaped}{key}" for key in ("events", "metrics", "adapters", "exp_index", "deployment",
                                                 "reward_allowlist")]
     records = [f"%R~{p}" for p in experiment_record_patterns(prefix) + experiment_record_patterns(prefix, ":metrics")]
-    return [*_commands(CLIENT_COMMANDS), *writes, *reads, *records]
+    # the engine's and the trainer's heartbeats (counters, tenant pairs sharing decode steps: `clora dashboard`)
+    heartbeats = [f"%R~{escaped}heartbeat:{service}:*" for service in CLIENT_HEARTBEATS]
+    return [*_commands(CLIENT_COMMANDS), *writes, *reads, *records, *heartbeats]
 
 
 def default_user_rules() -> list[str]:

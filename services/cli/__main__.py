@@ -27,6 +27,8 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "env": ("services.cli.experiments", "env", "print `export REDIS_URL=...` for the Redis every command uses"),
     "allowlist": ("services.cli.experiments", "allowlist", "list | add URL | remove URL: HTTP reward allow-list"),
     "acl": ("services.cli.acl", "main", "print (or --apply) the Redis ACL users of a deployment"),
+    "sink": ("services.sink.__main__", "main", "write experiment curves to TensorBoard / MLflow / W&B"),
+    "dashboard": ("services.cli.dashboard", "main", "serve a live dashboard of every experiment on localhost"),
 }
 
 
