@@ -268,7 +268,8 @@ def score_completion(completion):
     scored = combine_scores(completion, scores)
     if not completion.reward.invert:
         return scored
-    inverted = [apply_invert(SampleScore(reward=r, correct=c), True) for r, c in zip(scored.rewards, scored.correct)]
+    inverted = [apply_invert(SampleScore(reward=r, correct=c), True)
+                for r, c in zip(scored.rewards, scored.correct, strict=True)]
     return ScoredCompletion(completion=completion, rewards=[s.reward for s in inverted],
                             correct=[s.correct for s in inverted], reward_metrics=scored.reward_metrics)
 

@@ -160,7 +160,8 @@ def run_one(seed: int, family: str, spec_fields: dict, output_dir: Path) -> dict
     reward_spec = train_reward(spec)
     view = ExperimentView(spec=spec, status="running")
     prompts = PromptSource()
-    train_rows = [{"prompt": p.text, "answer": p.answer} for step in range(spec.steps) for p in prompts.train(view, step)]
+    train_rows = [{"prompt": p.text, "answer": p.answer}
+                  for step in range(spec.steps) for p in prompts.train(view, step)]
     held_out = prompts.held_out(view)
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
