@@ -12,8 +12,13 @@ train the same K experiments). Modes:
   start C-LoRA removes. An experiment's time includes its cluster's startup
   (start to every heartbeat); stopping the cluster afterwards is not counted
   (reported as ``stop_s``), which favours the baseline;
-- ``concurrent`` for each N of ``--concurrency``: all K submitted at once to a
-  fresh cluster whose scheduler admits N at a time (``CLORA_MAX_CONCURRENT``).
+- ``concurrent`` for each N of ``--concurrency`` (e.g. ``1,2,4,8,16,32``): all
+  K = max(N, ``--experiments``) experiments submitted at once to a fresh
+  cluster whose scheduler admits N at a time (``CLORA_MAX_CONCURRENT``), so
+  N=32 runs 32 experiments even with ``--experiments 8``; the services keep
+  their default configuration otherwise (e.g. the rollout's ``max_rows`` 256
+  and ``max_loras`` 32: at large N requests wait for rows and versions may be
+  evicted and reloaded, which is part of the cost measured).
   Startup of warm clusters is not counted (reported as ``startup_s``); each
   warm cluster first runs one uncounted 1-step warm-up experiment
   (``--no-warmup`` skips it), so it is as warm as after any earlier one.
@@ -37,11 +42,44 @@ And the machine's side (Linux): CPU seconds each process of the cluster
 experiment step (``cpu_s_per_step``), the cores kept busy on average, and
 ``cpu_bound_ratio_vs_serial_warm``: serial-warm's wall time per step over
 (this mode's CPU per step / the cores), the most this mode could gain on
-this machine without spending less CPU per step.
+this machine without spending less CPU per step; for concurrent modes
+``fraction_of_cpu_bound`` = ``throughput_ratio_vs_serial_warm`` / that bound
+(1.0: the mode gets all the machine allows). How cost grows with N: each
+process's resident memory (``/proc/<pid>/status`` VmRSS, ``rss_mb``, read at
+the end of the counted time; ``peak_rss_mb`` VmHWM, the peak up to then) and
+``rss_mb_per_tenant`` (``rss_mb`` / N), beside the step times, in the growth
+table (warm modes only; serial-cold has none).
+
+``--floor`` also runs ``load_tests/floor.py`` in a child process: the same K
+experiments (same specs, seeds, sampling, evaluations, adapter files) through
+the same engine, reward and trainer code in ONE process, no Redis, no
+services, ``serial`` (N=1) and ``interleaved`` for each N (see its docstring
+for what is shared and how threads are set: ``CLORA_TORCH_THREADS`` from the
+same service environment). Its rows go to ``floor`` in the JSON; each warm
+row gets ``floor_cpu_s_per_step`` and ``cpu_per_step_vs_floor`` = the
+cluster's CPU per experiment step (all its processes, Redis included) / the
+floor's (serial-warm vs the floor's serial, concurrent N vs the floor's N
+interleaved; serial-cold none).
+
+``--peer trl`` also runs ``load_tests/peer_trl.py``: the same K experiments
+with TRL's GRPOTrainer + PEFT, one fresh Python process each, one after
+another (needs ``pip install trl``; tiny model only). ``peer`` in the JSON
+holds its summary (experiments/hour with process start counted, spawn ->
+exit, and ``_warm``, from after its imports to the end of its final
+evaluation; held-out accuracies; TRL's version), ``peer_experiments`` each
+experiment; every row gets ``throughput_ratio_vs_peer`` (its experiments/hour
+/ the peer's incl. process start) and ``throughput_ratio_vs_peer_warm``
+(/ the peer's warm figure); ``peer_comparison`` and the top-level
+``throughput_ratio_vs_peer`` / ``_warm`` are those of concurrent N=8 (else the
+largest N run), with C-LoRA's and the peer's final accuracy and
+serial-warm's figures. The floor and the peer run after the cluster modes;
+a failure of either is reported in ``error`` (the cluster rows stay).
 
     python load_tests/experiment_throughput.py --experiments 8 --steps 10 \\
         --json /tmp/throughput.json --plot-dir /tmp/throughput
     python load_tests/experiment_throughput.py --quick          # smoke: K=2, S=2, N in 1,2
+    python load_tests/experiment_throughput.py --experiments 8 --steps 10 --concurrency 1,8 \
+        --floor --peer trl --json /tmp/throughput.json            # the issue-19 comparison
 
 ``--gpu`` (throughput only, needs CUDA; accuracy means nothing there): writes
 a Qwen3-4B-shaped model with random weights (``shared.models.qwen3_4b``, bf16,
@@ -89,6 +127,9 @@ POLL_S = 0.1  # state polling while waiting for experiments
 STARTUP_TIMEOUT_S = 600.0  # one cluster's start (model loads included)
 COMPLETIONS_PAGE = 1000  # XRANGE page size
 BUSY_BOTTLENECK_FRACTION = 0.8  # a service busy this much of the wall time is the bottleneck
+PEERS = ("trl",)
+PEER_N = 8  # the concurrent N the peer is compared with (else the largest N run)
+LOAD_TESTS = Path(__file__).resolve().parent
 
 
 class BenchmarkTimeout(RuntimeError):
@@ -117,6 +158,8 @@ class Settings:
     keep_data: bool = False
     quick: bool = False
     warmup: bool = True  # one uncounted 1-step experiment on each warm cluster
+    floor: bool = False  # also run load_tests/floor.py (serial and each N interleaved)
+    peer: str | None = None  # "trl": also run load_tests/peer_trl.py
 
 
 def parse_concurrency(text: str) -> tuple[int, ...]:
@@ -163,6 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the uncounted 1-step warm-up experiment on each warm cluster")
     parser.add_argument("--quick", action="store_true", help="smoke run: K=2, S=2, N in 1,2, eval_size 16")
+    parser.add_argument("--floor", action="store_true",
+                        help="also run the in-process floor (load_tests/floor.py) and compare CPU per step")
+    parser.add_argument("--peer", choices=PEERS, default=None,
+                        help="also run a peer on the same experiments (trl: load_tests/peer_trl.py, needs trl)")
     return parser
 
 
@@ -191,7 +238,7 @@ def parse_args(argv: Sequence[str] | None = None, demo_advice: tuple[Sequence[st
         family=args.family or (families[0] if families else DEFAULT_FAMILY), seed=args.seed,
         spec_fields=spec_fields, env=_service_env(args), gpu=args.gpu, model_dir=args.model_dir,
         timeout_s=args.timeout_s, json_path=args.json_path, plot_dir=args.plot_dir, data_dir=args.data_dir,
-        keep_data=args.keep_data, quick=args.quick, warmup=args.warmup,
+        keep_data=args.keep_data, quick=args.quick, warmup=args.warmup, floor=args.floor, peer=args.peer,
     )
     if settings.experiments < 1 or settings.steps < 1:
         raise SystemExit("--experiments and --steps must be >= 1")
@@ -328,6 +375,8 @@ class ModeRun:
     completions: int = 0
     timed_out: bool = False
     cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per process over the counted time
+    rss_mb: dict[str, float] = field(default_factory=dict)  # resident memory per process at the end of it
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # each process's peak resident memory by then
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -337,6 +386,32 @@ def process_cpu_s(pid: int | None) -> float | None:
     except (OSError, IndexError, TypeError):
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_memory_mb(pid: int | None) -> tuple[float, float] | None:
+    """(resident, peak resident) MB of a live process (Linux ``/proc``: VmRSS, VmHWM), else None."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except (OSError, TypeError):
+        return None
+    values = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            values[name] = int(rest.split()[0]) / 1024.0  # kB
+    return (values["VmRSS"], values["VmHWM"]) if len(values) == 2 else None
+
+
+def cluster_memory_mb(cluster) -> tuple[dict[str, float], dict[str, float]]:
+    """({process: resident MB}, {process: peak resident MB}) of a cluster's processes."""
+    readings = {name: process_memory_mb(pid) for name, pid in cluster.pids.items()}
+    readings = {name: reading for name, reading in readings.items() if reading is not None}
+    return ({name: r[0] for name, r in readings.items()}, {name: r[1] for name, r in readings.items()})
+
+
+def experiments_for(n: int, experiments: int) -> int:
+    """K for a concurrent mode of N: at least N experiments, so all N slots fill."""
+    return max(n, experiments)
 
 
 def cluster_cpu_s(cluster) -> dict[str, float]:
@@ -386,7 +461,11 @@ def summarize_mode(run: ModeRun) -> dict:
         "cpu_s": dict(sorted(run.cpu_s.items())),
         "cpu_s_per_step": {name: s / max(steps_done, 1) for name, s in sorted(run.cpu_s.items())},
         "cores_busy": sum(run.cpu_s.values()) / run.wall_s if run.wall_s > 0 and run.cpu_s else None,
-        "cpu_bound_ratio_vs_serial_warm": None,
+        "cpu_bound_ratio_vs_serial_warm": None, "fraction_of_cpu_bound": None,
+        "floor_cpu_s_per_step": None, "cpu_per_step_vs_floor": None,
+        "throughput_ratio_vs_peer": None, "throughput_ratio_vs_peer_warm": None,
+        "rss_mb": dict(sorted(run.rss_mb.items())), "peak_rss_mb": dict(sorted(run.peak_rss_mb.items())),
+        "rss_mb_per_tenant": {name: mb / max(run.n, 1) for name, mb in sorted(run.rss_mb.items())},
     }
     row["bottleneck"] = bottleneck(row)
     return row
@@ -427,7 +506,69 @@ def add_cpu_bounds(rows: list[dict], cores: int) -> list[dict]:
         cpu_per_step = sum((row.get("cpu_s_per_step") or {}).values())
         if cpu_per_step > 0:
             row["cpu_bound_ratio_vs_serial_warm"] = warm_step_s / (cpu_per_step / cores)
+        ratio, bound = row.get("throughput_ratio_vs_serial_warm"), row["cpu_bound_ratio_vs_serial_warm"]
+        if row["mode"] == "concurrent" and ratio is not None and bound:
+            row["fraction_of_cpu_bound"] = ratio / bound
     return rows
+
+
+def floor_row_for(row: dict, floor_rows: Sequence[dict]) -> dict | None:
+    """The floor mode a cluster row is measured against: serial-warm vs the
+    floor's serial (N=1), concurrent N vs the floor's N interleaved; None for
+    serial-cold (its CPU includes no cluster start, but it is not a warm mode)."""
+    if row["mode"] == "serial-warm":
+        wanted = 1
+    elif row["mode"] == "concurrent":
+        wanted = row["n"]
+    else:
+        return None
+    return next((f for f in floor_rows if f["n"] == wanted), None)
+
+
+def add_floor_ratios(rows: list[dict], floor_rows: Sequence[dict]) -> list[dict]:
+    """Fill ``floor_cpu_s_per_step`` and ``cpu_per_step_vs_floor`` (cluster CPU
+    per experiment step, all its processes, / the floor's)."""
+    for row in rows:
+        floor = floor_row_for(row, floor_rows)
+        cluster = sum((row.get("cpu_s_per_step") or {}).values())
+        if floor is None or not floor.get("cpu_s_per_step") or cluster <= 0:
+            continue
+        row["floor_cpu_s_per_step"] = floor["cpu_s_per_step"]
+        row["cpu_per_step_vs_floor"] = cluster / floor["cpu_s_per_step"]
+    return rows
+
+
+def add_peer_ratios(rows: list[dict], peer: dict | None) -> list[dict]:
+    """Fill ``throughput_ratio_vs_peer`` (this mode's experiments/hour / the
+    peer's with its process start counted) and ``..._warm`` (left out)."""
+    if not peer:
+        return rows
+    for row in rows:
+        for key, peer_key in (("throughput_ratio_vs_peer", "experiments_per_hour"),
+                              ("throughput_ratio_vs_peer_warm", "experiments_per_hour_warm")):
+            row[key] = row["experiments_per_hour"] / peer[peer_key] if peer.get(peer_key) else None
+    return rows
+
+
+def peer_comparison(rows: Sequence[dict], peer: dict | None) -> dict | None:
+    """The headline: C-LoRA at N=``PEER_N`` (else the largest N run) vs the peer,
+    both ratios and both accuracies; serial-warm's figures beside them."""
+    concurrent = sorted((r for r in rows if r["mode"] == "concurrent"), key=lambda r: r["n"])
+    if not peer or not concurrent:
+        return None
+    row = next((r for r in concurrent if r["n"] == PEER_N), concurrent[-1])
+    warm = next((r for r in rows if r["mode"] == "serial-warm"), None)
+    return {
+        "peer": peer.get("peer"), "peer_version": peer.get("trl_version"), "c_lora_n": row["n"],
+        "c_lora_experiments_per_hour": row["experiments_per_hour"],
+        "peer_experiments_per_hour": peer.get("experiments_per_hour"),
+        "peer_experiments_per_hour_warm": peer.get("experiments_per_hour_warm"),
+        "throughput_ratio_vs_peer": row["throughput_ratio_vs_peer"],
+        "throughput_ratio_vs_peer_warm": row["throughput_ratio_vs_peer_warm"],
+        "c_lora_final_accuracy": row["final_accuracy_mean"], "peer_final_accuracy": peer.get("final_accuracy_mean"),
+        "c_lora_serial_warm_experiments_per_hour": warm["experiments_per_hour"] if warm else None,
+        "c_lora_serial_warm_final_accuracy": warm["final_accuracy_mean"] if warm else None,
+    }
 
 
 def results_table(rows: list[dict]) -> str:
@@ -473,17 +614,57 @@ def cpu_table(rows: list[dict]) -> str:
     return format_table(table)
 
 
+def growth_table(rows: list[dict]) -> str:
+    """How cost grows with N: step time and each process's resident memory
+    (at the end of the counted time), in all and per tenant (MB / N)."""
+    from services.cli.experiments import format_table
+
+    names = sorted({name for r in rows for name in r.get("rss_mb") or {}})
+    table = [["MODE", "N", "K", "STEP WALL S", "ROLLOUT/STEP S", "TRAIN/STEP S",
+              *[f"{name.upper()} RSS MB (/TENANT)" for name in names]]]
+    for r in rows:
+        rss, per_tenant = r.get("rss_mb") or {}, r.get("rss_mb_per_tenant") or {}
+        table.append([r["mode"], str(r["n"]), str(r["experiments"]), _num(r["step_wall_s"], 3),
+                      _num(r["rollout_step_s"], 3), _num(r["train_step_s"], 3),
+                      *["-" if name not in rss else f"{rss[name]:.0f} ({per_tenant[name]:.0f})" for name in names]])
+    return format_table(table)
+
+
+def comparison_table(rows: list[dict]) -> str:
+    """Against the floor, the CPU bound and the peer."""
+    from services.cli.experiments import format_table
+
+    table = [["MODE", "N", "CPU/STEP S", "FLOOR CPU/STEP S", "xFLOOR", "xWARM", "CPU-BOUND xWARM",
+              "OF CPU BOUND", "xPEER", "xPEER WARM"]]
+    for r in rows:
+        cpu = sum((r.get("cpu_s_per_step") or {}).values())
+        fraction = r.get("fraction_of_cpu_bound")
+        table.append([r["mode"], str(r["n"]), f"{cpu:.4f}" if cpu else "-",
+                      _num(r.get("floor_cpu_s_per_step"), 4), _num(r.get("cpu_per_step_vs_floor"), 2, "x"),
+                      _num(r.get("throughput_ratio_vs_serial_warm"), 2, "x"),
+                      _num(r.get("cpu_bound_ratio_vs_serial_warm"), 2, "x"),
+                      "-" if fraction is None else f"{100 * fraction:.0f}%",
+                      _num(r.get("throughput_ratio_vs_peer"), 2, "x"),
+                      _num(r.get("throughput_ratio_vs_peer_warm"), 2, "x")])
+    return format_table(table)
+
+
+def _num(value, digits=1, suffix=""):
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
 # ---------------------------------------------------------------- running the modes
 
 
-def experiment_specs(settings: Settings, mode_tag: str) -> list:
-    """K specs, identical but for id and seed (``demo_specs`` builds them)."""
+def experiment_specs(settings: Settings, mode_tag: str, count: int | None = None) -> list:
+    """K specs (``count``, default ``--experiments``), identical but for id and
+    seed (``demo_specs`` builds them)."""
     import msgspec
 
     from services.cli.local import demo_specs
 
     specs = []
-    for index in range(settings.experiments):
+    for index in range(settings.experiments if count is None else count):
         (spec,) = demo_specs([settings.family], settings.spec_fields, seed=settings.seed + index)
         specs.append(msgspec.structs.replace(spec, experiment_id=f"tp-{mode_tag}-{index}"))
     return specs
@@ -530,7 +711,8 @@ class ThroughputBenchmark:
         if "concurrent" in self.settings.modes:
             plan += [("concurrent", n) for n in self.settings.concurrency]
         for mode, n in plan:
-            print(f"== {mode} N={n}: {self.settings.experiments} experiments x {self.settings.steps} steps", flush=True)
+            k = experiments_for(n, self.settings.experiments) if mode == "concurrent" else self.settings.experiments
+            print(f"== {mode} N={n}: {k} experiments x {self.settings.steps} steps", flush=True)
             runs.append(self.run_serial_cold() if mode == "serial-cold" else self.run_warm(mode, n))
             print(f"   {mode} N={n}: {runs[-1].wall_s:.1f}s, "
                   f"{sum(o.status == 'finished' for o in runs[-1].outcomes)}/{len(runs[-1].outcomes)} finished",
@@ -545,10 +727,10 @@ class ThroughputBenchmark:
         """serial-warm (submit the next when the previous finished) or
         concurrent (submit all; the scheduler admits ``n`` at a time)."""
         tag = f"{'sw' if mode == 'serial-warm' else 'c'}{n}"
-        specs = experiment_specs(self.settings, tag)
+        specs = experiment_specs(self.settings, tag, experiments_for(n, self.settings.experiments))
         cluster, startup_s = self._start_cluster(tag, max_concurrent=n)
         submitted: dict[str, float] = {}
-        timed_out, cpu_s = False, {}
+        timed_out, cpu_s, rss_mb, peak_rss_mb = False, {}, {}, {}
         try:
             client, keys = self._connect(cluster)
             try:
@@ -561,6 +743,7 @@ class ThroughputBenchmark:
                         timed_out = True
                         break
                 cpu_s = cpu_used(cpu_before, cluster_cpu_s(cluster))
+                rss_mb, peak_rss_mb = cluster_memory_mb(cluster)
                 outcomes, ends = self._collect(client, keys, specs, submitted)
                 busy_s, completions = self._rollout_busy(client, keys, since=min(submitted.values(), default=0.0))
             finally:
@@ -569,7 +752,8 @@ class ThroughputBenchmark:
             stop_s = self._stop_cluster(cluster)
         first_submit = min(submitted.values()) if submitted else time.time()
         wall_s = (max(ends) if ends and not timed_out else time.time()) - first_submit
-        return ModeRun(mode, n, wall_s, outcomes, busy_s, startup_s, stop_s, completions, timed_out, cpu_s)
+        return ModeRun(mode, n, wall_s, outcomes, busy_s, startup_s, stop_s, completions, timed_out, cpu_s,
+                       rss_mb, peak_rss_mb)
 
     def run_serial_cold(self) -> ModeRun:
         specs = experiment_specs(self.settings, "sc")
@@ -796,6 +980,39 @@ def write_plots(rows: list[dict], plot_dir: Path) -> list[Path]:
     return paths
 
 
+def floor_table(floor_rows: list[dict]) -> str:
+    from services.cli.experiments import format_table
+
+    table = [["FLOOR MODE", "N", "K", "EXP/H", "CPU/STEP S", "WALL/STEP S", "PEAK RSS MB", "START ACC", "FINAL ACC"]]
+    for f in floor_rows:
+        table.append([f["mode"], str(f["n"]), str(f["experiments"]), _num(f["experiments_per_hour"]),
+                      _num(f["cpu_s_per_step"], 4), _num(f["wall_s_per_step"], 4), _num(f["peak_rss_mb"], 0),
+                      _pct(f["start_accuracy_mean"]), _pct(f["final_accuracy_mean"])])
+    return format_table(table)
+
+
+def peer_summary_table(peer: dict, comparison: dict | None) -> str:
+    """The peer beside C-LoRA's serial-warm and N=``PEER_N`` figures."""
+    from services.cli.experiments import format_table
+
+    table = [["SYSTEM", "EXP/H", "EXP/H WARM", "FINAL ACC"],
+             [f"{peer.get('peer')} {peer.get('trl_version') or ''} (one process each)",
+              _num(peer.get("experiments_per_hour")), _num(peer.get("experiments_per_hour_warm")),
+              _pct(peer.get("final_accuracy_mean"))]]
+    if comparison:
+        table.append(["C-LoRA serial-warm", _num(comparison["c_lora_serial_warm_experiments_per_hour"]), "-",
+                      _pct(comparison["c_lora_serial_warm_final_accuracy"])])
+        table.append([f"C-LoRA N={comparison['c_lora_n']}", _num(comparison["c_lora_experiments_per_hour"]), "-",
+                      _pct(comparison["c_lora_final_accuracy"])])
+        table.append(["C-LoRA / peer", _num(comparison["throughput_ratio_vs_peer"], 2, "x"),
+                      _num(comparison["throughput_ratio_vs_peer_warm"], 2, "x"), "-"])
+    return format_table(table)
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
 def settings_record(settings: Settings) -> dict:
     record = asdict(settings)
     record["modes"], record["concurrency"] = list(settings.modes), list(settings.concurrency)
@@ -815,6 +1032,60 @@ def _clean(value):
     return value
 
 
+def side_run(command: list[str], json_path: Path, timeout_s: float) -> tuple[dict | None, str | None]:
+    """Run one of the side scripts (floor, peer) as a child process, its output
+    streamed; (its JSON report, None) or (None, why not)."""
+    import subprocess
+
+    try:
+        result = subprocess.run(command, cwd=REPO_ROOT, timeout=max(timeout_s, 1.0),
+                                env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    except subprocess.TimeoutExpired:
+        return None, f"{Path(command[1]).name}: the global --timeout-s ran out"
+    if result.returncode != 0 or not json_path.is_file():
+        return None, f"{Path(command[1]).name} exited {result.returncode}"
+    return json.loads(json_path.read_text()), None
+
+
+def run_floor(settings: Settings, data_root: Path, timeout_s: float) -> tuple[list[dict], str | None]:
+    """``load_tests/floor.py`` for N=1 (serial) and every concurrent N, with the
+    benchmark's K, spec fields, seeds and service environment."""
+    out = data_root / "floor.json"
+    command = [sys.executable, str(LOAD_TESTS / "floor.py"), "--experiments", str(settings.experiments),
+               "--concurrency", ",".join(str(n) for n in sorted({1, *settings.concurrency})),
+               "--family", settings.family, "--seed", str(settings.seed),
+               "--spec-json", json.dumps(settings.spec_fields), "--json", str(out),
+               "--data-dir", str(data_root / "floor"),
+               *[f"--set={key}={value}" for key, value in settings.env.items()]]
+    if not settings.warmup:
+        command.append("--no-warmup")
+    print("== floor (one process, no Redis, no services)", flush=True)
+    report, error = side_run(command, out, timeout_s)
+    return (report or {}).get("results", []), error
+
+
+def run_peer(settings: Settings, data_root: Path, timeout_s: float) -> tuple[dict | None, str | None]:
+    """``load_tests/peer_trl.py``: the benchmark's K experiments with TRL, one process each."""
+    out = data_root / "peer.json"
+    command = [sys.executable, str(LOAD_TESTS / "peer_trl.py"), "--experiments", str(settings.experiments),
+               "--family", settings.family, "--seed", str(settings.seed),
+               "--spec-json", json.dumps(settings.spec_fields), "--json", str(out)]
+    print(f"== peer {settings.peer}: {settings.experiments} experiments, one process each", flush=True)
+    return side_run(command, out, timeout_s)
+
+
+def run_side_runs(settings: Settings, data_root: Path, started: float) -> tuple[list[dict], dict | None, list[str]]:
+    """The floor and the peer when asked for: (floor rows, peer summary, errors)."""
+    floor_rows, peer, errors = [], None, []
+    if settings.floor:
+        floor_rows, error = run_floor(settings, data_root, settings.timeout_s - (time.monotonic() - started))
+        errors += [error] if error else []
+    if settings.peer:
+        peer, error = run_peer(settings, data_root, settings.timeout_s - (time.monotonic() - started))
+        errors += [error] if error else []
+    return floor_rows, peer, errors
+
+
 def run_benchmark(settings: Settings) -> dict:
     """Run every mode; the report (also written to ``--json`` / ``--plot-dir``)."""
     data_root = Path(settings.data_dir or tempfile.mkdtemp(prefix="clora-throughput-")).resolve()
@@ -825,21 +1096,31 @@ def run_benchmark(settings: Settings) -> dict:
 
     benchmark = None
     try:
-        if settings.gpu and not settings.model_dir:
-            model_dir = write_gpu_model_dir(data_root / GPU_MODEL_SUBDIR)
-            settings.env["CLORA_MODEL_DIR"] = str(model_dir)
-        benchmark = ThroughputBenchmark(settings, data_root)
-        runs, error = benchmark.run()
-    except (BenchmarkTimeout, ClusterError) as exc:
-        runs, error = (benchmark.runs if benchmark else []), f"{type(exc).__name__}: {exc}"
-        settings.keep_data = True  # the service logs say why
+        try:
+            if settings.gpu and not settings.model_dir:
+                model_dir = write_gpu_model_dir(data_root / GPU_MODEL_SUBDIR)
+                settings.env["CLORA_MODEL_DIR"] = str(model_dir)
+            benchmark = ThroughputBenchmark(settings, data_root)
+            runs, error = benchmark.run()
+        except (BenchmarkTimeout, ClusterError) as exc:
+            runs, error = (benchmark.runs if benchmark else []), f"{type(exc).__name__}: {exc}"
+            settings.keep_data = True  # the service logs say why
+        floor_rows, peer, side_errors = run_side_runs(settings, data_root, started) if error is None else ([], None, [])
     finally:
         if not settings.keep_data:
             shutil.rmtree(data_root, ignore_errors=True)
+    error = "; ".join([error] if error else side_errors) or None
     rows = add_cpu_bounds(add_throughput_ratios([summarize_mode(run) for run in runs]), len(os.sched_getaffinity(0)))
+    add_peer_ratios(add_floor_ratios(rows, floor_rows), peer)
+    comparison = peer_comparison(rows, peer)
     report = _clean({
         "settings": {**settings_at_start, "env": settings.env},
-        "results": rows,
+        "results": rows, "floor": floor_rows,
+        "peer": {k: v for k, v in peer.items() if k != "experiments_detail"} if peer else None,
+        "peer_experiments": peer.get("experiments_detail") if peer else None,
+        "peer_comparison": comparison,
+        "throughput_ratio_vs_peer": comparison["throughput_ratio_vs_peer"] if comparison else None,
+        "throughput_ratio_vs_peer_warm": comparison["throughput_ratio_vs_peer_warm"] if comparison else None,
         "experiments": {f"{run.mode}:{run.n}": [asdict(o) for o in run.outcomes] for run in runs},
         "error": error, "total_s": time.monotonic() - started,
         "data_dir": str(data_root) if settings.keep_data else None,
@@ -849,6 +1130,18 @@ def run_benchmark(settings: Settings) -> dict:
     if any(r.get("cpu_s") for r in rows):
         print()
         print(cpu_table(rows))
+    if any(r.get("rss_mb") for r in rows):
+        print()
+        print(growth_table(rows))
+    if floor_rows:
+        print()
+        print(floor_table(floor_rows))
+    if floor_rows or peer or any(r.get("fraction_of_cpu_bound") is not None for r in rows):
+        print()
+        print(comparison_table(rows))
+    if peer:
+        print()
+        print(peer_summary_table(peer, comparison))
     if error:
         print(f"stopped early: {error}")
     if settings.json_path:

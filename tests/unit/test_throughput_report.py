@@ -246,3 +246,78 @@ def test_cpu_per_step_and_the_cpu_bound_against_serial_warm():
     assert "ROLLOUT CPU/STEP S" in lines[0] and lines[2].split()[-1] == "2.50x"
     no_cpu = tp.summarize_mode(tp.ModeRun("serial-cold", 1, 1.0, [outcome(0.5)], 0.0))
     assert no_cpu["cores_busy"] is None and tp.add_cpu_bounds([no_cpu], 2)[0]["cpu_bound_ratio_vs_serial_warm"] is None
+
+
+# ---------------------------------------------------------------- issue 19: floor, CPU bound, peer, growth
+
+
+def test_floor_and_peer_flags():
+    settings = tp.parse_args(["--floor", "--peer", "trl", "--concurrency", "1,2,4,8,16,32"], demo_advice=ADVICE)
+    assert settings.floor and settings.peer == "trl" and settings.concurrency == (1, 2, 4, 8, 16, 32)
+    assert not tp.parse_args([], demo_advice=ADVICE).floor and tp.parse_args([], demo_advice=ADVICE).peer is None
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--peer", "nope"], demo_advice=ADVICE)
+
+
+def test_a_concurrent_mode_runs_at_least_n_experiments():
+    assert [tp.experiments_for(n, 8) for n in (1, 8, 16, 32)] == [8, 8, 16, 32]
+    settings = tp.parse_args(["--experiments", "2"], demo_advice=ADVICE)
+    assert [s.seed for s in tp.experiment_specs(settings, "c4", tp.experiments_for(4, 2))] == [0, 1, 2, 3]
+
+
+def test_fraction_of_the_cpu_bound_for_concurrent_modes():
+    warm = tp.ModeRun("serial-warm", 1, 10.0, [outcome(0.5)], 1.0, cpu_s={"trainer": 4.0, "rollout": 6.0})
+    busy = tp.ModeRun("concurrent", 8, 4.0, [outcome(0.5)], 1.0, cpu_s={"trainer": 4.0, "rollout": 4.0})
+    rows = tp.add_cpu_bounds(tp.add_throughput_ratios([tp.summarize_mode(warm), tp.summarize_mode(busy)]), cores=2)
+    # 2.5x faster than serial-warm against a bound of 2.5x: all the machine allows
+    assert rows[1]["fraction_of_cpu_bound"] == pytest.approx(2.5 / 2.5)
+    assert rows[0]["fraction_of_cpu_bound"] is None  # serial-warm is the baseline
+    assert "100%" in tp.comparison_table(rows).splitlines()[2]
+
+
+def test_cluster_cpu_per_step_against_the_floor():
+    rows = [{"mode": "serial-warm", "n": 1, "cpu_s_per_step": {"a": 0.1, "b": 0.1}},
+            {"mode": "serial-cold", "n": 1, "cpu_s_per_step": {"a": 0.3}},
+            {"mode": "concurrent", "n": 8, "cpu_s_per_step": {"a": 0.15}},
+            {"mode": "concurrent", "n": 16, "cpu_s_per_step": {"a": 0.15}}]
+    for row in rows:
+        row.update(floor_cpu_s_per_step=None, cpu_per_step_vs_floor=None)
+    floor = [{"n": 1, "cpu_s_per_step": 0.08}, {"n": 8, "cpu_s_per_step": 0.1}]
+    tp.add_floor_ratios(rows, floor)
+    assert rows[0]["cpu_per_step_vs_floor"] == pytest.approx(0.2 / 0.08)  # serial-warm vs the floor's serial
+    assert rows[1]["cpu_per_step_vs_floor"] is None  # serial-cold has no floor
+    assert rows[2]["cpu_per_step_vs_floor"] == pytest.approx(1.5) and rows[2]["floor_cpu_s_per_step"] == 0.1
+    assert rows[3]["cpu_per_step_vs_floor"] is None  # no floor run for N=16
+
+
+def test_peer_ratios_with_and_without_its_process_start():
+    rows = [tp.summarize_mode(tp.ModeRun("serial-warm", 1, 36.0, [outcome(0.5)], 1.0)),
+            tp.summarize_mode(tp.ModeRun("concurrent", 4, 18.0, [outcome(0.5)] * 2, 1.0)),
+            tp.summarize_mode(tp.ModeRun("concurrent", 8, 9.0, [outcome(0.6)] * 2, 1.0))]
+    peer = {"peer": "trl", "trl_version": "1.0", "experiments_per_hour": 100.0, "experiments_per_hour_warm": 400.0,
+            "final_accuracy_mean": 0.4}
+    tp.add_peer_ratios(rows, peer)
+    assert rows[2]["experiments_per_hour"] == pytest.approx(800.0)
+    assert rows[2]["throughput_ratio_vs_peer"] == pytest.approx(8.0)
+    assert rows[2]["throughput_ratio_vs_peer_warm"] == pytest.approx(2.0)
+    comparison = tp.peer_comparison(rows, peer)
+    assert comparison["c_lora_n"] == 8 and comparison["throughput_ratio_vs_peer_warm"] == pytest.approx(2.0)
+    assert comparison["c_lora_final_accuracy"] == pytest.approx(0.6) and comparison["peer_final_accuracy"] == 0.4
+    assert comparison["c_lora_serial_warm_experiments_per_hour"] == pytest.approx(100.0)
+    assert tp.peer_comparison(rows[:2], peer)["c_lora_n"] == 4  # no N=8: the largest N run
+    assert tp.peer_comparison(rows, None) is None
+    assert "8.00x" in tp.peer_summary_table(peer, comparison)
+
+
+def test_resident_memory_is_read_from_proc_and_shared_per_tenant():
+    import os
+
+    rss, peak = tp.process_memory_mb(os.getpid())
+    assert 0 < rss <= peak
+    assert tp.process_memory_mb(None) is None and tp.process_memory_mb(2 ** 31 - 1) is None
+    run = tp.ModeRun("concurrent", 4, 4.0, [outcome(0.5)], 1.0, rss_mb={"rollout": 400.0, "trainer": 200.0},
+                     peak_rss_mb={"rollout": 500.0, "trainer": 250.0})
+    row = tp.summarize_mode(run)
+    assert row["rss_mb_per_tenant"] == {"rollout": pytest.approx(100.0), "trainer": pytest.approx(50.0)}
+    lines = tp.growth_table([row]).splitlines()
+    assert "ROLLOUT RSS MB (/TENANT)" in lines[0] and "400 (100)" in lines[1]
