@@ -182,18 +182,15 @@ class FloorLoop:
         steps = specs[0].steps
         start_evals: dict[str, list[bool]] = {}
         for step in range(steps):
-            requests = [rollout_request(v, step, i, p, now()) for v in views
-                        for i, p in enumerate(self.prompts.train(v, step))]
+            requests = [rollout_request(v, step, self.prompts.train(v, step), now()) for v in views]
             if step == 0:  # the scheduler issues the start evaluation with step 0
-                requests += [eval_request(v, 0, i, p, now()) for v in views
-                             for i, p in enumerate(self.prompts.held_out(v))]
+                requests += [eval_request(v, 0, self.prompts.held_out(v), now()) for v in views]
             for scored in await asyncio.gather(*(self.rollout_and_score(r) for r in requests)):
                 self._collect(views, scored, start_evals)
             for view in views:
                 await self._train(view)
         finals: dict[str, list[bool]] = {}
-        requests = [eval_request(v, v.version, i, p, now()) for v in views
-                    for i, p in enumerate(self.prompts.held_out(v))]
+        requests = [eval_request(v, v.version, self.prompts.held_out(v), now()) for v in views]
         for scored in await asyncio.gather(*(self.rollout_and_score(r) for r in requests)):
             self._collect(views, scored, finals)
         for view in views:  # the experiment ended: its tenant leaves the trainer's memory
@@ -202,14 +199,16 @@ class FloorLoop:
                  v.skipped_updates) for v in views]
 
     def _collect(self, views, scored, evals: dict[str, list[bool]]) -> None:
-        from services.scheduler.outgoing import sample_successes
+        from services.scheduler.outgoing import sample_successes, scored_groups, train_group_id
 
         completion = scored.completion
         view = next(v for v in views if v.experiment_id == completion.experiment_id)
-        if completion.purpose == "eval":
-            evals.setdefault(view.experiment_id, []).append(any(sample_successes(scored, view.spec.reward)[:1]))
-        else:
-            view.groups.setdefault(completion.step, {})[completion.request_id] = scored
+        for index, group in enumerate(scored_groups(scored)):
+            if completion.purpose == "eval":
+                evals.setdefault(view.experiment_id, []).append(any(sample_successes(group, view.spec.reward)[:1]))
+            else:
+                group_id = train_group_id(view.experiment_id, completion.step, index)
+                view.groups.setdefault(completion.step, {})[group_id] = group
 
     async def _train(self, view) -> None:
         from services.scheduler.outgoing import train_job
@@ -223,55 +222,61 @@ class FloorLoop:
         view.skipped_updates += int(outcome.stats.skipped_update)
 
     async def rollout_and_score(self, request):
-        """One rollout request as the rollout service handles it, then scored
-        as the reward service scores it. The message shapes live here only."""
-        from services.rollout.service import adapter_key, prompt_token_ids
-        from shared.engine import AdapterNotLoaded
+        """One rollout request as the rollout service handles it (all its
+        prompts in the engine at once), then scored as the reward service
+        scores it. The message shapes live here only."""
+        results = await asyncio.gather(*(self._prompt_result(request, prompt) for prompt in request.prompts))
+        return score_completion(completion_of(request, list(results)))
 
+    async def _prompt_result(self, request, prompt):
+        from services.rollout.service import adapter_key, prompt_token_ids, stop_tokens, to_sample
+        from shared.engine import AdapterNotLoaded
+        from shared.messages import PromptResult
+
+        tokenizer = self.engine.tokenizer()
         key = adapter_key(request.experiment_id, request.adapter_version)
-        prompt_ids = prompt_token_ids(self.engine.tokenizer(), request.prompt)
+        prompt_ids = prompt_token_ids(tokenizer, prompt)
         for attempt in range(ADAPTER_NOT_LOADED_RETRIES + 1):
             async with self.adapters.use(key):
                 try:
-                    result = await self.engine.generate(prompt_ids, key, request.sampling)
+                    generated = await self.engine.generate(prompt_ids, key, request.sampling)
                     break
                 except AdapterNotLoaded:
                     if attempt == ADAPTER_NOT_LOADED_RETRIES:
                         raise
-        return score_completion(completion_of(self.engine.tokenizer(), request, prompt_ids, result))
+        stops = stop_tokens(tokenizer, request.sampling.stop_token_ids)
+        samples = [to_sample(tokenizer, g, stops, request.sampling.stop) for g in generated.samples]
+        return PromptResult(prompt=prompt, prompt_token_ids=list(prompt_ids), samples=samples)
 
 
-def completion_of(tokenizer, request, prompt_ids: list[int], result):
+def completion_of(request, results: list):
     """The ``Completion`` the rollout service would publish for ``request``."""
-    from services.rollout.service import stop_tokens, to_sample
     from shared.messages import Completion
 
-    stops = stop_tokens(tokenizer, request.sampling.stop_token_ids)
-    return Completion(
-        request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
-        purpose=request.purpose, prompt=request.prompt, prompt_token_ids=list(prompt_ids),
-        samples=[to_sample(tokenizer, g, stops, request.sampling.stop) for g in result.samples],
-        adapter_version=result.adapter.version if result.adapter is not None else 0, reward=request.reward,
-    )
+    return Completion(request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,
+                      purpose=request.purpose, results=results, adapter_version=request.adapter_version,
+                      reward=request.reward)
 
 
 def score_completion(completion):
     """The ``ScoredCompletion`` the reward service would publish (built-in rewards)."""
-    from services.reward.scoring import RewardError, SampleScore, apply_invert, score_builtin
-    from services.reward.worker import combine_scores, failed_result
     from shared.messages import ScoredCompletion
 
+    return ScoredCompletion(completion=completion, scores=[_score_result(completion.reward, r)
+                                                            for r in completion.results])
+
+
+def _score_result(reward, result):
+    from services.reward.scoring import RewardError, SampleScore, apply_invert, score_builtin
+    from services.reward.worker import combine_scores, failed_score
+
     try:
-        scores = [score_builtin(completion.reward, s.text, completion.prompt.answer) for s in completion.samples]
+        scores = [score_builtin(reward, sample.text, result.prompt.answer) for sample in result.samples]
     except RewardError as exc:
-        return failed_result(completion, exc.reason)
-    scored = combine_scores(completion, scores)
-    if not completion.reward.invert:
-        return scored
-    inverted = [apply_invert(SampleScore(reward=r, correct=c), True)
-                for r, c in zip(scored.rewards, scored.correct, strict=True)]
-    return ScoredCompletion(completion=completion, rewards=[s.reward for s in inverted],
-                            correct=[s.correct for s in inverted], reward_metrics=scored.reward_metrics)
+        return failed_score(result, exc.reason)
+    if reward.invert:
+        scores = [apply_invert(SampleScore(reward=s.reward, correct=s.correct), True) for s in scores]
+    return combine_scores(scores)
 
 
 def _accuracy(results: list[bool] | None) -> float | None:
