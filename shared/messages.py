@@ -19,7 +19,10 @@ from typing import Literal, Union
 
 import msgspec
 
+from shared.tinker_messages import TINKER_SCHEMA_VERSION, TINKER_STREAM_KINDS, TinkerMessage
+
 SCHEMA_VERSION = 1
+assert TINKER_SCHEMA_VERSION == SCHEMA_VERSION
 # An experiment id becomes part of Redis keys and of directory names: no ':',
 # no '/', no '.', no newline. Always ``fullmatch`` (``$`` would accept "id\n").
 EXPERIMENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -464,6 +467,7 @@ Message = (
     | AdapterPublished
     | ExperimentEvent
     | StepMetrics
+    | TinkerMessage  # the Tinker API's (shared/tinker_messages.py)
 )
 
 # Stream name (without prefix) -> the message kinds it carries. Sharded
@@ -483,6 +487,7 @@ STREAM_KINDS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     # external reward workers: requests are Completions, replies ScoredCompletions
     "reward": (Completion,),
     "reward_replies": (ScoredCompletion,),
+    **TINKER_STREAM_KINDS,  # the Tinker API's: gateway <-> trainer, rollout
 }
 
 _ENCODER = msgspec.msgpack.Encoder()
