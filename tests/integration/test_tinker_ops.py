@@ -1,0 +1,218 @@
+"""Tinker API operations at the message level: ``TinkerOp``s published on a
+real Redis to a running trainer (and rollout), results read back from
+``tinker_results`` / ``tinker_samples``; checked against direct torch
+computations with the shipped tiny model."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.trainer.service import TrainerService
+from shared.bus import StreamBus
+from shared.config import TrainerConfig
+from shared.messages import AdapterPublished, decode
+from shared.tinker_messages import AdamParams, Datum, TensorData, TinkerOp, TinkerOpResult
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "shared" / "models" / "clora-tiny"
+RANK, ALPHA = 8, 16.0
+EVENTUALLY_S = 120.0
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # the test machine's cores are shared
+    yield
+    torch.set_num_threads(previous)
+
+
+def trainer_config(redis_url: str, prefix: str, data_dir: Path, **overrides) -> TrainerConfig:
+    config = TrainerConfig(
+        redis_url=redis_url, stream_prefix=prefix, model_dir=str(MODEL_DIR), data_dir=str(data_dir),
+        consumer_name="trainer-tinker-test", device="cpu", dtype="float32", lora_rank=RANK, lora_alpha=ALPHA,
+        max_deliveries=2, drain_timeout_s=10.0, heartbeat_ttl_s=2.0,
+    )
+    return replace(config, **overrides)
+
+
+class Replies:
+    """Reads a reply stream from its start; hands out replies by id."""
+
+    def __init__(self, redis, prefix: str, stream: str, id_field: str) -> None:
+        self.redis, self.key, self.stream, self.id_field = redis, prefix + stream, stream, id_field
+        self.last_id, self.seen = "0", {}
+
+    async def get(self, reply_id: str):
+        deadline = asyncio.get_running_loop().time() + EVENTUALLY_S
+        while reply_id not in self.seen:
+            remaining_ms = int((deadline - asyncio.get_running_loop().time()) * 1000)
+            assert remaining_ms > 0, f"no reply {reply_id} on {self.key}"
+            reply = await self.redis.xread({self.key: self.last_id}, block=min(remaining_ms, 500))
+            for _, entries in reply:
+                for entry_id, fields in entries:
+                    self.last_id = entry_id
+                    message = decode(fields[b"msg"], self.stream)
+                    self.seen.setdefault(getattr(message, self.id_field), message)
+        return self.seen[reply_id]
+
+
+class TinkerDriver:
+    def __init__(self, bus: StreamBus, results: Replies, run_id: str) -> None:
+        self.bus, self.results, self.run_id = bus, results, run_id
+
+    async def op(self, op: str, **fields) -> TinkerOpResult:
+        op_id = uuid.uuid4().hex
+        fields.setdefault("run_id", self.run_id)
+        await self.bus.publish(TinkerOp(op_id=op_id, op=op, **fields))
+        return await self.results.get(op_id)
+
+    async def ok(self, op: str, **fields) -> TinkerOpResult:
+        result = await self.op(op, **fields)
+        assert result.ok, result.error
+        return result
+
+
+def ce_datum(tokens: list[int], weights: list[float] | None = None) -> Datum:
+    inputs = {"target_tokens": TensorData(data=[float(t) for t in tokens[1:]], dtype="int64")}
+    if weights is not None:
+        inputs["weights"] = TensorData(data=weights)
+    return Datum(model_input=tokens[:-1], loss_fn_inputs=inputs)
+
+
+DATA_A = [ce_datum([5, 17, 29, 40, 7, 3]), ce_datum([11, 2, 40, 7], [0.0, 1.0, 0.5])]
+DATA_B = [ce_datum([9, 45, 1, 26, 33, 8, 14])]
+
+
+def peft_from(path: str):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32)
+    return PeftModel.from_pretrained(base, path, is_trainable=True).eval()
+
+
+def direct_ce_loss(model, data: list[Datum]) -> torch.Tensor:
+    total = torch.zeros(())
+    for datum in data:
+        logits = model(input_ids=torch.tensor([datum.model_input])).logits[0].float()
+        logp = torch.log_softmax(logits, dim=-1)
+        targets = torch.tensor([int(t) for t in datum.loss_fn_inputs["target_tokens"].data])
+        token_logp = logp.gather(-1, targets[:, None])[:, 0]
+        weights = (torch.tensor(datum.loss_fn_inputs["weights"].data) if "weights" in datum.loss_fn_inputs
+                   else torch.ones_like(token_logp))
+        total = total - (weights * token_logp).sum()
+    return total
+
+
+def lora_params(model) -> dict[str, torch.nn.Parameter]:
+    return {k.replace(".default.", "."): v for k, v in model.named_parameters() if "lora_" in k}
+
+
+async def start(service) -> asyncio.Task:
+    await service.setup()
+    return asyncio.create_task(service.run())
+
+
+async def stop(service, task: asyncio.Task) -> None:
+    service.stop()
+    await asyncio.wait_for(task, EVENTUALLY_S)
+    await service.close()
+
+
+async def test_forward_backward_accumulates_and_optim_step_is_adam(redis_url, stream_prefix, async_redis, tmp_path):
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    results = Replies(async_redis, stream_prefix, "tinker_results", "op_id")
+    service = TrainerService(trainer_config(redis_url, stream_prefix, tmp_path))
+    task = await start(service)
+    run = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+    try:
+        await run.ok("create", lora_rank=RANK, seed=3)
+        saved = await run.ok("save_weights", name="start")
+        assert saved.adapter_version == 1
+        first = await run.ok("forward_backward", data=DATA_A, loss_fn="cross_entropy")
+        second = await run.ok("forward_backward", data=DATA_B, loss_fn="cross_entropy")
+        adam = AdamParams(learning_rate=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
+        await run.ok("optim_step", adam=adam)
+        after = await run.ok("save_weights", name="after")
+        assert after.adapter_version == 2
+        forward_after = await run.ok("forward", data=DATA_A, loss_fn="cross_entropy")
+    finally:
+        await stop(service, task)
+
+    store = service.store
+    # The same computation, directly: the saved start version, both batches' summed loss, one torch Adam step.
+    model = peft_from(str(store.path(run.run_id, 1)))
+    loss_a = direct_ce_loss(model, DATA_A)
+    loss_b = direct_ce_loss(model, DATA_B)
+    assert first.metrics["loss:sum"] == pytest.approx(loss_a.item(), rel=1e-5)
+    assert second.metrics["loss:sum"] == pytest.approx(loss_b.item(), rel=1e-5)
+    elementwise = first.loss_fn_outputs[1]["elementwise_loss"].data
+    assert elementwise[0] == 0.0 and len(elementwise) == 3  # weight 0: no loss
+    params = lora_params(model)
+    optimizer = torch.optim.Adam(list(params.values()), lr=adam.learning_rate, betas=(adam.beta1, adam.beta2),
+                                 eps=adam.eps)
+    (loss_a + loss_b).backward()
+    optimizer.step()
+    trained = store.load_tensors(store.path(run.run_id, 2))
+    assert set(trained) == set(params)
+    for name, param in params.items():
+        torch.testing.assert_close(trained[name], param.detach(), rtol=1e-4, atol=1e-6)
+    with torch.no_grad():
+        assert forward_after.metrics["loss:sum"] == pytest.approx(direct_ce_loss(model, DATA_A).item(), rel=1e-5)
+    assert forward_after.metrics["loss:sum"] < first.metrics["loss:sum"]
+
+
+async def test_bad_ops_get_clear_errors_and_the_consumer_keeps_going(
+        redis_url, stream_prefix, async_redis, tmp_path):
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    results = Replies(async_redis, stream_prefix, "tinker_results", "op_id")
+    adapters = Replies(async_redis, stream_prefix, "adapters", "version")
+    service = TrainerService(trainer_config(redis_url, stream_prefix, tmp_path))
+    task = await start(service)
+    run = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+    try:
+        missing = await run.op("forward", data=DATA_A)
+        assert not missing.ok and "does not exist" in (missing.error or "")
+        bad_id = await run.op("create", run_id="../etc")
+        assert not bad_id.ok and "not a valid id" in (bad_id.error or "")
+        await run.ok("create", lora_rank=4)
+        too_big = await run.op("create", run_id="tk-big", lora_rank=RANK * 4)
+        assert not too_big.ok and too_big.error_kind == "user"
+        wrong_inputs = await run.op("forward_backward", data=DATA_A, loss_fn="importance_sampling")
+        assert not wrong_inputs.ok and "lacks" in (wrong_inputs.error or "")
+        out_of_vocab = await run.op("forward", data=[ce_datum([1, 10**9, 3])])
+        assert not out_of_vocab.ok and "vocabulary" in (out_of_vocab.error or "")
+        short = Datum(model_input=[1, 2, 3], loss_fn_inputs={"target_tokens": TensorData(data=[2.0], dtype="int64")})
+        assert not (await run.op("forward", data=[short])).ok
+        bad_name = await run.op("save_state", name="../../escape")
+        assert not bad_name.ok and "checkpoint name" in (bad_name.error or "")
+        no_state = await run.op("load_state", name="never-saved")
+        assert not no_state.ok and "no saved state" in (no_state.error or "")
+        bad_adam = await run.op("optim_step", adam=AdamParams(beta1=1.5))
+        assert not bad_adam.ok and "beta1" in (bad_adam.error or "")
+        await async_redis.xadd(stream_prefix + "tinker_ops", {"msg": b"\x93not a message"})
+
+        # Still serving: a save_state / load_state round trip into a new run gives the same forward.
+        await run.ok("forward_backward", data=DATA_B)
+        await run.ok("optim_step", adam=AdamParams(learning_rate=0.05))
+        before = await run.ok("forward", data=DATA_A)
+        await run.ok("save_state", name="ckpt-1")
+        copy = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+        loaded = await copy.ok("load_state", name="ckpt-1", source_run_id=run.run_id)
+        assert loaded.lora_rank == 4
+        again = await copy.ok("forward", data=DATA_A)
+        assert again.metrics["loss:sum"] == pytest.approx(before.metrics["loss:sum"], rel=1e-6)
+        saved = await copy.ok("save_weights")
+        announced: AdapterPublished = await adapters.get(saved.adapter_version)
+        assert announced.experiment_id == copy.run_id
+        assert service.store.verify(announced.path) == announced.digest
+        letters = await bus.dead_letters("tinker_ops")
+        assert len(letters) == 1
+    finally:
+        await stop(service, task)
