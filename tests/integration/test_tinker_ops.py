@@ -216,3 +216,64 @@ async def test_bad_ops_get_clear_errors_and_the_consumer_keeps_going(
         assert len(letters) == 1
     finally:
         await stop(service, task)
+
+
+async def test_sampled_logprobs_match_the_trainers_under_the_same_version(
+        redis_url, stream_prefix, async_redis, tmp_path):
+    from services.rollout.service import RolloutService
+    from shared.config import RolloutConfig
+    from shared.tinker_messages import TinkerSampleRequest, TinkerSampling
+
+    bus = StreamBus(async_redis, prefix=stream_prefix)
+    results = Replies(async_redis, stream_prefix, "tinker_results", "op_id")
+    samples = Replies(async_redis, stream_prefix, "tinker_samples", "request_id")
+    trainer = TrainerService(trainer_config(redis_url, stream_prefix, tmp_path))
+    rollout = RolloutService(RolloutConfig(
+        redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="rollout-tinker-test",
+        model_dir=str(MODEL_DIR), data_dir=str(tmp_path), device="cpu", dtype="float32", max_rows=8, max_loras=4,
+        lora_rank=RANK, lora_alpha=ALPHA, drain_timeout_s=10.0))
+    trainer_task, rollout_task = await start(trainer), await start(rollout)
+    run = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+    prompt = [5, 17, 29, 40]
+
+    async def sample(version: int, **fields):
+        request_id = uuid.uuid4().hex
+        fields.setdefault("prompt_token_ids", prompt)
+        await bus.publish(TinkerSampleRequest(
+            request_id=request_id, run_id=run.run_id, adapter_version=version, num_samples=2,
+            sampling=TinkerSampling(max_tokens=6, temperature=1.0, seed=7), **fields))
+        return await samples.get(request_id)
+
+    try:
+        await run.ok("create", lora_rank=RANK)
+        await run.ok("forward_backward", data=DATA_A + DATA_B)
+        await run.ok("optim_step", adam=AdamParams(learning_rate=0.05))
+        version = (await run.ok("save_weights", name="trained")).adapter_version
+        checked = 0
+        for sampled_version in (version, 0):
+            result = await sample(sampled_version)
+            assert result.error is None and len(result.sequences) == 2
+            data = [Datum(model_input=prompt + s.token_ids) for s in result.sequences if s.token_ids]
+            scored = await run.ok("compute_logprobs", data=data, adapter_version=sampled_version)
+            for sequence, output in zip([s for s in result.sequences if s.token_ids], scored.loss_fn_outputs,
+                                        strict=True):
+                recomputed = output["logprobs"].data[len(prompt):]
+                assert recomputed == pytest.approx(sequence.logprobs, abs=1e-4)
+                checked += len(recomputed)
+        assert checked > 0
+        # the trained version samples differently from the base: the adapter was applied
+        trained_lp = (await run.ok("compute_logprobs", data=[Datum(model_input=prompt)], adapter_version=version))
+        base_lp = (await run.ok("compute_logprobs", data=[Datum(model_input=prompt)], adapter_version=0))
+        assert trained_lp.loss_fn_outputs[0]["logprobs"].data[1:] != pytest.approx(
+            base_lp.loss_fn_outputs[0]["logprobs"].data[1:], abs=1e-4)
+
+        missing = await sample(version + 5)
+        assert missing.error is not None and "unavailable" in missing.error and not missing.sequences
+        empty = await sample(0, prompt_token_ids=[])
+        assert empty.error is not None and "empty" in empty.error
+        out_of_vocab = await sample(0, prompt_token_ids=[10**6])
+        assert out_of_vocab.error is not None
+        assert (await sample(version)).error is None  # still serving
+    finally:
+        await stop(rollout, rollout_task)
+        await stop(trainer, trainer_task)
