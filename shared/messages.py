@@ -514,7 +514,7 @@ def now() -> float:
     return time.time()
 
 
-def encode(message: _Message) -> bytes:
+def encode(message: Message) -> bytes:
     return _ENCODER.encode(message)
 
 
@@ -567,7 +567,7 @@ def _explain(exc: msgspec.DecodeError, stream: str | None) -> str:
     return text
 
 
-def stream_for(message: _Message) -> str:
+def stream_for(message: Message) -> str:
     """The stream (without prefix or shard suffix) that carries ``message``."""
     for name, kinds in STREAM_KINDS.items():
         if isinstance(message, kinds):
@@ -575,5 +575,5 @@ def stream_for(message: _Message) -> str:
     raise TypeError(f"no stream carries {type(message).__name__}")
 
 
-def kind_of(message: _Message) -> str:
+def kind_of(message: Message) -> str:
     return type(message).__struct_config__.tag  # type: ignore[return-value]

@@ -41,7 +41,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from services.trainer import grpo
-from services.trainer.tenants import ADAM_BETAS, ADAM_EPS, ShapeMismatch, TenantState, live_part, same_shape
+from services.trainer.tenants import ADAM_BETAS, ADAM_EPS, TenantState, live_part, same_shape
 from shared.adapters import AdapterStoreError, fsync_dir, fsync_file
 from shared.engine import LoraSignature
 from shared.messages import AdapterPublished, TrainStats, is_experiment_id, now
@@ -183,8 +183,8 @@ class TinkerRuns:
         state = self._run(op.run_id)
         final = checked_names_root(self.states_root, op.run_id, op.name)
         moments, adam_step = self.bank.optimizer_tensors(op.run_id)
-        adapter = {n: t.detach().to("cpu").contiguous().clone() for n, t in self.bank.adapter_tensors(op.run_id).items()}
-        optimizer = {n: t.detach().to("cpu").contiguous().clone() for n, t in moments.items()}
+        adapter = _cpu_copies(self.bank.adapter_tensors(op.run_id))
+        optimizer = _cpu_copies(moments)
         write_state(final, adapter, optimizer, {
             "rank": state.shape.rank, "alpha": state.shape.alpha, "target_modules": list(state.shape.target_modules),
             "adam_step": adam_step})
@@ -388,7 +388,8 @@ def loss_config(op: TinkerOp) -> dict[str, float]:
     if unknown := set(op.loss_fn_config) - set(PPO_DEFAULTS):
         raise OpRefused(f"ppo loss_fn_config has unknown keys {sorted(unknown)}")
     config = {**PPO_DEFAULTS, **op.loss_fn_config}
-    if not all(math.isfinite(v) for v in config.values()) or config["clip_low_threshold"] > config["clip_high_threshold"]:
+    low, high = config["clip_low_threshold"], config["clip_high_threshold"]
+    if not (math.isfinite(low) and math.isfinite(high)) or low > high:
         raise OpRefused("ppo clip thresholds must be finite, low <= high")
     return config
 
@@ -410,6 +411,10 @@ def elementwise_loss(loss_fn: str, logp: torch.Tensor, datum: Datum, config: dic
         return -ratio * advantages
     clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
     return -torch.minimum(ratio * advantages, clipped * advantages)
+
+
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
 
 
 def _ints(tensor: TensorData) -> list[int]:
