@@ -146,11 +146,15 @@ def _run(gateway: Gateway, request: web.Request, model_id: Any) -> Run:
     return run
 
 
-def _future(gateway: Gateway, request: web.Request, work: Awaitable[Outcome], model_id: str | None = None):
+def _future(gateway: Gateway, request: web.Request, work: Awaitable[Outcome], model_id: str | None = None,
+            num_samples: int = 0) -> web.Response:
+    """The UntypedAPIFuture reply; a sample's carries one sequence id per sample."""
     request_id = gateway.futures.start(_owner(request), work, gateway.config.op_timeout_s)
     body: dict[str, Any] = {"request_id": request_id}
     if model_id is not None:
         body["model_id"] = model_id
+    if num_samples:
+        body["sample_sequence_ids"] = [f"{request_id}-{i}" for i in range(num_samples)]
     return web.json_response(body)
 
 
@@ -517,7 +521,7 @@ async def asample(request: web.Request) -> web.Response:
             prompt_logprobs = [float(v) for v in outputs[0]["logprobs"].data]
         return codec.sample_response(result.sequences, prompt_logprobs)
 
-    return _future(gateway, request, work())
+    return _future(gateway, request, work(), num_samples=num_samples)
 
 
 # ---------------------------------------------------------------- futures
