@@ -216,28 +216,29 @@ class TinkerRuns:
         result.name = op.name
 
     def _op_compute_logprobs(self, op: TinkerOp, result: TinkerOpResult) -> None:
-        state = self._run(op.run_id)
+        """Version 0 is the base model: no run needed (a base-model sampling client has none)."""
         self._check_data(op.data, None)
+        if op.adapter_version == 0:
+            with torch.no_grad(), self.core.model.disable_adapter():
+                result.loss_fn_outputs = [self._prompt_logprobs(datum.model_input) for datum in op.data]
+            return
+        state = self._run(op.run_id)
         weights = self._version_weights(op.run_id, op.adapter_version, state)
         self.bank.swap_in(op.run_id)
         saved = {n: live_part(n, self.bank.params[n], state.shape.rank).detach().clone() for n in state.weights}
         try:
             with torch.no_grad():
-                if weights is not None:
-                    self._set_live(state, weights)
-                for datum in op.data:
-                    tokens = datum.model_input
-                    logprobs = [math.nan]
-                    if len(tokens) > 1:
-                        if weights is None:
-                            with self.core.model.disable_adapter():
-                                logp = self._logprobs(tokens[:-1], tokens[1:])
-                        else:
-                            logp = self._logprobs(tokens[:-1], tokens[1:])
-                        logprobs += logp.tolist()
-                    result.loss_fn_outputs.append({"logprobs": TensorData(data=logprobs)})
+                self._set_live(state, weights)
+                result.loss_fn_outputs = [self._prompt_logprobs(datum.model_input) for datum in op.data]
         finally:
             self._set_live(state, saved)
+
+    def _prompt_logprobs(self, tokens: list[int]) -> dict[str, TensorData]:
+        """Each token's log-probability given the ones before it; the first NaN."""
+        logprobs = [math.nan]
+        if len(tokens) > 1:
+            logprobs += self._logprobs(tokens[:-1], tokens[1:]).tolist()
+        return {"logprobs": TensorData(data=logprobs)}
 
     # ------------------------------------------------------------ model work
 
@@ -308,12 +309,10 @@ class TinkerRuns:
             for name, tensor in weights.items():
                 live_part(name, self.bank.params[name], state.shape.rank).copy_(tensor)
 
-    def _version_weights(self, run_id: str, version: int, state: TenantState) -> dict[str, torch.Tensor] | None:
-        """The weights of saved version ``version`` (None: 0, the base model)."""
-        if version == 0:
-            return None
+    def _version_weights(self, run_id: str, version: int, state: TenantState) -> dict[str, torch.Tensor]:
+        """The weights of saved version ``version`` (>= 1) of the run."""
         store = self.core.store
-        if version < 0 or not store.is_complete(run_id, version):
+        if version < 1 or not store.is_complete(run_id, version):
             raise OpRefused(f"run {run_id!r} has no saved version {version}")
         stored = store.load_tensors(store.path(run_id, version))
         self._check_tensors(state, stored, None)

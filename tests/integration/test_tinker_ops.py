@@ -6,6 +6,7 @@ computations with the shipped tiny model."""
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
 from dataclasses import replace
 from pathlib import Path
@@ -214,6 +215,34 @@ async def test_bad_ops_get_clear_errors_and_the_consumer_keeps_going(
         assert service.store.verify(announced.path) == announced.digest
         letters = await bus.dead_letters("tinker_ops")
         assert len(letters) == 1
+
+        # Policy-gradient losses against their definitions: sampling logprobs q = the model's (ratio 1),
+        # then q = logp - 0.5 (ratio e^0.5, clipped by ppo to 1.2 for a positive advantage).
+        logp = before.loss_fn_outputs[0]["logprobs"].data
+        datum = DATA_A[0]
+        advantages = [1.0, 0.5, 2.0, 0.25, 1.5][:len(logp)]
+
+        def pg_datum(q: list[float]) -> Datum:
+            return Datum(model_input=datum.model_input, loss_fn_inputs={
+                "target_tokens": datum.loss_fn_inputs["target_tokens"], "logprobs": TensorData(data=q),
+                "advantages": TensorData(data=advantages)})
+
+        on_policy = await run.ok("forward", data=[pg_datum(logp)], loss_fn="importance_sampling")
+        assert on_policy.metrics["loss:sum"] == pytest.approx(-sum(advantages), rel=1e-5)
+        shifted = [x - 0.5 for x in logp]
+        clipped = await run.ok("forward", data=[pg_datum(shifted)], loss_fn="ppo")
+        assert clipped.metrics["loss:sum"] == pytest.approx(-1.2 * sum(advantages), rel=1e-5)
+        unclipped = await run.ok("forward", data=[pg_datum(shifted)], loss_fn="ppo",
+                                 loss_fn_config={"clip_low_threshold": 0.5, "clip_high_threshold": 2.0})
+        assert unclipped.metrics["loss:sum"] == pytest.approx(-math.exp(0.5) * sum(advantages), rel=1e-5)
+        bad_config = await run.op("forward", data=[pg_datum(logp)], loss_fn="ppo", loss_fn_config={"eps": 0.1})
+        assert not bad_config.ok and "unknown keys" in (bad_config.error or "")
+
+        # Version 0 is the base model: a run that was never created may score tokens under it.
+        base_only = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+        scored = await base_only.ok("compute_logprobs", data=[Datum(model_input=[4, 9, 12])], adapter_version=0)
+        values = scored.loss_fn_outputs[0]["logprobs"].data
+        assert len(values) == 3 and math.isnan(values[0]) and all(v < 0 for v in values[1:])
     finally:
         await stop(service, task)
 
