@@ -33,6 +33,7 @@ import json
 import math
 import shutil
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 
 import structlog
@@ -57,9 +58,15 @@ LOSS_INPUTS = {
     "importance_sampling": ({"target_tokens", "logprobs", "advantages"}, set()),
     "ppo": ({"target_tokens", "logprobs", "advantages"}, set()),
 }
+ANSWERS_KEPT = 4096  # results remembered by op id, so a redelivered op is answered, not run again
+MAX_OP_ID_CHARS = 128
 PPO_DEFAULTS = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 
 log = structlog.get_logger(__name__)
+
+
+def is_op_id(value: str) -> bool:
+    return 0 < len(value) <= MAX_OP_ID_CHARS and value.isprintable()
 
 
 class OpRefused(ValueError):
@@ -96,11 +103,20 @@ class TinkerRuns:
         self.states_root = states_root
         self.grads: dict[str, dict[str, torch.Tensor]] = {}  # run -> accumulated gradient, run's own shape
         self.published: list[AdapterPublished] = []  # by the op being run (save_weights)
+        self.answered: OrderedDict[str, TinkerOpResult] = OrderedDict()  # op id -> result, newest last
 
     def run(self, op: TinkerOp, worker: str = "") -> tuple[TinkerOpResult, list[AdapterPublished]]:
-        """The op's result and the versions it published (to announce)."""
+        """The op's result and the versions it published (to announce). An op
+        id answered already (a redelivery) gets its first result again and is
+        not run twice: a gradient is never accumulated twice."""
+        if op.op_id in self.answered:
+            return self.answered[op.op_id], []
         self.published = []
         result = self.handle(op, worker)
+        if is_op_id(op.op_id):
+            self.answered[op.op_id] = result
+            while len(self.answered) > ANSWERS_KEPT:
+                self.answered.popitem(last=False)
         return result, self.published
 
     # ------------------------------------------------------------ dispatch
@@ -108,6 +124,8 @@ class TinkerRuns:
     def handle(self, op: TinkerOp, worker: str = "") -> TinkerOpResult:
         result = TinkerOpResult(op_id=op.op_id, run_id=op.run_id, op=op.op, ok=True, trainer=worker)
         try:
+            if not is_op_id(op.op_id):
+                raise OpRefused(f"op id of {len(op.op_id)} characters: 1 to {MAX_OP_ID_CHARS} printable ones")
             if not is_experiment_id(op.run_id):
                 raise OpRefused(f"run id {op.run_id!r} is not a valid id")
             getattr(self, f"_op_{op.op}")(op, result)
@@ -339,6 +357,9 @@ class TinkerRuns:
             if problem:
                 raise OpRefused(f"datum {index}: {problem}")
             total += len(datum.model_input)
+            if len(datum.model_input) > self.core.budget.max_packed_row_tokens:
+                raise OpRefused(f"datum {index}: {len(datum.model_input)} tokens, over the trainer's "
+                                f"max_packed_row_tokens {self.core.budget.max_packed_row_tokens}")
         if total > self.core.budget.max_train_tokens:
             raise OpRefused(f"{total} tokens, over the trainer's max_train_tokens {self.core.budget.max_train_tokens}")
 

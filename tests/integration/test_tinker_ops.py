@@ -70,7 +70,8 @@ class TinkerDriver:
     async def op(self, op: str, **fields) -> TinkerOpResult:
         op_id = uuid.uuid4().hex
         fields.setdefault("run_id", self.run_id)
-        await self.bus.publish(TinkerOp(op_id=op_id, op=op, **fields))
+        self.last_op = TinkerOp(op_id=op_id, op=op, **fields)
+        await self.bus.publish(self.last_op)
         return await self.results.get(op_id)
 
     async def ok(self, op: str, **fields) -> TinkerOpResult:
@@ -137,6 +138,7 @@ async def test_forward_backward_accumulates_and_optim_step_is_adam(redis_url, st
         saved = await run.ok("save_weights", name="start")
         assert saved.adapter_version == 1
         first = await run.ok("forward_backward", data=DATA_A, loss_fn="cross_entropy")
+        await bus.publish(run.last_op)  # a redelivery: answered again, its gradient not added twice
         second = await run.ok("forward_backward", data=DATA_B, loss_fn="cross_entropy")
         adam = AdamParams(learning_rate=0.01, beta1=0.9, beta2=0.95, eps=1e-8)
         await run.ok("optim_step", adam=adam)
