@@ -252,17 +252,23 @@ async def test_bad_ops_get_clear_errors_and_the_consumer_keeps_going(
 async def test_sampled_logprobs_match_the_trainers_under_the_same_version(
         redis_url, stream_prefix, async_redis, tmp_path):
     from services.rollout.service import RolloutService
+    from services.rollout.torch_engine import TorchEngine
     from shared.config import RolloutConfig
+    from shared.messages import Prompt, RewardSpec, RolloutRequest, SamplingParams
     from shared.tinker_messages import TinkerSampleRequest, TinkerSampling
 
     bus = StreamBus(async_redis, prefix=stream_prefix)
     results = Replies(async_redis, stream_prefix, "tinker_results", "op_id")
     samples = Replies(async_redis, stream_prefix, "tinker_samples", "request_id")
     trainer = TrainerService(trainer_config(redis_url, stream_prefix, tmp_path))
-    rollout = RolloutService(RolloutConfig(
+    config = RolloutConfig(
         redis_url=redis_url, stream_prefix=stream_prefix, consumer_name="rollout-tinker-test",
         model_dir=str(MODEL_DIR), data_dir=str(tmp_path), device="cpu", dtype="float32", max_rows=8, max_loras=4,
-        lora_rank=RANK, lora_alpha=ALPHA, drain_timeout_s=10.0))
+        lora_rank=RANK, lora_alpha=ALPHA, drain_timeout_s=10.0)
+    # ignore_eos: every sequence runs to max_tokens, so the two requests below surely overlap
+    engine = TorchEngine(str(MODEL_DIR), config.signature, max_rows=config.max_rows, max_loras=config.max_loras,
+                         device="cpu", dtype="float32", ignore_eos=True)
+    rollout = RolloutService(config, engine=engine)
     trainer_task, rollout_task = await start(trainer), await start(rollout)
     run = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
     prompt = [5, 17, 29, 40]
@@ -305,6 +311,21 @@ async def test_sampled_logprobs_match_the_trainers_under_the_same_version(
         out_of_vocab = await sample(0, prompt_token_ids=[10**6])
         assert out_of_vocab.error is not None
         assert (await sample(version)).error is None  # still serving
+
+        # A scheduler experiment's request and a Tinker run's decode in the same steps.
+        await bus.publish(RolloutRequest(
+            request_id="exp-a:0", experiment_id="exp-a", step=0, purpose="train",
+            prompt=Prompt(prompt_id="p0", text="12+30="), adapter_version=0, adapter_path=None,
+            sampling=SamplingParams(n=2, max_tokens=40, seed=1), reward=RewardSpec(type="exact_match")))
+        long_request = uuid.uuid4().hex
+        await bus.publish(TinkerSampleRequest(
+            request_id=long_request, run_id=run.run_id, adapter_version=version, prompt_token_ids=prompt,
+            num_samples=2, sampling=TinkerSampling(max_tokens=40, seed=2)))
+        long = await samples.get(long_request)
+        assert long.error is None and [len(s.token_ids) for s in long.sequences] == [40, 40]
+        await Replies(async_redis, stream_prefix, "completions", "request_id").get("exp-a:0")
+        step_tenants = rollout.engine.stats().step_tenants
+        assert [s for s in step_tenants if {run.run_id, None} <= s], f"never in one decode step: {step_tenants}"
     finally:
         await stop(rollout, rollout_task)
         await stop(trainer, trainer_task)
