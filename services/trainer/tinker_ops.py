@@ -23,7 +23,13 @@ sidecar (shape, step count, sha256 of both files); written to a temporary
 directory, fsynced, renamed.
 
 Every op is answered by a ``TinkerOpResult``; a bad op gets ``ok`` False
-and the reason, and changes nothing.
+and the reason, and changes nothing. An op id already answered (a
+redelivery) gets the same result again without running twice.
+
+Runs live in memory (``release`` frees one). After a trainer restart a run
+comes back from its newest saved version (``save_weights``) with fresh Adam
+moments and no accumulated gradient; ``save_state`` / ``load_state`` is the
+way to keep everything.
 """
 
 from __future__ import annotations
@@ -131,8 +137,8 @@ class TinkerRuns:
             getattr(self, f"_op_{op.op}")(op, result)
         except (ValueError, AdapterStoreError) as exc:  # OpRefused, ShapeMismatch, a bad stored version
             result.ok, result.error, result.error_kind = False, str(exc), "user"
-        except (OSError, RuntimeError) as exc:
-            log.warning("tinker_op_failed", run_id=op.run_id, op=op.op, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # ours (disk, torch, a bug): answered, so the gateway's future ends, never retried
+            log.exception("tinker_op_failed", run_id=op.run_id, op=op.op)
             result.ok, result.error, result.error_kind = False, f"{type(exc).__name__}: {exc}", "server"
         if result.ok and op.run_id in self.bank.tenants:
             state = self.bank.get(op.run_id)
@@ -283,13 +289,14 @@ class TinkerRuns:
                 outputs.append({"logprobs": TensorData(data=logp.detach().float().cpu().tolist()),
                                 "elementwise_loss": TensorData(data=elementwise.detach().float().cpu().tolist())})
         if backward:
-            accumulated = self.grads.setdefault(op.run_id, {})
+            accumulated = dict(self.grads.get(op.run_id, {}))  # replaced whole: a failure half-way adds nothing
             for name in state.weights:
                 grad = self.bank.params[name].grad
                 if grad is None:
                     continue
                 part = live_part(name, grad, state.shape.rank).detach().clone()
                 accumulated[name] = accumulated[name] + part if name in accumulated else part
+            self.grads[op.run_id] = accumulated
             optimizer.zero_grad(set_to_none=True)
         result.loss_fn_outputs = outputs
         result.metrics["loss:sum"] = total
