@@ -69,8 +69,8 @@ def _tensor(name: str, msg: Any) -> TensorData:
             raise BadRequest(f"loss_fn_inputs[{name!r}]: shape {shape} does not hold {len(flat)} values")
     if dtype == "float32" and not np.all(np.isfinite(flat)):
         raise BadRequest(f"loss_fn_inputs[{name!r}]: values must be finite")
-    values = [int(v) for v in flat] if dtype == "int64" else [float(v) for v in flat]
-    return TensorData(data=values, dtype=dtype, shape=shape if len(shape) > 1 else [])  # type: ignore[arg-type]
+    numbers: list[float] = [int(v) for v in flat] if dtype == "int64" else [float(v) for v in flat]
+    return TensorData(data=numbers, dtype=dtype, shape=shape if len(shape) > 1 else [])  # type: ignore[arg-type]
 
 
 def _tokens(datum_index: int, chunks: Any) -> list[int]:

@@ -77,7 +77,7 @@ from shared.tinker_messages import (
 )
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
-OWNER_KEY = web.AppKey("owner", str)
+OWNER_KEY = web.RequestKey("owner", str)
 MAX_PROMPT_TOKENS_DEFAULT = 2048
 
 
@@ -354,7 +354,7 @@ async def optim_step(request: web.Request) -> web.Response:
 
 def _checkpoint_name(body: dict[str, Any], field: str = "path") -> str:
     name = body.get(field)
-    if not is_checkpoint_name(name):
+    if not isinstance(name, str) or not is_checkpoint_name(name):
         raise _error(400, f"{field} must be a checkpoint name: letters, digits, '_', '-', '.', at most 64")
     return name
 

@@ -84,7 +84,8 @@ class GatewayService(Service):
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.config.gateway_host, self.config.gateway_port)
         await site.start()
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
+        server = site._server  # port 0: the port the OS chose
+        sockets = getattr(server, "sockets", None) or []
         if sockets:
             self.port = sockets[0].getsockname()[1]
         self.log.info("gateway_listening", host=self.config.gateway_host, port=self.port, api_keys=len(self.keys))

@@ -91,7 +91,8 @@ def test_capabilities_and_unknown_keys(base_url):
     capabilities = service(base_url).get_server_capabilities()
     assert [m.model_name for m in capabilities.supported_models] == [BASE_MODEL]
     with pytest.raises(tinker.AuthenticationError):
-        service(base_url, "tml-not-a-configured-key").create_lora_training_client(base_model=BASE_MODEL, rank=4).result()
+        unknown = service(base_url, "tml-not-a-configured-key")
+        unknown.create_lora_training_client(base_model=BASE_MODEL, rank=4).result()
     reply = httpx.post(f"{base_url}/api/v1/create_session", json={"tags": []})
     assert reply.status_code == 401 and "API key" in reply.json()["error"]
     assert httpx.get(f"{base_url}/api/v1/healthz").json() == {"status": "ok"}
