@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from shared.config import BaseConfig
+from shared.config import BaseConfig, LoraConfig
 
 DEFAULT_GATEWAY_PORT = 8900
 
 
 @dataclass
-class GatewayConfig(BaseConfig):
+class GatewayConfig(BaseConfig, LoraConfig):
+    """``lora_rank`` (CLORA_LORA_RANK): the deployment's, the most a Tinker run may ask for."""
+
     gateway_host: str = "127.0.0.1"
     gateway_port: int = DEFAULT_GATEWAY_PORT
     gateway_api_keys_file: str = ""  # one key per line ("tml-..."; '#' comments)
@@ -18,7 +20,6 @@ class GatewayConfig(BaseConfig):
     base_model: str = "clora-tiny"  # the name clients pass as base_model
     tokenizer_id: str = ""  # what get_info reports for the client's tokenizer (default: base_model)
     max_context_length: int = 2048
-    max_lora_rank: int = 8  # the deployment's LoRA rank (a run may ask for less)
     max_body_bytes: int = 64 * 1024 * 1024
     max_num_samples: int = 64
     max_sample_tokens: int = 1024
@@ -31,6 +32,6 @@ class GatewayConfig(BaseConfig):
         super().validate()
         self._require(0 <= self.gateway_port < 65536, "gateway_port", "a TCP port (0: any free one)")
         self._require(bool(self.base_model), "base_model", "non-empty")
-        self._require_positive("max_context_length", "max_lora_rank", "max_body_bytes", "max_num_samples",
+        self._require_positive("max_context_length", "max_body_bytes", "max_num_samples",
                                "max_sample_tokens", "default_sample_tokens", "op_timeout_s", "poll_wait_s",
                                "futures_keep_s")

@@ -280,7 +280,7 @@ async def create_model(request: web.Request) -> web.Response:
     lora = body.get("lora_config") or {}
     if not isinstance(lora, dict):
         raise _error(400, "lora_config must be an object")
-    rank = _int(lora, "rank", gateway.config.max_lora_rank, 1, gateway.config.max_lora_rank)
+    rank = _int(lora, "rank", gateway.config.lora_rank, 1, gateway.config.lora_rank)
     seed = lora.get("seed")
     seed = _int(lora, "seed", 0, 0, 2**31 - 1) if seed is not None else 0
     run = Run(run_id=new_run_id(), owner=owner, lora_rank=rank, base_model=gateway.config.base_model)
@@ -406,12 +406,17 @@ async def load_weights(request: web.Request) -> web.Response:
     if path is None or source is None:
         raise _error(404, f"checkpoint {str(body.get('path'))[:120]!r} not found")
     with_optimizer = bool(body.get("optimizer", False))
+    alias = ""
     if body.get("model_id") is not None:
         run = _run(gateway, request, body.get("model_id"))
         created = False
     else:  # ServiceClient.create_training_client_from_state: a new run from the checkpoint
-        if not gateway.registry.session_owned(body.get("session_id"), owner):
+        session_id = body.get("session_id")
+        if not gateway.registry.session_owned(session_id, owner):
             raise _error(404, "session not found")
+        alias = f"{session_id}:train:{_int(body, 'model_seq_id', None, 0, 2**31)}"  # the SDK's own name for it
+        if gateway.registry.run(alias, owner) is not None:
+            raise _error(400, f"model {alias!r} exists already")
         run = Run(run_id=new_run_id(), owner=owner, lora_rank=source.lora_rank, base_model=source.base_model)
         created = True
     pending = await gateway.backend.op(TinkerOp(
@@ -422,6 +427,7 @@ async def load_weights(request: web.Request) -> web.Response:
         await _reply(pending)
         if created:
             gateway.registry.add_run(run)
+            gateway.registry.add_alias(alias, run.run_id)
         return {"type": "load_weights", "path": path.text, "model_id": run.run_id}
 
     return _future(gateway, request, work(), run.run_id)

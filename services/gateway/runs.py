@@ -78,6 +78,8 @@ class Registry:
         self._runs: dict[str, Run] = {}
         self._sampling: dict[str, SamplingSession] = {}
         self._sessions: dict[str, str] = {}  # session id -> owner
+        # The SDK names a run made by load_weights "<session>:train:<seq>" itself.
+        self._aliases: dict[str, str] = {}
 
     # sessions (the SDK's client sessions: only owned, heartbeated)
     def add_session(self, owner: str) -> str:
@@ -95,8 +97,13 @@ class Registry:
     def drop_run(self, run_id: str) -> None:
         self._runs.pop(run_id, None)
 
+    def add_alias(self, alias: str, run_id: str) -> None:
+        self._aliases[alias] = run_id
+
     def run(self, run_id: object, owner: str) -> Run | None:
-        run = self._runs.get(run_id) if isinstance(run_id, str) else None
+        if not isinstance(run_id, str):
+            return None
+        run = self._runs.get(self._aliases.get(run_id, run_id))
         return run if run is not None and run.owner == owner else None
 
     def runs_of(self, owner: str) -> list[Run]:

@@ -151,7 +151,13 @@ def test_supervised_loop_lowers_loss_and_its_weights_sample(base_url, tokenizer)
     assert tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True).startswith("77")
     logprobs = sampler.compute_logprobs(prompt).result()
     assert len(logprobs) == len(prompt.to_ints()) and logprobs[0] is None and all(v <= 0 for v in logprobs[1:])
-    assert training.save_state("sft-state").result().path.endswith("/weights/sft-state")
+    state_path = training.save_state("sft-state").result().path
+    assert state_path.endswith("/weights/sft-state")
+    # A new run from the saved state computes the same loss; it trains on its own.
+    restored = service(base_url).create_training_client_from_state_with_optimizer(state_path).result()
+    assert restored.get_info().model_id != training.get_info().model_id
+    saved_loss = training.forward(data, "cross_entropy").result().metrics["loss:sum"]
+    assert restored.forward(data, "cross_entropy").result().metrics["loss:sum"] == pytest.approx(saved_loss, rel=1e-4)
 
 
 # ---------------------------------------------------------------- RL, the Tinker-docs way
