@@ -224,7 +224,12 @@ class TinkerRuns:
             raise OpRefused(f"checkpoint {op.name!r} has rank {shape.rank}, run {op.run_id!r} rank "
                             f"{existing.shape.rank}")
         state = existing or self.bank.register(op.run_id, 0, shape)
-        self._check_tensors(state, adapter, optimizer if op.with_optimizer else None)
+        try:
+            self._check_tensors(state, adapter, optimizer if op.with_optimizer else None)
+        except OpRefused:
+            if existing is None:
+                self.bank.forget(op.run_id)  # refused: the run is not created either
+            raise
         if self.bank.active == op.run_id:
             self.bank.swap_out()
         for name in state.weights:
