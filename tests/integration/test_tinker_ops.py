@@ -211,6 +211,14 @@ async def test_bad_ops_get_clear_errors_and_the_consumer_keeps_going(
         assert loaded.lora_rank == 4
         again = await copy.ok("forward", data=DATA_A)
         assert again.metrics["loss:sum"] == pytest.approx(before.metrics["loss:sum"], rel=1e-6)
+        # A saved state whose files changed on disk is refused, and creates no run.
+        await run.ok("save_state", name="ckpt-2")
+        tampered = tmp_path / "tinker_states" / run.run_id / "ckpt-2" / "adapter.safetensors"
+        tampered.write_bytes(tampered.read_bytes()[:-4] + b"\0\0\0\0")
+        stranger = TinkerDriver(bus, results, "tk-" + uuid.uuid4().hex[:16])
+        refused = await stranger.op("load_state", name="ckpt-2", source_run_id=run.run_id)
+        assert not refused.ok and "digest" in (refused.error or "")
+        assert not (await stranger.op("forward", data=DATA_A)).ok  # no such run
         saved = await copy.ok("save_weights")
         announced: AdapterPublished = await adapters.get(saved.adapter_version)
         assert announced.experiment_id == copy.run_id
