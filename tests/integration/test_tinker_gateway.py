@@ -214,22 +214,35 @@ def test_rl_loop_raises_reward(base_url, tokenizer):
 # ---------------------------------------------------------------- sharing and isolation
 
 
-def test_sdk_clients_and_a_scheduler_experiment_share_decode_steps(cluster, base_url, tokenizer):
+def rollout_status_after(client: CloraClient, ts: float) -> dict:
+    """The rollout worker's heartbeat status, from a beat taken after ``ts``."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        heartbeat = msgspec.msgpack.decode(client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0")))
+        if heartbeat["ts"] > ts:
+            return heartbeat["status"]
+        assert time.monotonic() < deadline, "no fresh rollout heartbeat"
+        time.sleep(0.2)
+
+
+def test_two_sdk_clients_and_a_scheduler_experiment_share_decode_steps(cluster, base_url, tokenizer):
     client = CloraClient.connect(cluster.url, cluster.stream_prefix)
     spec = ExperimentSpec(experiment_id="sched-add", task=TaskSource(family="add"),
-                          reward=RewardSpec(type="family", family="add"), steps=4, prompts_per_step=8,
+                          reward=RewardSpec(type="family", family="add"), steps=10, prompts_per_step=8,
                           group_size=8, max_tokens=8, eval_size=8, learning_rate=3e-3)
     client.submit(spec)
-    started = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(3) as pool:
-        loops = [pool.submit(rl_loop, base_url, key, tokenizer, "reverse", 4, seed)
-                 for seed, key in enumerate((KEY_A, KEY_B, KEY_C))]
-        results = [loop.result(timeout=TIMEOUT_S) for loop in loops]
-    print(f"\nRL loop, three concurrent clients (+ a scheduler experiment): {time.monotonic() - started:.1f} s "
-          f"for 4 steps each; rewards {results}")
+    deadline = time.monotonic() + TIMEOUT_S
+    while not client.metrics("sched-add"):  # the experiment is generating: start the Tinker loops
+        assert time.monotonic() < deadline, "the experiment made no step"
+        time.sleep(0.1)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        loops = [pool.submit(rl_loop, base_url, key, tokenizer, "reverse", 5, seed)
+                 for seed, key in enumerate((KEY_B, KEY_C))]
+        for loop in loops:
+            assert len(loop.result(timeout=TIMEOUT_S)) == 5
     record = client.wait("sched-add", timeout_s=TIMEOUT_S)
     assert record.status == "finished", record
-    status = msgspec.msgpack.decode(client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0")))["status"]
+    status = rollout_status_after(client, time.time())
     shared = {pair: n for pair, n in status["shared_steps"].items() if "sched-add" in pair and "tk-" in pair}
     assert shared, status["shared_steps"]  # a Tinker run's rows and the experiment's rows in one decode step
 
