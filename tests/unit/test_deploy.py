@@ -357,7 +357,8 @@ def test_k8s_containers_run_real_clora_commands(k8s_docs):
         _, values = k8s_env(container, config_maps, where)
         check_service_argv(subcommand, argv, values, where)
         seen.add(subcommand)
-    assert seen == set(SERVICE_CONFIGS) - OPT_IN_SERVICES, f"deploy/k8s runs {sorted(seen)}, expected {sorted(SERVICE_CONFIGS)}"
+    expected = set(SERVICE_CONFIGS) - OPT_IN_SERVICES
+    assert seen == expected, f"deploy/k8s runs {sorted(seen)}, expected {sorted(expected)}"
 
 
 def test_k8s_env_is_read_by_the_service_config(k8s_docs):
