@@ -5,7 +5,8 @@ real Redis, the shipped tiny model.
 Covered SDK calls: ServiceClient(base_url, api_key), get_server_capabilities,
 create_lora_training_client, get_info, forward, forward_backward
 (cross_entropy, importance_sampling), optim_step, save_weights_for_sampler,
-save_weights_and_get_sampling_client, save_state, create_sampling_client
+save_weights_and_get_sampling_client, save_state,
+create_training_client_from_state(_with_optimizer), create_sampling_client
 (model_path and base_model), SamplingClient.sample, compute_logprobs, and
 each future's retrieve_future; an unknown key (401) and another key's run,
 paths and futures (404).
@@ -96,6 +97,18 @@ def test_capabilities_and_unknown_keys(base_url):
     reply = httpx.post(f"{base_url}/api/v1/create_session", json={"tags": []})
     assert reply.status_code == 401 and "API key" in reply.json()["error"]
     assert httpx.get(f"{base_url}/api/v1/healthz").json() == {"status": "ok"}
+
+
+def test_base_model_sampling_client(base_url, tokenizer):
+    sampler = service(base_url).create_sampling_client(base_model=BASE_MODEL).result()
+    prompt = types.ModelInput.from_ints(tokenizer.encode("12+30=", add_special_tokens=False))
+    result = sampler.sample(prompt, 3, types.SamplingParams(max_tokens=6, temperature=1.0, seed=7)).result()
+    assert len(result.sequences) == 3
+    for sequence in result.sequences:
+        assert 0 < len(sequence.tokens) <= 6 and len(sequence.logprobs) == len(sequence.tokens)
+        assert all(v <= 0 for v in sequence.logprobs) and sequence.stop_reason in ("stop", "length")
+    logprobs = sampler.compute_logprobs(prompt).result()
+    assert len(logprobs) == len(prompt.to_ints()) and logprobs[0] is None
 
 
 def test_bad_requests_get_clear_errors(base_url):
