@@ -19,6 +19,8 @@ from typing import Literal, Union
 
 import msgspec
 
+from shared.tinker_messages import TINKER_SCHEMA_VERSION, TINKER_STREAM_KINDS, TinkerMessage
+
 SCHEMA_VERSION = 2
 # Kinds whose shape changed, with the oldest schema still read. Schema 2: a
 # rollout request carries every prompt of a step (``prompts``), a completion a
@@ -27,6 +29,7 @@ SCHEMA_VERSION = 2
 # an old reward worker) is refused with a reason, not misread. Other kinds
 # of an older schema are read as they are (fields are only added with defaults).
 MIN_SCHEMA_BY_KIND = {"rollout_request": 2, "completion": 2, "scored_completion": 2, "train_job": 2}
+assert TINKER_SCHEMA_VERSION == SCHEMA_VERSION
 # An experiment id becomes part of Redis keys and of directory names: no ':',
 # no '/', no '.', no newline. Always ``fullmatch`` (``$`` would accept "id\n").
 EXPERIMENT_ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
@@ -497,6 +500,7 @@ Message = (
     | AdapterPublished
     | ExperimentEvent
     | StepMetrics
+    | TinkerMessage  # the Tinker API's (shared/tinker_messages.py)
 )
 
 # Stream name (without prefix) -> the message kinds it carries. Sharded
@@ -516,6 +520,7 @@ STREAM_KINDS: dict[str, tuple[type[msgspec.Struct], ...]] = {
     # external reward workers: requests are Completions, replies ScoredCompletions
     "reward": (Completion,),
     "reward_replies": (ScoredCompletion,),
+    **TINKER_STREAM_KINDS,  # the Tinker API's: gateway <-> trainer, rollout
 }
 
 _ENCODER = msgspec.msgpack.Encoder()
@@ -604,7 +609,7 @@ def _explain(exc: msgspec.DecodeError, stream: str | None) -> str:
     return text
 
 
-def stream_for(message: _Message) -> str:
+def stream_for(message: Message) -> str:
     """The stream (without prefix or shard suffix) that carries ``message``."""
     for name, kinds in STREAM_KINDS.items():
         if isinstance(message, kinds):
@@ -612,5 +617,5 @@ def stream_for(message: _Message) -> str:
     raise TypeError(f"no stream carries {type(message).__name__}")
 
 
-def kind_of(message: _Message) -> str:
+def kind_of(message: Message) -> str:
     return type(message).__struct_config__.tag  # type: ignore[return-value]

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "rollout": ("services.rollout.__main__", "main", "run the rollout (generation) service"),
     "reward": ("services.reward.__main__", "main", "run the reward service"),
     "trainer": ("services.trainer.__main__", "main", "run the trainer service"),
+    "gateway": ("services.gateway.__main__", "main", "run the Tinker-compatible HTTP gateway"),
     "example-reward": ("services.reward.example_http", "main", "run the example external HTTP reward service"),
     "check": ("services.cli.check", "main", "exit 0 when SERVICE is alive (for healthchecks)"),
     "up": ("services.cli.local", "up", "start Redis (embedded unless REDIS_URL) and all four services"),

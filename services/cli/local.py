@@ -38,7 +38,7 @@ from shared import acl
 from shared.config import DEFAULT_MODEL_DIR
 from shared.redis_server import EmbeddedRedis
 
-STOP_ORDER = ("scheduler", "rollout", "reward", "trainer")  # stop issuing work first
+STOP_ORDER = ("gateway", "scheduler", "rollout", "reward", "trainer")  # stop issuing work first
 START_ORDER = ("trainer", "reward", "rollout", "scheduler")  # slowest to load first
 STOP_TIMEOUT_S = 30.0  # SIGTERM -> SIGKILL
 READY_TIMEOUT_S = 180.0
@@ -104,6 +104,7 @@ class LocalCluster:
     services: Sequence[str] = START_ORDER
     python: str = sys.executable
     acl: bool = False  # the embedded server with ACL roles on (ignored with a redis_url)
+    gateway_port: int | None = None  # start the Tinker gateway (services/gateway) on this port too (0: any free)
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -292,6 +293,10 @@ class LocalCluster:
                 env = {**self._base_env(name), **self._service_specific_env(service, index),
                        **self.service_env.get(service, {})}
                 plan.append(ServiceProcess(name, service, env, self.data_dir / "logs" / f"{name}.log"))
+        if self.gateway_port is not None:
+            env = {**self._base_env("gateway"), "CLORA_GATEWAY_PORT": str(self.gateway_port),
+                   **self.service_env.get("gateway", {})}
+            plan.append(ServiceProcess("gateway", "gateway", env, self.data_dir / "logs" / "gateway.log"))
         return plan
 
     def _base_env(self, name: str) -> dict[str, str]:
@@ -385,11 +390,15 @@ def up(argv: list[str]) -> int:
     parser.add_argument("--rollout-workers", type=int, default=1)
     parser.add_argument("--trainer-shards", type=int, default=1)
     parser.add_argument("--stream-prefix", default=os.environ.get("CLORA_STREAM_PREFIX", "clora:"))
+    parser.add_argument("--gateway-port", type=int, default=None,
+                        help="also run the Tinker-compatible gateway on this port (keys: CLORA_GATEWAY_API_KEYS "
+                             "or CLORA_GATEWAY_API_KEYS_FILE)")
     _add_engine_argument(parser)
     args = parser.parse_args(argv)
     cluster = LocalCluster(args.data_dir, redis_url=os.environ.get("REDIS_URL") or None,
                            num_rollout_workers=args.rollout_workers, num_trainer_shards=args.trainer_shards,
-                           stream_prefix=args.stream_prefix, service_env=_engine_env(args.engine), acl=True)
+                           stream_prefix=args.stream_prefix, service_env=_engine_env(args.engine), acl=True,
+                           gateway_port=args.gateway_port)
     previous = {s: signal.signal(s, _raise_stop) for s in (signal.SIGINT, signal.SIGTERM)}
     exit_code = 0
     try:

@@ -43,6 +43,7 @@ from pathlib import Path
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from services.rollout import tinker_sampling
 from services.rollout.rows import RowGate
 from services.rollout.slots import SlotTable
 from shared import metrics
@@ -327,7 +328,13 @@ class RolloutService(Service):
             self.consumer("rollout_requests", REQUEST_GROUP, self.on_request,
                           concurrency=concurrency, batch_size=concurrency),
             self.consumer("adapters", self._watch_group, self.on_adapter_published),
+            # Tinker API sampling: the same engine and adapters, so the same decode batches
+            self.consumer("tinker_sample_requests", tinker_sampling.REQUEST_GROUP, self.on_tinker_sample_request,
+                          concurrency=concurrency, batch_size=concurrency),
         ]
+
+    async def on_tinker_sample_request(self, request, entry) -> None:
+        await tinker_sampling.on_tinker_sample_request(self, request, entry)
 
     def background(self):
         return [self._watch_engine()]

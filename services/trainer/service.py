@@ -67,7 +67,7 @@ from typing import Literal
 import structlog
 import torch
 
-from services.trainer import grpo
+from services.trainer import grpo, tinker_ops
 from services.trainer.tenants import ShapeMismatch, TenantBank
 from shared import metrics
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
@@ -406,6 +406,7 @@ class TrainerService(Service):
         await super().setup()
         await check_lora_against_deployment_async(self.redis, self.config.stream_prefix, self.name, self.config)
         self._core = await self._in_model_thread(TrainerCore.load, self.config, self.store)
+        self.tinker = tinker_ops.TinkerRuns(self._core, Path(self.config.data_dir) / tinker_ops.STATES_DIR)
         await self.bus.ensure_group("events", self.events_group, start_id="$")
         self.log.info("trainer_ready", model_dir=self.config.model_dir, device=str(self.core.device),
                       stream=self.stream, adapter_dir=str(self.store.root))
@@ -418,7 +419,13 @@ class TrainerService(Service):
         return [
             self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=1),
             self.consumer("events", self.events_group, self.on_event),
+            # Tinker API runs (shard 0 holds them all): one op at a time, in order
+            *([self.consumer("tinker_ops", tinker_ops.CONSUMER_GROUP, self.on_tinker_op, batch_size=1, concurrency=1)]
+              if self.config.shard == 0 else []),
         ]
+
+    async def on_tinker_op(self, op, entry: Entry) -> None:
+        await tinker_ops.on_tinker_op(self, op, entry)
 
     def status(self) -> dict:
         tenants = len(self._core.bank.tenants) if self._core else 0

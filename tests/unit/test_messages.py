@@ -7,6 +7,7 @@ import msgspec
 import pytest
 
 from shared import messages as m
+from shared import tinker_messages as t
 
 PROMPT = m.Prompt(prompt_id="p0", text="12+30=", answer="42")
 REWARD = m.RewardSpec(type="family", family="addition")
@@ -48,14 +49,29 @@ def raw(kind: str, **fields) -> bytes:
     return msgpack.packb({"kind": kind, "schema": m.SCHEMA_VERSION, **fields})
 
 
-@pytest.mark.parametrize("message", ONE_OF_EACH, ids=lambda msg: type(msg).__name__)
+# the Tinker API's (shared/tinker_messages.py)
+TINKER_ONES: list[m.Message] = [
+    t.TinkerOp(op_id="op-1", run_id="tk-1", op="forward_backward", data=[t.Datum(
+        model_input=[1, 2], loss_fn_inputs={"target_tokens": t.TensorData(data=[2.0, 3.0], dtype="int64")})],
+        adam=t.AdamParams(learning_rate=0.1)),
+    t.TinkerOpResult(op_id="op-1", run_id="tk-1", op="forward", ok=True, metrics={"loss:sum": 1.5},
+                     loss_fn_outputs=[{"logprobs": t.TensorData(data=[-0.5, -1.0])}]),
+    t.TinkerSampleRequest(request_id="r-1", run_id="tk-1", adapter_version=2, prompt_token_ids=[1, 2],
+                          sampling=t.TinkerSampling(max_tokens=4, stop=["\n"])),
+    t.TinkerSampleResult(request_id="r-1", run_id="tk-1", sequences=[
+        t.TinkerSequence(token_ids=[3], logprobs=[-0.1], stop_reason="length")]),
+]
+ALL_KINDS = ONE_OF_EACH + TINKER_ONES
+
+
+@pytest.mark.parametrize("message", ALL_KINDS, ids=lambda msg: type(msg).__name__)
 def test_every_message_round_trips_on_its_stream(message):
     stream = m.stream_for(message)
     assert m.decode(m.encode(message), stream) == message
     assert m.decode(m.encode(message)) == message  # without a stream: any kind
 
 
-@pytest.mark.parametrize("message", ONE_OF_EACH, ids=lambda msg: type(msg).__name__)
+@pytest.mark.parametrize("message", ALL_KINDS, ids=lambda msg: type(msg).__name__)
 def test_wire_map_carries_kind_and_schema(message):
     wire = msgpack.unpackb(m.encode(message))
     assert wire["kind"] == m.kind_of(message)
@@ -64,7 +80,7 @@ def test_wire_map_carries_kind_and_schema(message):
 
 def test_every_message_kind_has_a_stream():
     kinds_on_streams = {kind for kinds in m.STREAM_KINDS.values() for kind in kinds}
-    assert {type(msg) for msg in ONE_OF_EACH} == set(m.Message.__args__) <= kinds_on_streams
+    assert {type(msg) for msg in ALL_KINDS} == set(m.Message.__args__) <= kinds_on_streams
 
 
 def test_sharded_stream_names_decode_by_their_base():
