@@ -21,6 +21,7 @@ from typing import Literal, Union
 
 import msgspec
 
+TINKER_RUN_PREFIX = "tk-"  # every Tinker run id starts so; no scheduler experiment id may
 TINKER_SCHEMA_VERSION = 2  # equals shared.messages.SCHEMA_VERSION (checked there)
 # A checkpoint name given by a user: it becomes part of a file name.
 CHECKPOINT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")

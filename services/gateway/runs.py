@@ -14,15 +14,15 @@ import secrets
 from dataclasses import dataclass, field
 
 from shared.messages import is_experiment_id
+from shared.tinker_messages import TINKER_RUN_PREFIX
 
-RUN_ID_PREFIX = "tk-"
 TINKER_SCHEME = "tinker://"
 SAMPLER_SEGMENT = "sampler_weights"
 STATE_SEGMENT = "weights"
 
 
 def new_run_id() -> str:
-    run_id = RUN_ID_PREFIX + secrets.token_hex(8)
+    run_id = TINKER_RUN_PREFIX + secrets.token_hex(8)
     assert is_experiment_id(run_id)
     return run_id
 

@@ -38,6 +38,7 @@ from shared.messages import (
     is_experiment_id,
 )
 from shared.patterns import PatternError, compile_pattern
+from shared.tinker_messages import TINKER_RUN_PREFIX
 
 MAX_STEPS = 100_000
 MAX_GROUP_SIZE = 1024
@@ -114,6 +115,9 @@ def _default_families() -> Collection[str]:
 
 
 def _check_id(spec: ExperimentSpec) -> list[str]:
+    if spec.experiment_id.startswith(TINKER_RUN_PREFIX):
+        return [f"experiment_id: {spec.experiment_id!r} starts with {TINKER_RUN_PREFIX!r}, which names the "
+                "Tinker gateway's runs"]
     if is_experiment_id(spec.experiment_id):
         return []
     return [f"experiment_id: {spec.experiment_id!r} must match {EXPERIMENT_ID_PATTERN.pattern} "

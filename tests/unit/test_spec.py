@@ -54,6 +54,7 @@ CASES = [
     (dict(experiment_id="ok\n"), "experiment_id: 'ok\\n' must match"),  # `$` alone would let it through
     (dict(experiment_id="victim:s0"), "experiment_id: 'victim:s0' must match"),
     (dict(experiment_id="../x"), "experiment_id: '../x' must match"),
+    (dict(experiment_id="tk-0123"), "experiment_id: 'tk-0123' starts with 'tk-'"),  # the Tinker gateway's runs
     (dict(task=TaskSource()), "task: give exactly one of family, prompts, stream, dataset (got none)"),
     (dict(task=TaskSource(family="add", prompts=PROMPTS)), "task: give exactly one of family, prompts, stream, dataset "
                                                            "(got family and prompts)"),
