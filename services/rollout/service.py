@@ -35,6 +35,7 @@ cannot be loaded gets a ``Completion`` with ``error`` and an
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 from contextlib import asynccontextmanager
@@ -68,6 +69,8 @@ REQUEST_GROUP = "rollout"
 ENGINE_WATCH_INTERVAL_S = 1.0
 MAX_REPORTED_PAIRS = 200  # tenant pairs kept in the heartbeat status
 ADAPTER_NOT_LOADED_RETRIES = 2  # reloads after the engine evicted a version we had just loaded
+PROMPT_CACHE_ENTRIES = 1024  # distinct prompts whose token ids are kept (evaluations repeat theirs)
+PROMPT_CACHE_MAX_CHARS = 2048  # longer prompts are encoded every time (bounds the cache's memory)
 
 
 class AdapterLoadError(Exception):
@@ -253,6 +256,37 @@ def prompt_token_ids(tokenizer, prompt: Prompt) -> list[int]:
     return tokenizer.encode(text, add_special_tokens=False)
 
 
+class PromptIdCache:
+    """Token ids of recently seen prompts (least recently used out first):
+    an evaluation sends the same held-out prompts every time, and encoding is
+    deterministic, so each distinct prompt is encoded once. Only prompts of
+    at most ``max_chars`` characters are kept, so the cache stays small
+    whatever the requests carry."""
+
+    def __init__(self, entries: int = PROMPT_CACHE_ENTRIES, max_chars: int = PROMPT_CACHE_MAX_CHARS) -> None:
+        self.entries = entries
+        self.max_chars = max_chars
+        self._ids: collections.OrderedDict[tuple, tuple[int, ...]] = collections.OrderedDict()
+
+    def token_ids(self, tokenizer, prompt: Prompt) -> list[int]:
+        key = self._key(prompt)
+        if key is None:
+            return prompt_token_ids(tokenizer, prompt)
+        cached = self._ids.get(key)
+        if cached is None:
+            cached = self._ids[key] = tuple(prompt_token_ids(tokenizer, prompt))
+            if len(self._ids) > self.entries:
+                self._ids.popitem(last=False)
+        else:
+            self._ids.move_to_end(key)
+        return list(cached)
+
+    def _key(self, prompt: Prompt) -> tuple | None:
+        turns = tuple((m.role, m.content) for m in prompt.messages) if prompt.messages is not None else None
+        size = len(prompt.text) + sum(len(role) + len(content) for role, content in turns or ())
+        return None if size > self.max_chars else (prompt.text, turns, prompt.enable_thinking)
+
+
 def render_chat(tokenizer, prompt: Prompt) -> str:
     """``prompt.messages`` through the tokenizer's chat template, with the
     generation prompt and, when the prompt sets it, the template's thinking
@@ -284,6 +318,7 @@ class RolloutService(Service):
         self._preload_wanted: dict[str, AdapterPublished] = {}
         self._watch_group = ""
         self._engine_counters = metrics.CounterFollower()  # engine stats totals -> Prometheus counters
+        self._prompt_ids = PromptIdCache()
 
     # -------------------------------------------------------------- lifecycle
 
@@ -445,7 +480,7 @@ class RolloutService(Service):
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _encode(self, prompt: Prompt) -> list[int]:
-        prompt_ids = prompt_token_ids(self.engine.tokenizer(), prompt)
+        prompt_ids = self._prompt_ids.token_ids(self.engine.tokenizer(), prompt)
         if not prompt_ids:
             raise EngineError("the prompt is empty after tokenization")
         return prompt_ids
