@@ -116,7 +116,7 @@ def service_key_patterns(prefix: str) -> list[str]:
     escaped = _checked_prefix(prefix)
     streams = [f"{name}:*" if name in SUFFIXED_STREAMS else name for name in STREAM_KINDS]
     keys = [*streams, DEAD_LETTER_STREAM, "exp:*", "exp_index", "exp_active", "exp_queue", "scheduler_lease",
-            "heartbeat:*", "deployment"]
+            "heartbeat:*", "deployment", "gateway:*"]
     return [escaped + key for key in keys]
 
 

@@ -4,17 +4,30 @@ Every asynchronous request gets a ``request_id``; its work runs as a task
 whose outcome lands here: a JSON dict, protobuf bytes (the SDK reads
 ForwardBackwardOutput and SampleResponse only as protobuf), or an error with
 its category ("user" | "server"). A future belongs to the key that made it.
+
+With ``tables`` (Redis), a future is stored as pending before its id is
+handed out and with its outcome before it reads as done, so a restarted
+gateway still answers it: with the outcome, or, for one that was in flight
+when the gateway died, with a clear server error (``RESTARTED``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import secrets
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
+
+from services.gateway.store import RedisTables, StoredFuture
+
+log = structlog.get_logger(__name__)
+RESTARTED = ("the gateway restarted while this request was in flight, so its outcome is unknown: check the "
+             "run (get_info, a forward) and send the call again if it did not happen")
 
 class OpFailed(Exception):
     """An op's clear failure: ``category`` "user" (bad request) or "server"."""
@@ -41,15 +54,23 @@ Outcome = dict[str, Any] | bytes
 
 
 class FutureStore:
-    def __init__(self, keep_s: float) -> None:
+    def __init__(self, keep_s: float, tables: RedisTables | None = None) -> None:
         self.keep_s = keep_s
+        self._tables = tables
         self._records: dict[str, FutureRecord] = {}
         self._tasks: set[asyncio.Task] = set()
 
-    def start(self, owner: str, work: Awaitable[Outcome], timeout_s: float) -> str:
+    async def start(self, owner: str, work: Awaitable[Outcome], timeout_s: float) -> str:
         """Run ``work`` for ``owner``; returns the new future's request id."""
         self._forget_old()
         record = FutureRecord(request_id="req-" + secrets.token_hex(12), owner=owner)
+        if self._tables is not None:
+            try:
+                await self._tables.put_future(record.request_id, StoredFuture(owner, "pending"), self.keep_s)
+            except BaseException:
+                if inspect.iscoroutine(work):
+                    work.close()  # never to be awaited
+                raise
         self._records[record.request_id] = record
         task = asyncio.create_task(self._settle(record, work, timeout_s), name=f"future:{record.request_id}")
         self._tasks.add(task)
@@ -59,6 +80,21 @@ class FutureStore:
     def get(self, request_id: object, owner: str) -> FutureRecord | None:
         record = self._records.get(request_id) if isinstance(request_id, str) else None
         return record if record is not None and record.owner == owner else None
+
+    async def find(self, request_id: object, owner: str) -> FutureRecord | None:
+        """``get``, or the record an earlier gateway process stored (done)."""
+        record = self.get(request_id, owner)
+        if record is not None or self._tables is None:
+            return record
+        stored = await self._tables.get_future(request_id)
+        if stored is None or stored.owner != owner:
+            return None
+        record = FutureRecord(request_id=str(request_id), owner=owner, json=stored.json, proto=stored.proto,
+                              error=stored.error, category=stored.category, finished_at=time.monotonic())
+        if stored.state != "done":
+            record.error, record.category = RESTARTED, "server"
+        record.done.set()
+        return record
 
     async def wait(self, record: FutureRecord, wait_s: float) -> bool:
         try:
@@ -95,7 +131,18 @@ class FutureStore:
             else:
                 record.json = outcome
         record.finished_at = time.monotonic()
+        await self._store_outcome(record)
         record.done.set()
+
+    async def _store_outcome(self, record: FutureRecord) -> None:
+        if self._tables is None:
+            return
+        stored = StoredFuture(record.owner, "done", json=record.json, proto=record.proto, error=record.error,
+                              category=record.category)
+        try:
+            await self._tables.put_future(record.request_id, stored, self.keep_s)
+        except Exception as exc:  # the live gateway still answers from memory
+            log.warning("gateway_future_not_stored", request_id=record.request_id, error=repr(exc)[:200])
 
     def _forget_old(self) -> None:
         horizon = time.monotonic() - self.keep_s

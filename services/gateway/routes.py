@@ -146,10 +146,10 @@ def _run(gateway: Gateway, request: web.Request, model_id: Any) -> Run:
     return run
 
 
-def _future(gateway: Gateway, request: web.Request, work: Awaitable[Outcome], model_id: str | None = None,
+async def _future(gateway: Gateway, request: web.Request, work: Awaitable[Outcome], model_id: str | None = None,
             num_samples: int = 0) -> web.Response:
     """The UntypedAPIFuture reply; a sample's carries one sequence id per sample."""
-    request_id = gateway.futures.start(_owner(request), work, gateway.config.op_timeout_s)
+    request_id = await gateway.futures.start(_owner(request), work, gateway.config.op_timeout_s)
     body: dict[str, Any] = {"request_id": request_id}
     if model_id is not None:
         body["model_id"] = model_id
@@ -232,7 +232,8 @@ async def capabilities(request: web.Request) -> web.Response:
 async def create_session(request: web.Request) -> web.Response:
     gateway: Gateway = request.app[GATEWAY_KEY]
     await _json_body(request)
-    return web.json_response({"type": "create_session", "session_id": gateway.registry.add_session(_owner(request))})
+    session_id = await gateway.registry.add_session(_owner(request))
+    return web.json_response({"type": "create_session", "session_id": session_id})
 
 
 async def session_heartbeat(request: web.Request) -> web.Response:
@@ -289,10 +290,10 @@ async def create_model(request: web.Request) -> web.Response:
 
     async def work() -> Outcome:
         await _reply(pending)
-        gateway.registry.add_run(run)
+        await gateway.registry.add_run(run)
         return {"type": "create_model", "model_id": run.run_id}
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 async def forward_backward(request: web.Request) -> web.Response:
@@ -312,7 +313,7 @@ async def forward_backward(request: web.Request) -> web.Response:
         result = await _reply(pending)
         return codec.forward_backward_output(result.loss_fn_outputs, result.metrics)
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 def _check_lengths(gateway: Gateway, data: list[Datum]) -> None:
@@ -349,7 +350,7 @@ async def optim_step(request: web.Request) -> web.Response:
         result = await _reply(pending)
         return {"type": "optim_step", "metrics": result.metrics}
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 def _checkpoint_name(body: dict[str, Any], field: str = "path") -> str:
@@ -372,13 +373,15 @@ async def save_weights_for_sampler(request: web.Request) -> web.Response:
         run.latest_version = max(run.latest_version, result.adapter_version)
         if name:
             run.sampler_paths[name] = result.adapter_version
+        await gateway.registry.add_run(run)  # stored before the client learns the path
+        if name:
             return {"type": "save_weights_for_sampler",
                     "path": TinkerPath(run.run_id, SAMPLER_SEGMENT, name).text}
-        session_id = gateway.registry.add_sampling(run.owner, run.run_id, result.adapter_version, None,
+        session_id = await gateway.registry.add_sampling(run.owner, run.run_id, result.adapter_version, None,
                                                    run.base_model)
         return {"type": "save_weights_for_sampler", "sampling_session_id": session_id}
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 async def save_weights(request: web.Request) -> web.Response:
@@ -392,9 +395,10 @@ async def save_weights(request: web.Request) -> web.Response:
     async def work() -> Outcome:
         await _reply(pending)
         run.state_names.add(name)
+        await gateway.registry.add_run(run)
         return {"type": "save_weights", "path": TinkerPath(run.run_id, STATE_SEGMENT, name).text}
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 async def load_weights(request: web.Request) -> web.Response:
@@ -426,11 +430,11 @@ async def load_weights(request: web.Request) -> web.Response:
     async def work() -> Outcome:
         await _reply(pending)
         if created:
-            gateway.registry.add_run(run)
-            gateway.registry.add_alias(alias, run.run_id)
+            await gateway.registry.add_run(run)
+            await gateway.registry.add_alias(alias, run.run_id)
         return {"type": "load_weights", "path": path.text, "model_id": run.run_id}
 
-    return _future(gateway, request, work(), run.run_id)
+    return await _future(gateway, request, work(), run.run_id)
 
 
 # ---------------------------------------------------------------- sampling
@@ -449,11 +453,11 @@ async def create_sampling_session(request: web.Request) -> web.Response:
         if path is None or found is None:
             raise _error(404, f"sampler weights {str(model_path)[:120]!r} not found")
         run, version = found
-        session_id = gateway.registry.add_sampling(owner, run.run_id, version, path.text, run.base_model)
+        session_id = await gateway.registry.add_sampling(owner, run.run_id, version, path.text, run.base_model)
     else:
         if body.get("base_model") != gateway.config.base_model:
             raise _error(400, f"base_model must be {gateway.config.base_model!r}")
-        session_id = gateway.registry.add_sampling(owner, new_run_id(), 0, None, gateway.config.base_model)
+        session_id = await gateway.registry.add_sampling(owner, new_run_id(), 0, None, gateway.config.base_model)
     return web.json_response({"type": "create_sampling_session", "sampling_session_id": session_id})
 
 
@@ -527,7 +531,7 @@ async def asample(request: web.Request) -> web.Response:
             prompt_logprobs = [float(v) for v in outputs[0]["logprobs"].data]
         return codec.sample_response(result.sequences, prompt_logprobs)
 
-    return _future(gateway, request, work(), num_samples=num_samples)
+    return await _future(gateway, request, work(), num_samples=num_samples)
 
 
 # ---------------------------------------------------------------- futures
@@ -536,7 +540,7 @@ async def asample(request: web.Request) -> web.Response:
 async def retrieve_future(request: web.Request) -> web.Response:
     gateway: Gateway = request.app[GATEWAY_KEY]
     body = await _json_body(request)
-    record = gateway.futures.get(body.get("request_id"), _owner(request))
+    record = await gateway.futures.find(body.get("request_id"), _owner(request))
     if record is None:
         raise _error(404, "future not found")
     if not await gateway.futures.wait(record, gateway.config.poll_wait_s):

@@ -1,6 +1,8 @@
 """What the gateway holds about Tinker runs: which owner (API key) each run,
-sampling session, session and checkpoint belongs to. In memory: a restarted
-gateway forgets runs (the trainer and adapter store keep their state).
+sampling session, session and checkpoint belongs to. Read from memory;
+every change is written to Redis (store.py) before the request that made it
+is answered, and a starting gateway loads the tables back: a killed gateway
+forgets nothing a client was told.
 
 A Tinker run is a C-LoRA tenant with a gateway-chosen id ("tk-" + hex, so it
 passes ``is_experiment_id``). Tinker paths map to (run, version or checkpoint
@@ -13,6 +15,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
+from services.gateway.store import RedisTables
 from shared.messages import is_experiment_id
 from shared.tinker_messages import TINKER_RUN_PREFIX
 
@@ -74,16 +77,39 @@ def parse_tinker_path(path: object) -> TinkerPath | None:
 
 
 class Registry:
-    def __init__(self) -> None:
+    """Lookups are sync (memory); changes are async: written through to
+    ``tables`` (None: memory only) before they count."""
+
+    def __init__(self, tables: RedisTables | None = None) -> None:
+        self._tables = tables
         self._runs: dict[str, Run] = {}
         self._sampling: dict[str, SamplingSession] = {}
         self._sessions: dict[str, str] = {}  # session id -> owner
         # The SDK names a run made by load_weights "<session>:train:<seq>" itself.
         self._aliases: dict[str, str] = {}
 
+    async def load(self) -> None:
+        """The tables an earlier gateway wrote (entries that do not check out are skipped)."""
+        if self._tables is None:
+            return
+        runs = await self._tables.load("runs", Run)
+        self._runs = {rid: run for rid, run in runs.items() if rid == run.run_id and is_experiment_id(rid)}
+        sampling = await self._tables.load("sampling", SamplingSession)
+        self._sampling = {sid: s for sid, s in sampling.items() if sid == s.session_id}
+        self._sessions = await self._tables.load("sessions", str)
+        self._aliases = {a: rid for a, rid in (await self._tables.load("aliases", str)).items() if rid in self._runs}
+
+    def counts(self) -> dict[str, int]:
+        return {"runs": len(self._runs), "sessions": len(self._sessions), "sampling_sessions": len(self._sampling)}
+
+    async def _put(self, table: str, field: str, value: object) -> None:
+        if self._tables is not None:
+            await self._tables.put(table, field, value)
+
     # sessions (the SDK's client sessions: only owned, heartbeated)
-    def add_session(self, owner: str) -> str:
+    async def add_session(self, owner: str) -> str:
         session_id = new_id("sess")
+        await self._put("sessions", session_id, owner)
         self._sessions[session_id] = owner
         return session_id
 
@@ -91,13 +117,13 @@ class Registry:
         return isinstance(session_id, str) and self._sessions.get(session_id) == owner
 
     # runs
-    def add_run(self, run: Run) -> None:
+    async def add_run(self, run: Run) -> None:
+        """A new run, or a changed one (versions, paths, states): stored whole."""
+        await self._put("runs", run.run_id, run)
         self._runs[run.run_id] = run
 
-    def drop_run(self, run_id: str) -> None:
-        self._runs.pop(run_id, None)
-
-    def add_alias(self, alias: str, run_id: str) -> None:
+    async def add_alias(self, alias: str, run_id: str) -> None:
+        await self._put("aliases", alias, run_id)
         self._aliases[alias] = run_id
 
     def run(self, run_id: object, owner: str) -> Run | None:
@@ -110,10 +136,12 @@ class Registry:
         return [run for run in self._runs.values() if run.owner == owner]
 
     # sampling sessions
-    def add_sampling(self, owner: str, run_id: str, version: int, model_path: str | None, base_model: str) -> str:
-        session_id = new_id("samp")
-        self._sampling[session_id] = SamplingSession(session_id, owner, run_id, version, model_path, base_model)
-        return session_id
+    async def add_sampling(self, owner: str, run_id: str, version: int, model_path: str | None,
+                           base_model: str) -> str:
+        session = SamplingSession(new_id("samp"), owner, run_id, version, model_path, base_model)
+        await self._put("sampling", session.session_id, session)
+        self._sampling[session.session_id] = session
+        return session.session_id
 
     def sampling(self, session_id: object, owner: str) -> SamplingSession | None:
         found = self._sampling.get(session_id) if isinstance(session_id, str) else None

@@ -5,6 +5,11 @@ Publishes ``TinkerOp`` on ``tinker_ops`` and ``TinkerSampleRequest`` on
 ``tinker_sample_requests``; consumes ``tinker_results`` and ``tinker_samples``
 (group ``gateway``) and hands each reply to the request waiting for it. A
 reply nobody waits for (an earlier gateway's, a duplicate) is dropped.
+
+Runs, sessions, sampling sessions, checkpoint paths and futures live in
+Redis too (store.py), loaded at start: a killed gateway started again (same
+port, same keys) serves the same SDK objects. A future that was in flight
+when it died answers a clear server error (futures.RESTARTED).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from services.gateway.config import GatewayConfig
 from services.gateway.futures import FutureStore
 from services.gateway.routes import Gateway, build_app
 from services.gateway.runs import Registry
+from services.gateway.store import RedisTables
 from shared.bus import Entry, StreamConsumer
 from shared.runtime import Service
 from shared.tinker_messages import TinkerOp, TinkerOpResult, TinkerSampleRequest, TinkerSampleResult
@@ -78,6 +84,12 @@ class GatewayService(Service):
         if not len(self.keys):
             raise RuntimeError("no API keys: set CLORA_GATEWAY_API_KEYS or --gateway-api-keys-file")
         await super().setup()
+        tables = RedisTables(self.redis, self.config.stream_prefix)
+        registry = Registry(tables)
+        await registry.load()
+        self.gateway.registry = registry
+        self.gateway.futures = FutureStore(self.config.futures_keep_s, tables)
+        self.log.info("gateway_tables_loaded", **registry.counts())
         for stream in ("tinker_results", "tinker_samples"):
             await self.bus.ensure_group(stream, GROUP, start_id="$")
         self._runner = web.AppRunner(build_app(self.gateway), access_log=None)

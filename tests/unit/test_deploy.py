@@ -48,8 +48,8 @@ SERVICE_CONFIGS = {
     "example-reward": ExampleRewardConfig,
     "gateway": GatewayConfig,
 }
-OPT_IN_SERVICES = {"gateway"}  # compose profile "tinker" only; not in deploy/k8s
-HEARTBEAT_SERVICES = ("scheduler", "rollout", "reward", "trainer")  # what `clora check` can check
+OPT_IN_SERVICES = {"gateway"}  # compose: profile "tinker" only; k8s: deploy/k8s/gateway.yaml
+HEARTBEAT_SERVICES = ("scheduler", "rollout", "reward", "trainer", "gateway")  # what `clora check` can check
 LORA_SERVICES = ("scheduler", "rollout", "trainer")  # must share one LoRA signature
 
 # Variables read by the libraries under the GPU services, not by C-LoRA's config.
@@ -357,7 +357,7 @@ def test_k8s_containers_run_real_clora_commands(k8s_docs):
         _, values = k8s_env(container, config_maps, where)
         check_service_argv(subcommand, argv, values, where)
         seen.add(subcommand)
-    expected = set(SERVICE_CONFIGS) - OPT_IN_SERVICES
+    expected = set(SERVICE_CONFIGS)  # the opt-in gateway too (gateway.yaml)
     assert seen == expected, f"deploy/k8s runs {sorted(seen)}, expected {sorted(expected)}"
 
 
@@ -583,3 +583,24 @@ def test_k8s_services_connect_as_the_service_user_with_a_mounted_secret(k8s_docs
         secret = volumes[mounts[str(password_file.parent)]]["secret"]
         assert secret["secretName"] == "clora-redis", where
         assert [item["path"] for item in secret["items"]] == [password_file.name] == ["service-password"], where
+
+
+def test_k8s_gateway_is_one_replica_served_with_keys_from_a_secret(k8s_docs):
+    config_maps = k8s_config_maps(k8s_docs)
+    doc, container = next((d, c) for d, c in k8s_containers(k8s_docs) if k8s_subcommand(c)[0] == "gateway")
+    assert doc["spec"]["replicas"] == 1 and doc["spec"]["strategy"]["type"] == "Recreate"  # one consumer group
+    _, values = k8s_env(container, config_maps, "gateway")
+    assert "CLORA_GATEWAY_API_KEYS" not in values, "API keys come from the mounted Secret, not the environment"
+    keys_file = Path(values["CLORA_GATEWAY_API_KEYS_FILE"])
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in doc["spec"]["template"]["spec"]["volumes"]}
+    secret = volumes[mounts[str(keys_file.parent)]]["secret"]
+    assert secret["secretName"] == "clora-gateway-keys" and [i["path"] for i in secret["items"]] == [keys_file.name]
+    assert values["CLORA_GATEWAY_HOST"] == "0.0.0.0"
+    port = int(values["CLORA_GATEWAY_PORT"])
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"http": port}
+    service = next(d for d in k8s_docs if d.get("kind") == "Service" and d["metadata"]["name"] == "clora-gateway")
+    assert service["spec"]["selector"] == doc["spec"]["selector"]["matchLabels"]
+    assert [(p["port"], p["targetPort"]) for p in service["spec"]["ports"]] == [(port, "http")]
+    annotations = doc["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == values["CLORA_METRICS_PORT"]

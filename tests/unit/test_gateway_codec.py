@@ -81,13 +81,13 @@ def test_api_keys_name_owners_and_refuse_the_rest():
         ApiKeys(["sk-not-a-tinker-key"])
 
 
-def test_tinker_paths_are_looked_up_never_trusted():
+async def test_tinker_paths_are_looked_up_never_trusted():
     assert parse_tinker_path("tinker://tk-abc/sampler_weights/step-1").name == "step-1"
     for bad in ("tinker://../etc/sampler_weights/x", "tinker://tk-abc/other/x", "/tmp/x", "tinker://tk-abc/weights",
                 None, 5, "tinker://TK/weights/x"):
         assert parse_tinker_path(bad) is None
     registry = Registry()
-    registry.add_run(Run(run_id="tk-abc", owner="alice", lora_rank=4, base_model="m", sampler_paths={"s": 2}))
+    await registry.add_run(Run(run_id="tk-abc", owner="alice", lora_rank=4, base_model="m", sampler_paths={"s": 2}))
     path = parse_tinker_path("tinker://tk-abc/sampler_weights/s")
     assert registry.sampler_version(path, "alice")[1] == 2
     assert registry.sampler_version(path, "bob") is None  # another key's run reads as absent

@@ -18,8 +18,8 @@ async def _fail(error: Exception):
 
 async def test_a_future_is_only_its_owners_and_keeps_its_outcome():
     store = FutureStore(keep_s=60.0)
-    json_id = store.start("alice", _value({"metrics": {"loss": 1.0}}), timeout_s=5.0)
-    proto_id = store.start("alice", _value(b"\x01\x02"), timeout_s=5.0)
+    json_id = await store.start("alice", _value({"metrics": {"loss": 1.0}}), timeout_s=5.0)
+    proto_id = await store.start("alice", _value(b"\x01\x02"), timeout_s=5.0)
     assert store.get(json_id, "bob") is None and store.get(["x"], "alice") is None
     record = store.get(json_id, "alice")
     assert await store.wait(record, 5.0) and record.json == {"metrics": {"loss": 1.0}} and record.error is None
@@ -29,9 +29,9 @@ async def test_a_future_is_only_its_owners_and_keeps_its_outcome():
 
 async def test_failures_carry_a_reason_and_a_category():
     store = FutureStore(keep_s=60.0)
-    user = store.get(store.start("a", _fail(OpFailed("rank too large")), 5.0), "a")
-    server = store.get(store.start("a", _fail(RuntimeError("boom")), 5.0), "a")
-    slow = store.get(store.start("a", _value({}, delay_s=5.0), 0.05), "a")
+    user = store.get(await store.start("a", _fail(OpFailed("rank too large")), 5.0), "a")
+    server = store.get(await store.start("a", _fail(RuntimeError("boom")), 5.0), "a")
+    slow = store.get(await store.start("a", _value({}, delay_s=5.0), 0.05), "a")
     for record in (user, server, slow):
         assert await store.wait(record, 5.0)
     assert (user.error, user.category) == ("rank too large", "user")
@@ -41,7 +41,7 @@ async def test_failures_carry_a_reason_and_a_category():
 
 async def test_a_pending_future_waits_then_reports_not_done():
     store = FutureStore(keep_s=60.0)
-    record = store.get(store.start("a", _value({}, delay_s=5.0), 10.0), "a")
+    record = store.get(await store.start("a", _value({}, delay_s=5.0), 10.0), "a")
     assert not await store.wait(record, 0.05)
     assert store.pending() == 1
     await store.close()
