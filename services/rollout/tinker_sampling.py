@@ -58,7 +58,7 @@ async def on_tinker_sample_request(service, request: TinkerSampleRequest, entry)
     try:
         sampling = sampling_params(request)
         key = adapter_key(request.run_id, request.adapter_version)
-        generated = await generate(service, request.prompt_token_ids, key, sampling)
+        generated = await generate(service, request.run_id, request.prompt_token_ids, key, sampling)
         tokenizer = service.engine.tokenizer()
         stops = stop_tokens(tokenizer, sampling.stop_token_ids)
         for sample in generated.samples:
@@ -85,14 +85,20 @@ async def on_tinker_sample_request(service, request: TinkerSampleRequest, entry)
                       took_s=round(time.monotonic() - started, 4))
 
 
-async def generate(service, prompt_ids: list[int], key, sampling: SamplingParams) -> GenerationResult:
-    """Generate under ``key`` (loaded from the store); load again when the
-    engine evicted it between the load and the submission."""
-    for attempt in range(1, ADAPTER_NOT_LOADED_RETRIES + 2):
-        async with service.adapters.use(key):
-            try:
-                return await service.engine.generate(list(prompt_ids), key, sampling)
-            except AdapterNotLoaded:
-                if attempt > ADAPTER_NOT_LOADED_RETRIES:
-                    raise
+async def generate(service, run_id: str, prompt_ids: list[int], key,
+                   sampling: SamplingParams) -> GenerationResult:
+    """Generate under ``key`` (loaded from the store) with the run's fair
+    share of the engine's rows (the rollout's row gate, as scheduler prompts);
+    load again when the engine evicted the adapter between the load and the
+    submission."""
+    if sampling.n > service.rows.capacity:
+        raise SampleRefused(f"num_samples {sampling.n} is more than the engine's {service.rows.capacity} rows")
+    async with service.rows.rows(run_id, sampling.n):
+        for attempt in range(1, ADAPTER_NOT_LOADED_RETRIES + 2):
+            async with service.adapters.use(key):
+                try:
+                    return await service.engine.generate(list(prompt_ids), key, sampling)
+                except AdapterNotLoaded:
+                    if attempt > ADAPTER_NOT_LOADED_RETRIES:
+                        raise
     raise AssertionError("unreachable: the last attempt returns or raises")

@@ -233,6 +233,22 @@ async def test_a_request_larger_than_the_engine_is_split_and_one_bad_prompt_fail
     assert completions["exp-b:v0:p0"].results[0].error is None
 
 
+async def test_more_samples_per_prompt_than_the_engine_has_rows_fail_with_a_reason(
+        redis_url, stream_prefix, async_redis, tiny):
+    """n=40 on an engine of 32 rows can never run: the request gets an error
+    that says so (answered, not retried forever), and the engine goes on
+    serving the next request."""
+    async with rollout_service(redis_url, stream_prefix, tiny) as service:
+        bus = StreamBus(async_redis, prefix=stream_prefix)
+        await bus.publish(request("exp-a", 0, tiny.adapters, n=40, max_tokens=2))
+        await bus.publish(request("exp-b", 0, tiny.adapters, n=2, max_tokens=2))
+        completions = by_request(await read_messages(async_redis, stream_prefix + "completions", 2))
+        assert service.rows.free == 32
+    too_wide = completions["exp-a:v0:p0"]
+    assert "n=40 exceeds the engine's 32 rows" in (too_wide.error or "")
+    assert len(completions["exp-b:v0:p0"].results[0].samples) == 2
+
+
 async def test_new_version_loads_mid_generation_without_pausing_decode(
         redis_url, stream_prefix, async_redis, tiny):
     adapters = tiny.adapters

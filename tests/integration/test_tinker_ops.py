@@ -323,7 +323,7 @@ async def test_sampled_logprobs_match_the_trainers_under_the_same_version(
         # A scheduler experiment's request and a Tinker run's decode in the same steps.
         await bus.publish(RolloutRequest(
             request_id="exp-a:0", experiment_id="exp-a", step=0, purpose="train",
-            prompt=Prompt(prompt_id="p0", text="12+30="), adapter_version=0, adapter_path=None,
+            prompts=[Prompt(prompt_id="p0", text="12+30=")], adapter_version=0, adapter_path=None,
             sampling=SamplingParams(n=2, max_tokens=40, seed=1), reward=RewardSpec(type="exact_match")))
         long_request = uuid.uuid4().hex
         await bus.publish(TinkerSampleRequest(
