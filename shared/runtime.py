@@ -271,6 +271,7 @@ class Service:
                 # Not fatal: the key lapses and healthchecks report it until
                 # Redis is back; the next beat writes it again.
                 self.log.warning("heartbeat_failed", error=repr(exc))
+            _raise_if_cancelling()
             await asyncio.sleep(self.config.heartbeat_ttl_s / 3)
 
     def _start_metrics(self) -> None:
@@ -328,6 +329,16 @@ class Service:
 
 def _text(value: bytes | str | None) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
+
+
+def _raise_if_cancelling() -> None:
+    """Raise the cancellation of the current task when it was asked for but
+    absorbed: redis-py finishes a command it was cancelled in (so that its
+    connection stays usable) and returns, which would leave the caller's loop
+    running, and its ``cancel()`` waited for forever."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError(f"{task.get_name()} was cancelled")
 
 
 def _task_error(task: asyncio.Task) -> BaseException | None:

@@ -115,7 +115,7 @@ async def test_pushed_prompts_feed_a_streamed_experiment(cluster, client):
                                      {"prompt_id": "p3", "text": "3+1=", "answer": "4"}])
     record = await asyncio.to_thread(client.wait, "streamed", WAIT_S)
     assert record.status == "finished" and record.step == 2
-    used = sorted(r.prompt.prompt_id for r in cluster.requests if r.experiment_id == "streamed")
+    used = sorted(p.prompt_id for r in cluster.requests if r.experiment_id == "streamed" for p in r.prompts)
     assert used == ["p0", "p1", "p2", "p3"]  # each step took the next two prompts pushed
 
 

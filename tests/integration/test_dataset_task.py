@@ -80,7 +80,7 @@ def test_the_tiny_twin_of_the_reference_spec_learns_on_its_held_out_split(tmp_pa
     source: DatasetSource = twin.task.dataset
     rows = read_rows(EXAMPLE_DATA, source)
     split = split_dataset([row_prompt(row, source) for row in rows], source.held_out, source.seed)
-    measured = {c.prompt.prompt_id for c in completions if c.purpose == "eval"}
-    trained = {c.prompt.prompt_id for c in completions if c.purpose == "train"}
+    measured = {r.prompt.prompt_id for c in completions if c.purpose == "eval" for r in c.results}
+    trained = {r.prompt.prompt_id for c in completions if c.purpose == "train" for r in c.results}
     assert measured == {p.prompt_id for p in split.held_out[:twin.eval_size]}
     assert trained and trained <= {p.prompt_id for p in split.train}

@@ -102,7 +102,7 @@ async def test_a_cancel_or_push_with_another_tenants_secret_is_refused_and_the_t
     standins.train_gate.set()
     record = await wait_status(sync_redis, stream_prefix, "target")
     assert record.status == "finished" and record.step == 2 and record.errors == 0
-    used = sorted(r.prompt.prompt_id for r in standins.requests if r.experiment_id == "target")
+    used = sorted(p.prompt_id for r in standins.requests if r.experiment_id == "target" for p in r.prompts)
     assert used == ["q0", "q1", "q2", "q3"]  # none of the refused pushes
     assert sync_redis.llen(Keys(stream_prefix).tasks("target")) == 4
     codes = [e.code for e in await events_of(bus, "target")]
@@ -152,7 +152,7 @@ async def test_operators_cancel_anything_on_the_admin_stream_and_an_ownerless_ex
     assert record_of(sync_redis, stream_prefix, "ownerless").status == "running"
 
     await bus.publish(TaskPush(experiment_id="ownerless", prompts=prompts(0, 1)), "admin")
-    await wait_for(lambda: sum(r.experiment_id == "ownerless" for r in standins.requests) == 2,
+    await wait_for(lambda: sum(len(r.prompts) for r in standins.requests if r.experiment_id == "ownerless") == 2,
                    what="the operator's prompts used")
     for experiment_id in ("owned", "ownerless"):
         await bus.publish(ExperimentCancel(experiment_id=experiment_id), "admin")
@@ -175,7 +175,7 @@ async def test_prompts_pushed_before_the_submission_count_only_for_the_secret_th
     assert "under another owner_secret were dropped" in dropped[0].message
     await bus.publish(TaskPush(experiment_id="early", prompts=prompts(0, 1), owner_secret=SECRET_A))
     await wait_status(sync_redis, stream_prefix, "early")
-    used = sorted(r.prompt.prompt_id for r in standins.requests if r.experiment_id == "early")
+    used = sorted(p.prompt_id for r in standins.requests if r.experiment_id == "early" for p in r.prompts)
     assert used == ["q0", "q1"]
     assert not sync_redis.exists(Keys(stream_prefix).tasks_owner("early"))
 
@@ -243,7 +243,7 @@ async def test_the_client_keeps_the_secret_and_presents_it_and_another_user_cann
     assert record_of(sync_redis, stream_prefix, "client-run").status == "running"
 
     owner.push_prompts("client-stream", prompts(0, 1))
-    await wait_for(lambda: sum(r.experiment_id == "client-stream" for r in standins.requests) == 2,
+    await wait_for(lambda: sum(len(r.prompts) for r in standins.requests if r.experiment_id == "client-stream") == 2,
                    what="the owner's prompts used")
     owner.cancel("client-run")
     record = await asyncio.to_thread(owner.wait, "client-run", 30.0)
@@ -270,7 +270,7 @@ async def test_clora_cancel_and_push_use_the_kept_secret(scheduler, standins, bu
                                       for i in range(2)))
     assert await asyncio.to_thread(cli.submit, [str(spec_file), *connection]) == 0
     assert await asyncio.to_thread(cli.push, ["cli-stream", str(prompts_file), *connection]) == 0
-    await wait_for(lambda: sum(r.experiment_id == "cli-stream" for r in standins.requests) == 2,
+    await wait_for(lambda: sum(len(r.prompts) for r in standins.requests if r.experiment_id == "cli-stream") == 2,
                    what="the pushed prompts used")
 
     monkeypatch.setenv("CLORA_OWNERS_FILE", str(tmp_path / "someone-else.json"))

@@ -82,7 +82,7 @@ class StandIns:
     skip_updates: bool = False  # announce versions with stats.skipped_update, as after a NaN loss
     tasks: list[asyncio.Task] = field(default_factory=list)
 
-    def reward_of(self, request: RolloutRequest, sample_index: int) -> tuple[float, bool]:
+    def reward_of(self, request: RolloutRequest, prompt_index: int, sample_index: int) -> tuple[float, bool]:
         """Train: half the samples right. Eval: right only under a trained version."""
         if request.purpose == "eval":
             correct = request.adapter_version > 0
@@ -99,7 +99,7 @@ class StandIns:
             error = "engine exploded" if f"{request.request_id}:p{index}" in self.fail_requests else None
             results.append(PromptResult(prompt=prompt, prompt_token_ids=[5, 6], samples=[] if error else samples,
                                         error=error))
-            scores = [self.reward_of(request, i) for i in range(0 if error else len(samples))]
+            scores = [self.reward_of(request, index, i) for i in range(0 if error else len(samples))]
             prompt_scores.append(PromptScore(rewards=[r for r, _ in scores], correct=[c for _, c in scores]))
         completion = Completion(
             request_id=request.request_id, experiment_id=request.experiment_id, step=request.step,

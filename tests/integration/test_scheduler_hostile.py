@@ -173,12 +173,12 @@ async def test_forged_announcements_are_refused_and_the_victim_advances_on_its_o
 class NanStandIns(StandIns):
     """Scores one chosen group with NaN / inf rewards, as a broken reward worker would."""
 
-    nan_requests: set[str] = set()
+    nan_groups: set[str] = set()  # <request_id>:p<prompt index>
 
-    def reward_of(self, request, sample_index):
-        if request.request_id in self.nan_requests:
+    def reward_of(self, request, prompt_index, sample_index):
+        if f"{request.request_id}:p{prompt_index}" in self.nan_groups:
             return (math.nan if sample_index == 0 else math.inf), True
-        return super().reward_of(request, sample_index)
+        return super().reward_of(request, prompt_index, sample_index)
 
 
 async def test_non_finite_rewards_are_a_failed_group_never_a_reward(scheduler, bus, sync_redis, stream_prefix,
@@ -186,7 +186,7 @@ async def test_non_finite_rewards_are_a_failed_group_never_a_reward(scheduler, b
     from shared.adapters import AdapterStore
 
     actors = NanStandIns(bus, AdapterStore((tmp_path / "adapters").resolve()))
-    actors.nan_requests = {"nan-exp:s0:p1"}
+    actors.nan_groups = {"nan-exp:s0:p1"}
     actors.start()
     try:
         await scheduler.start()
@@ -252,7 +252,7 @@ async def test_repeated_task_pushes_add_each_prompt_once(scheduler, standins, bu
     assert ignored[0] == "2 pushed prompts ignored: their prompt_id was already given ('q0', 'q1')"
     assert "1 pushed prompts ignored: their prompt_id was already given ('q2')" in ignored
     assert any("'huge'" in line and f"over the limit of {MAX_PROMPT_CHARS}" in line for line in ignored)
-    assert sorted(r.prompt.prompt_id for r in standins.requests) == ["q0", "q1", "q2", "q3"]
+    assert sorted(p.prompt_id for r in standins.requests for p in r.prompts) == ["q0", "q1", "q2", "q3"]
     assert sync_redis.llen(Keys(stream_prefix).tasks("pushed")) == 4
 
 

@@ -75,9 +75,9 @@ def load_version(store: AdapterStore, experiment_id: str, version: int):
 def logprob_gaps(model, completions: list[Completion], temperature: float) -> list[float]:
     """For each sample, the largest |engine logprob - trainer's recomputation|."""
     gaps = []
-    for completion in completions:
-        for sample in completion.samples:
-            example = grpo.SequenceExample(prompt_ids=completion.prompt_token_ids, completion_ids=sample.token_ids,
+    for result in (r for completion in completions for r in completion.results):
+        for sample in result.samples:
+            example = grpo.SequenceExample(prompt_ids=result.prompt_token_ids, completion_ids=sample.token_ids,
                                            behaviour_logprobs=sample.logprobs, advantage=0.0)
             batch = grpo.build_batch([example])
             recomputed_K = grpo.model_logprobs(model, batch, temperature)
