@@ -10,9 +10,13 @@ request into its prompts and each prompt waits here for its rows:
 - a prompt needing more rows than are free waits (never dropped); a request
   larger than the whole engine runs prompt by prompt, so it cannot deadlock;
 - tenants take turns: waiting prompts queue per tenant (FIFO within a
-  tenant), and rows that free go to the tenants in rotation, one prompt per
-  turn. One tenant's huge request (an evaluation of 64 prompts) therefore
-  interleaves with another tenant's step instead of running ahead of it.
+  tenant), and rows that free go to the tenants in rotation, a turn being
+  up to ``rows_per_turn`` rows (a quarter of the engine by default) of the
+  tenant's next prompts (deficit round robin). One tenant's huge request (an
+  evaluation of 64 prompts) therefore interleaves with another tenant's step
+  instead of running ahead of it, while a step's prompts, which fit in one
+  turn, are granted together and finish together: the trainer gets the first
+  complete steps after one engine wave, not after every tenant's last prompt.
   The tenant whose turn it is keeps it until its prompt fits (no skipping),
   so a prompt of many rows is never starved by small ones.
 
@@ -30,11 +34,17 @@ from contextlib import asynccontextmanager
 class RowGate:
     """``capacity`` rows shared fairly by tenants (see the module docstring)."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, rows_per_turn: int | None = None) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.capacity = capacity
+        self.rows_per_turn = max(1, capacity // 4) if rows_per_turn is None else rows_per_turn
+        if self.rows_per_turn < 1:
+            raise ValueError(f"rows_per_turn must be >= 1, got {rows_per_turn}")
         self.free = capacity
+        # the tenant whose turn is under way and the rows it was granted in it
+        self._turn_tenant: str | None = None
+        self._turn_rows = 0
         # tenant -> its waiting (rows, future), in turn order (the first tenant's turn is next)
         self._waiting: dict[str, collections.deque[tuple[int, asyncio.Future[None]]]] = {}
 
@@ -83,15 +93,20 @@ class RowGate:
             del self._waiting[tenant]
 
     def _grant(self) -> None:
-        """Hand free rows out, one prompt per tenant per turn."""
+        """Hand free rows out, up to ``rows_per_turn`` per tenant per turn."""
         while self._waiting:
             tenant, queue = next(iter(self._waiting.items()))
             count, granted = queue[0]
             if count > self.free:
                 return  # this tenant's turn waits for its rows
             queue.popleft()
+            self.free -= count
+            granted.set_result(None)
+            used = (self._turn_rows if self._turn_tenant == tenant else 0) + count
+            self._turn_tenant, self._turn_rows = tenant, used
+            if queue and used < self.rows_per_turn:
+                continue  # the turn goes on
             del self._waiting[tenant]
             if queue:
                 self._waiting[tenant] = queue  # to the back of the rotation
-            self.free -= count
-            granted.set_result(None)
+            self._turn_tenant, self._turn_rows = None, 0

@@ -9,11 +9,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 import redis
 
 from services.cli.experiments import ProgressDisplay, watch_until_done
 from services.cli.local import LocalCluster
 from services.scheduler.state import Keys
+from shared.client import CloraClient
 from shared.messages import (
     AdapterPublished,
     ExperimentSpec,
@@ -94,3 +96,14 @@ def log_lines(cluster: LocalCluster, needle: str) -> dict[str, int]:
         text = Path(process.log_path).read_text(errors="replace") if Path(process.log_path).exists() else ""
         counts[process.name] = sum(1 for line in text.splitlines() if needle in line)
     return counts
+
+
+def rollout_status_after(client: CloraClient, ts: float) -> dict:
+    """The rollout worker's heartbeat status, from a beat taken after ``ts``."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        heartbeat = msgspec.msgpack.decode(client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0")))
+        if heartbeat["ts"] > ts:
+            return heartbeat["status"]
+        assert time.monotonic() < deadline, "no fresh rollout heartbeat"
+        time.sleep(0.2)

@@ -11,10 +11,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 from pathlib import Path
 
-import msgspec
 import pytest
 import torch
 
@@ -26,7 +24,7 @@ from shared.client import CloraClient
 from shared.config import DEFAULT_MODEL_DIR
 from shared.engine import AdapterKey, LoraSignature
 from shared.messages import ExperimentSpec, RewardSpec, SamplingParams, TaskSource
-from shared.runtime import heartbeat_key
+from tests.integration.cluster_procs import rollout_status_after
 
 MODEL_DIR = Path(os.environ.get("CLORA_MODEL_DIR", DEFAULT_MODEL_DIR))
 pytestmark = [
@@ -61,17 +59,6 @@ def shaped_spec(experiment_id: str, family: str) -> ExperimentSpec:
         steps=STEPS, prompts_per_step=16, group_size=8, max_tokens=8, eval_size=16, learning_rate=3e-3,
         lora_rank=rank, lora_alpha=alpha, lora_targets=targets,
     )
-
-
-def rollout_status_after(client: CloraClient, ts: float) -> dict:
-    """The rollout worker's heartbeat status, from a beat taken after ``ts``."""
-    deadline = time.monotonic() + 30.0
-    while True:
-        heartbeat = msgspec.msgpack.decode(client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0")))
-        if heartbeat["ts"] > ts:
-            return heartbeat["status"]
-        assert time.monotonic() < deadline, "no fresh rollout heartbeat"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")

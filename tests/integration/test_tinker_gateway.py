@@ -33,6 +33,7 @@ from shared.config import DEFAULT_MODEL_DIR
 from shared.messages import ExperimentSpec, RewardSpec, TaskSource
 from shared.runtime import heartbeat_key
 from shared.tasks import get_family
+from tests.integration.cluster_procs import rollout_status_after
 
 KEY_A = "tml-gateway-test-key-alpha"
 KEY_B = "tml-gateway-test-key-bravo"
@@ -225,17 +226,6 @@ def test_rl_loop_raises_reward(base_url, tokenizer):
 
 
 # ---------------------------------------------------------------- sharing and isolation
-
-
-def rollout_status_after(client: CloraClient, ts: float) -> dict:
-    """The rollout worker's heartbeat status, from a beat taken after ``ts``."""
-    deadline = time.monotonic() + 30.0
-    while True:
-        heartbeat = msgspec.msgpack.decode(client.redis.get(heartbeat_key(client.prefix, "rollout", "rollout-0")))
-        if heartbeat["ts"] > ts:
-            return heartbeat["status"]
-        assert time.monotonic() < deadline, "no fresh rollout heartbeat"
-        time.sleep(0.2)
 
 
 def test_two_sdk_clients_and_a_scheduler_experiment_share_decode_steps(cluster, base_url, tokenizer):

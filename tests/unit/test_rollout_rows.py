@@ -43,6 +43,28 @@ def test_tenants_take_turns_so_a_huge_request_does_not_run_ahead_of_another_tena
     asyncio.run(main())
 
 
+def test_a_turn_grants_up_to_its_rows_so_a_step_finishes_together():
+    """A turn of 4 rows: each tenant's two 2-row prompts go out together, so
+    the engine finishes one tenant's step at a time instead of a piece of
+    every tenant's; with turns of one prompt (2 rows) the tenants alternate."""
+    async def order_with(rows_per_turn: int) -> list[str]:
+        gate, order, release = RowGate(8, rows_per_turn), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "h", 8, order, release))
+        await asyncio.sleep(0)
+        prompts = [asyncio.create_task(_hold(gate, tenant, 2, order, release)) for tenant in "aaaa"]
+        prompts += [asyncio.create_task(_hold(gate, tenant, 2, order, release)) for tenant in "bbbb"]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(holder, *prompts)
+        return order[1:]
+
+    async def main() -> None:
+        assert await order_with(4) == list("aabbaabb")
+        assert await order_with(2) == list("abababab")
+
+    asyncio.run(main())
+
+
 def test_a_prompt_of_many_rows_is_not_starved_by_small_ones():
     async def main() -> None:
         gate, order = RowGate(4), []
