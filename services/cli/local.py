@@ -413,8 +413,10 @@ def up(argv: list[str]) -> int:
         print("  " + ", ".join(f"{name} (pid {pid})" for name, pid in cluster.pids.items()))
         print("  other programs: eval \"$(clora env)\"   submit: clora submit SPEC.yaml   Ctrl-C stops everything",
               flush=True)
+        metrics_shown = False
         while True:
             cluster.check_alive()
+            metrics_shown = metrics_shown or _print_metrics_urls(cluster)
             time.sleep(1.0)
     except _StopRequested as stop:
         print(f"clora up: {stop}; stopping services")
@@ -448,6 +450,15 @@ DEMO_SPEC = {
 DEMO_ENV = {"CLORA_TORCH_THREADS": "1", "CLORA_LOG_FORMAT": "json"}
 DEMO_TIMEOUT_S = 570.0  # the demo must end within 10 minutes, startup included
 DEMO_MODEL_EVAL = Path(__file__).resolve().parents[2] / "shared" / "models" / "clora-tiny" / "eval.json"
+
+
+def _print_metrics_urls(cluster: LocalCluster) -> bool:
+    """Print each process's Prometheus endpoint once all of them beat; True when printed."""
+    urls = cluster.metrics_urls()
+    if len(urls) < len(cluster.processes):
+        return False
+    print("  metrics: " + ", ".join(f"{name} {url}" for name, url in urls.items()), flush=True)
+    return True
 
 
 def demo_settings(eval_path: Path = DEMO_MODEL_EVAL) -> tuple[tuple[str, ...], dict]:
