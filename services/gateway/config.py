@@ -27,6 +27,13 @@ class GatewayConfig(BaseConfig, LoraConfig):
     op_timeout_s: float = 600.0  # an op the trainer/rollout does not answer in time fails
     poll_wait_s: float = 20.0  # retrieve_future waits this long for a pending future, then says try_again
     futures_keep_s: float = 3600.0  # finished futures are forgotten after this
+    # Shares (env CLORA_GATEWAY_MAX_...): no key can take more than these.
+    gateway_max_runs_per_key: int = 8  # training runs one key may hold (create_model, a run from state)
+    gateway_max_checkpoints_per_run: int = 64  # sampler weights + states one run may save
+    gateway_max_pending_ops_per_key: int = 16  # trainer ops + samples of one key in flight (beyond: 429, retried)
+    gateway_max_datums_per_op: int = 256  # datums in one forward / forward_backward (the SDK chunks to it)
+    gateway_max_tokens_per_op: int = 65536  # model_input tokens, summed over one op's datums
+    gateway_retry_after_s: int = 1  # the Retry-After of a 429
 
     def validate(self) -> None:
         super().validate()
@@ -34,4 +41,6 @@ class GatewayConfig(BaseConfig, LoraConfig):
         self._require(bool(self.base_model), "base_model", "non-empty")
         self._require_positive("max_context_length", "max_body_bytes", "max_num_samples",
                                "max_sample_tokens", "default_sample_tokens", "op_timeout_s", "poll_wait_s",
-                               "futures_keep_s")
+                               "futures_keep_s", "gateway_max_runs_per_key", "gateway_max_checkpoints_per_run",
+                               "gateway_max_pending_ops_per_key", "gateway_max_datums_per_op",
+                               "gateway_max_tokens_per_op", "gateway_retry_after_s")

@@ -42,12 +42,13 @@ checkpoints and futures (another key's id reads as absent: 404).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -56,11 +57,13 @@ from services.gateway import codec
 from services.gateway.auth import API_KEY_HEADER, ApiKeys
 from services.gateway.config import GatewayConfig
 from services.gateway.futures import FutureStore, OpFailed, Outcome
+from services.gateway.limits import Release, Shares
 from services.gateway.runs import (
     SAMPLER_SEGMENT,
     STATE_SEGMENT,
     Registry,
     Run,
+    SamplingSession,
     TinkerPath,
     new_run_id,
     parse_tinker_path,
@@ -97,6 +100,7 @@ class Gateway:
     backend: Backend
     registry: Registry
     futures: FutureStore
+    shares: Shares = field(default_factory=Shares)
 
     @property
     def tokenizer_id(self) -> str:
@@ -106,10 +110,76 @@ class Gateway:
 # ---------------------------------------------------------------- helpers
 
 
-def _error(status: int, message: str) -> web.HTTPException:
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.HTTPException:
     body = json.dumps({"error": message, "detail": message})
-    return {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 404: web.HTTPNotFound,
-            413: web.HTTPRequestEntityTooLarge}[status](text=body, content_type="application/json")
+    return {400: web.HTTPBadRequest, 401: web.HTTPUnauthorized, 403: web.HTTPForbidden, 404: web.HTTPNotFound,
+            413: web.HTTPRequestEntityTooLarge, 429: web.HTTPTooManyRequests}[status](
+        text=body, content_type="application/json", headers=headers)
+
+
+# ---------------------------------------------------------------- shares (limits.py)
+
+
+def _op_slot(gateway: Gateway, request: web.Request) -> Release:
+    """One of the key's ops in flight, or a 429 the SDK retries after Retry-After."""
+    limit = gateway.config.gateway_max_pending_ops_per_key
+    release = gateway.shares.ops.take(_owner(request), limit)
+    if release is None:
+        raise _error(429, f"this API key has {limit} ops in flight, the most allowed "
+                          f"(gateway_max_pending_ops_per_key); wait for some to finish",
+                     headers={"Retry-After": str(gateway.config.gateway_retry_after_s)})
+    return release
+
+
+def _run_slot(gateway: Gateway, request: web.Request) -> Release:
+    """One more training run for the key, or a 403 (a hard quota: not retried)."""
+    owner = _owner(request)
+    limit = gateway.config.gateway_max_runs_per_key
+    release = gateway.shares.creating_runs.take(owner, limit, already=len(gateway.registry.runs_of(owner)))
+    if release is None:
+        raise _error(403, f"this API key holds {limit} training runs, the most allowed "
+                          f"(gateway_max_runs_per_key): keep training the ones it has")
+    return release
+
+
+def _saved_count(run: Run) -> int:
+    """The run's checkpoints on disk: its sampler versions and its distinct states."""
+    return run.latest_version + len(run.state_names)
+
+
+def _save_slot(gateway: Gateway, run: Run) -> Release:
+    """One more checkpoint for the run, or a 403 (a hard quota: not retried)."""
+    limit = gateway.config.gateway_max_checkpoints_per_run
+    release = gateway.shares.saving.take(run.run_id, limit, already=_saved_count(run))
+    if release is None:
+        raise _error(403, f"model {run.run_id!r} has saved {limit} checkpoints (sampler weights and states), "
+                          f"the most allowed (gateway_max_checkpoints_per_run); save a state under a name it "
+                          f"has already to overwrite it")
+    return release
+
+
+def _no_release() -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _holding(*releases: Release) -> Iterator[list[Release]]:
+    """Reservations a request takes: handed to its future (given back when it
+    settles), or given back at once if the request fails before that."""
+    try:
+        yield list(releases)
+    except BaseException:
+        for release in releases:
+            release()
+        raise
+
+
+async def _releasing(work: Awaitable[Outcome], held: list[Release]) -> Outcome:
+    try:
+        return await work
+    finally:
+        for release in held:
+            release()
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
@@ -147,8 +217,11 @@ def _run(gateway: Gateway, request: web.Request, model_id: Any) -> Run:
 
 
 async def _future(gateway: Gateway, request: web.Request, work: Awaitable[Outcome], model_id: str | None = None,
-            num_samples: int = 0) -> web.Response:
-    """The UntypedAPIFuture reply; a sample's carries one sequence id per sample."""
+                  num_samples: int = 0, held: list[Release] | None = None) -> web.Response:
+    """The UntypedAPIFuture reply; a sample's carries one sequence id per sample.
+    ``held``: reservations given back when the future settles."""
+    if held:
+        work = _releasing(work, held)
     request_id = await gateway.futures.start(_owner(request), work, gateway.config.op_timeout_s)
     body: dict[str, Any] = {"request_id": request_id}
     if model_id is not None:
@@ -211,11 +284,13 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def client_config(request: web.Request) -> web.Response:
+    gateway: Gateway = request.app[GATEWAY_KEY]
     # API keys only (no JWT exchange), no compression, one retrieve_future per request.
     return web.json_response({"pjwt_auth_enabled": False, "credential_default_source": "api_key",
                               "proto_compress_fwdbwd": False, "sample_use_retrieve_futures": False,
                               "custom_loss_server_side": False, "sample_join_sampling_session": False,
-                              "use_pyqwest_transport": False, "parallel_fwdbwd_chunks": False})
+                              "use_pyqwest_transport": False, "parallel_fwdbwd_chunks": False,
+                              "fwdbwd_max_chunk_len": gateway.config.gateway_max_datums_per_op})
 
 
 async def client_dynamic_config(request: web.Request) -> web.Response:
@@ -285,15 +360,16 @@ async def create_model(request: web.Request) -> web.Response:
     seed = lora.get("seed")
     seed = _int(lora, "seed", 0, 0, 2**31 - 1) if seed is not None else 0
     run = Run(run_id=new_run_id(), owner=owner, lora_rank=rank, base_model=gateway.config.base_model)
-    pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="create",
-                                                lora_rank=rank, seed=seed, ts=time.time()))
+    with _holding(_run_slot(gateway, request)) as held, _holding(_op_slot(gateway, request)) as held_op:
+        pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="create",
+                                                    lora_rank=rank, seed=seed, ts=time.time()))
 
-    async def work() -> Outcome:
-        await _reply(pending)
-        await gateway.registry.add_run(run)
-        return {"type": "create_model", "model_id": run.run_id}
+        async def work() -> Outcome:
+            await _reply(pending)
+            await gateway.registry.add_run(run)
+            return {"type": "create_model", "model_id": run.run_id}
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held + held_op)
 
 
 async def forward_backward(request: web.Request) -> web.Response:
@@ -307,16 +383,25 @@ async def forward_backward(request: web.Request) -> web.Response:
     _check_lengths(gateway, data)
     op = TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="forward" if forward_only else "forward_backward",
                   data=data, loss_fn=loss_fn, loss_fn_config=loss_config, ts=time.time())  # type: ignore[arg-type]
-    pending = await gateway.backend.op(op)
+    with _holding(_op_slot(gateway, request)) as held:
+        pending = await gateway.backend.op(op)
 
-    async def work() -> Outcome:
-        result = await _reply(pending)
-        return codec.forward_backward_output(result.loss_fn_outputs, result.metrics)
+        async def work() -> Outcome:
+            result = await _reply(pending)
+            return codec.forward_backward_output(result.loss_fn_outputs, result.metrics)
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held)
 
 
 def _check_lengths(gateway: Gateway, data: list[Datum]) -> None:
+    max_datums, max_tokens = gateway.config.gateway_max_datums_per_op, gateway.config.gateway_max_tokens_per_op
+    if len(data) > max_datums:
+        raise _error(400, f"{len(data)} datums in one request, over gateway_max_datums_per_op {max_datums} "
+                          "(split the batch; the SDK does, told by client/config)")
+    total_tokens = sum(len(datum.model_input) for datum in data)
+    if total_tokens > max_tokens:
+        raise _error(400, f"{total_tokens} input tokens in one request, over gateway_max_tokens_per_op "
+                          f"{max_tokens} (split the batch)")
     for i, datum in enumerate(data):
         if len(datum.model_input) > gateway.config.max_context_length:
             raise _error(400, f"data[{i}]: {len(datum.model_input)} tokens, over max_context_length "
@@ -343,14 +428,16 @@ async def optim_step(request: web.Request) -> web.Response:
     gateway: Gateway = request.app[GATEWAY_KEY]
     body = await _json_body(request)
     run = _run(gateway, request, body.get("model_id"))
-    pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="optim_step",
-                                                adam=_adam(body), ts=time.time()))
+    adam = _adam(body)
+    with _holding(_op_slot(gateway, request)) as held:
+        pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="optim_step",
+                                                    adam=adam, ts=time.time()))
 
-    async def work() -> Outcome:
-        result = await _reply(pending)
-        return {"type": "optim_step", "metrics": result.metrics}
+        async def work() -> Outcome:
+            result = await _reply(pending)
+            return {"type": "optim_step", "metrics": result.metrics}
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held)
 
 
 def _checkpoint_name(body: dict[str, Any], field: str = "path") -> str:
@@ -365,23 +452,24 @@ async def save_weights_for_sampler(request: web.Request) -> web.Response:
     body = await _json_body(request)
     run = _run(gateway, request, body.get("model_id"))
     name = _checkpoint_name(body) if body.get("path") is not None else ""
-    pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="save_weights",
-                                                name=name, ts=time.time()))
+    with _holding(_save_slot(gateway, run)) as held, _holding(_op_slot(gateway, request)) as held_op:
+        pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="save_weights",
+                                                    name=name, ts=time.time()))
 
-    async def work() -> Outcome:
-        result = await _reply(pending)
-        run.latest_version = max(run.latest_version, result.adapter_version)
-        if name:
-            run.sampler_paths[name] = result.adapter_version
-        await gateway.registry.add_run(run)  # stored before the client learns the path
-        if name:
-            return {"type": "save_weights_for_sampler",
-                    "path": TinkerPath(run.run_id, SAMPLER_SEGMENT, name).text}
-        session_id = await gateway.registry.add_sampling(run.owner, run.run_id, result.adapter_version, None,
-                                                   run.base_model)
-        return {"type": "save_weights_for_sampler", "sampling_session_id": session_id}
+        async def work() -> Outcome:
+            result = await _reply(pending)
+            run.latest_version = max(run.latest_version, result.adapter_version)
+            if name:
+                run.sampler_paths[name] = result.adapter_version
+            await gateway.registry.add_run(run)  # stored before the client learns the path
+            if name:
+                return {"type": "save_weights_for_sampler",
+                        "path": TinkerPath(run.run_id, SAMPLER_SEGMENT, name).text}
+            session_id = await gateway.registry.add_sampling(run.owner, run.run_id, result.adapter_version, None,
+                                                             run.base_model)
+            return {"type": "save_weights_for_sampler", "sampling_session_id": session_id}
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held + held_op)
 
 
 async def save_weights(request: web.Request) -> web.Response:
@@ -389,16 +477,18 @@ async def save_weights(request: web.Request) -> web.Response:
     body = await _json_body(request)
     run = _run(gateway, request, body.get("model_id"))
     name = _checkpoint_name(body) if body.get("path") is not None else f"state-{int(time.time() * 1000)}"
-    pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="save_state",
-                                                name=name, ts=time.time()))
+    save_release = _no_release if name in run.state_names else _save_slot(gateway, run)  # same name: overwritten
+    with _holding(save_release) as held, _holding(_op_slot(gateway, request)) as held_op:
+        pending = await gateway.backend.op(TinkerOp(op_id=_new_op_id(), run_id=run.run_id, op="save_state",
+                                                    name=name, ts=time.time()))
 
-    async def work() -> Outcome:
-        await _reply(pending)
-        run.state_names.add(name)
-        await gateway.registry.add_run(run)
-        return {"type": "save_weights", "path": TinkerPath(run.run_id, STATE_SEGMENT, name).text}
+        async def work() -> Outcome:
+            await _reply(pending)
+            run.state_names.add(name)
+            await gateway.registry.add_run(run)
+            return {"type": "save_weights", "path": TinkerPath(run.run_id, STATE_SEGMENT, name).text}
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held + held_op)
 
 
 async def load_weights(request: web.Request) -> web.Response:
@@ -423,18 +513,20 @@ async def load_weights(request: web.Request) -> web.Response:
             raise _error(400, f"model {alias!r} exists already")
         run = Run(run_id=new_run_id(), owner=owner, lora_rank=source.lora_rank, base_model=source.base_model)
         created = True
-    pending = await gateway.backend.op(TinkerOp(
-        op_id=_new_op_id(), run_id=run.run_id, op="load_state", name=path.name, source_run_id=source.run_id,
-        with_optimizer=with_optimizer, ts=time.time()))
+    run_release = _run_slot(gateway, request) if created else _no_release
+    with _holding(run_release) as held, _holding(_op_slot(gateway, request)) as held_op:
+        pending = await gateway.backend.op(TinkerOp(
+            op_id=_new_op_id(), run_id=run.run_id, op="load_state", name=path.name, source_run_id=source.run_id,
+            with_optimizer=with_optimizer, ts=time.time()))
 
-    async def work() -> Outcome:
-        await _reply(pending)
-        if created:
-            await gateway.registry.add_run(run)
-            await gateway.registry.add_alias(alias, run.run_id)
-        return {"type": "load_weights", "path": path.text, "model_id": run.run_id}
+        async def work() -> Outcome:
+            await _reply(pending)
+            if created:
+                await gateway.registry.add_run(run)
+                await gateway.registry.add_alias(alias, run.run_id)
+            return {"type": "load_weights", "path": path.text, "model_id": run.run_id}
 
-    return await _future(gateway, request, work(), run.run_id)
+        return await _future(gateway, request, work(), run.run_id, held=held + held_op)
 
 
 # ---------------------------------------------------------------- sampling
@@ -510,6 +602,13 @@ async def asample(request: web.Request) -> web.Response:
     num_samples = _int(body, "num_samples", 1, 1, gateway.config.max_num_samples)
     sampling = _sampling(gateway, body.get("sampling_params"))
     with_prompt_logprobs = bool(body.get("prompt_logprobs"))
+    with _holding(_op_slot(gateway, request)) as held:
+        return await _sample(gateway, request, session, prompt, num_samples, sampling, with_prompt_logprobs, held)
+
+
+async def _sample(gateway: Gateway, request: web.Request, session: SamplingSession, prompt: list[int], num_samples: int,
+                  sampling: TinkerSampling, with_prompt_logprobs: bool, held: list[Release]) -> web.Response:
+    """Publishes the sample (and the prompt logprobs op) of an admitted asample."""
     sample_pending = await gateway.backend.sample(TinkerSampleRequest(
         request_id="smp-" + uuid.uuid4().hex, run_id=session.run_id, adapter_version=session.adapter_version,
         prompt_token_ids=prompt, num_samples=num_samples, sampling=sampling, ts=time.time()))
@@ -531,7 +630,7 @@ async def asample(request: web.Request) -> web.Response:
             prompt_logprobs = [float(v) for v in outputs[0]["logprobs"].data]
         return codec.sample_response(result.sequences, prompt_logprobs)
 
-    return await _future(gateway, request, work(), num_samples=num_samples)
+    return await _future(gateway, request, work(), num_samples=num_samples, held=held)
 
 
 # ---------------------------------------------------------------- futures
