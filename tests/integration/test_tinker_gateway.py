@@ -145,9 +145,9 @@ def test_supervised_loop_lowers_loss_and_its_weights_sample(base_url, tokenizer)
     # Answers the base model does not give: "a+b=" answered with a fixed wrong text.
     data = supervised_data(tokenizer, [f"{a}+{b}=77" for a, b in ((3, 4), (10, 20), (31, 5), (8, 8))])
     losses = []
-    for _ in range(8):
+    for _ in range(16):  # a wide margin: greedy decoding in a mixed batch must not flip the answer
         fwd_bwd = training.forward_backward(data, "cross_entropy")
-        step = training.optim_step(types.AdamParams(learning_rate=2e-2))
+        step = training.optim_step(types.AdamParams(learning_rate=1e-2))
         output = fwd_bwd.result()
         step.result()
         losses.append(output.metrics["loss:sum"])
