@@ -241,4 +241,5 @@ def test_clora_up_and_submit_from_a_fresh_directory_run_an_experiment_as_the_ser
             output, _ = up.communicate()
     assert up.returncode == 0, output[-3000:]
     metrics_line = next(line for line in output.splitlines() if line.startswith("  metrics: "))
-    assert all(f"{name} http://127.0.0.1:" in metrics_line for name in ("scheduler", "reward", "rollout-0", "trainer-0"))
+    services = ("scheduler", "reward", "rollout-0", "trainer-0")
+    assert all(f"{name} http://127.0.0.1:" in metrics_line for name in services), metrics_line

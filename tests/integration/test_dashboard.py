@@ -27,6 +27,7 @@ from shared.messages import ExperimentSpec, RewardSpec, TaskSource
 from shared.runtime import heartbeat_key
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="the `selenium` package is not installed")
+from selenium.common.exceptions import StaleElementReferenceException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
@@ -44,6 +45,7 @@ CLUSTER_ENV = {"CLORA_TORCH_THREADS": "1", "CLORA_LOG_FORMAT": "json"}
 STEPS = 6
 URL_TIMEOUT_S = 60.0
 PAGE_TIMEOUT_S = 300.0
+STALE_RETRIES = 20  # reads of an element the page redrew meanwhile
 IDS = ("dash-sort", "dash-add")
 
 
@@ -78,19 +80,40 @@ def browser():
     return webdriver.Chrome(options=options, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
 
 
+def fresh(read):
+    """``read()``, again while the page's once-a-second redraw replaces the
+    elements it found (a stale element is a redraw, not a failure)."""
+    for _ in range(STALE_RETRIES):
+        try:
+            return read()
+        except StaleElementReferenceException:
+            time.sleep(0.05)
+    return read()
+
+
 def points(driver, experiment_id: str, curve: str) -> int:
-    found = driver.find_elements(By.CSS_SELECTOR, f'canvas[data-experiment-id="{experiment_id}"][data-curve="{curve}"]')
-    return int(found[0].get_attribute("data-points")) if found else 0
+    def read() -> int:
+        found = driver.find_elements(
+            By.CSS_SELECTOR, f'canvas[data-experiment-id="{experiment_id}"][data-curve="{curve}"]')
+        return int(found[0].get_attribute("data-points")) if found else 0
+
+    return fresh(read)
 
 
 def status(driver, experiment_id: str) -> str:
-    found = driver.find_elements(By.CSS_SELECTOR, f'tr[data-experiment-id="{experiment_id}"] td[data-status]')
-    return found[0].get_attribute("data-status") if found else ""
+    def read() -> str:
+        found = driver.find_elements(By.CSS_SELECTOR, f'tr[data-experiment-id="{experiment_id}"] td[data-status]')
+        return found[0].get_attribute("data-status") if found else ""
+
+    return fresh(read)
 
 
 def page_pairs(driver) -> dict[str, int]:
-    rows = driver.find_elements(By.CSS_SELECTOR, "tr.pair")
-    return {row.get_attribute("data-pair"): int(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows}
+    def read() -> dict[str, int]:
+        rows = driver.find_elements(By.CSS_SELECTOR, "tr.pair")
+        return {row.get_attribute("data-pair"): int(row.find_elements(By.TAG_NAME, "td")[1].text) for row in rows}
+
+    return fresh(read)
 
 
 def heartbeat_pairs(client: CloraClient) -> dict[str, int]:
@@ -109,7 +132,8 @@ def test_dashboard_lists_experiments_and_its_curves_grow_while_they_run(tmp_path
         dashboard, url = start_dashboard(cluster)
         driver = browser()
         driver.get(url)
-        wait = WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.2)
+        wait = WebDriverWait(driver, PAGE_TIMEOUT_S, poll_frequency=0.2,
+                             ignored_exceptions=(StaleElementReferenceException,))
         wait.until(lambda d: d.find_elements(By.ID, "train-queue"))  # the page rendered one state
         client = CloraClient.connect(cluster.url, cluster.stream_prefix, data_dir=cluster.data_dir)
         for experiment_id, family in zip(IDS, ("sort", "add"), strict=True):
