@@ -42,7 +42,7 @@ pytestmark = [
                        reason="no Chromium / chromedriver (apt-get install chromium chromium-driver)"),
 ]
 CLUSTER_ENV = {"CLORA_TORCH_THREADS": "1", "CLORA_LOG_FORMAT": "json"}
-STEPS = 6
+STEPS = 40  # long enough (several seconds) that a page polled each second sees both running
 URL_TIMEOUT_S = 60.0
 PAGE_TIMEOUT_S = 300.0
 STALE_RETRIES = 20  # reads of an element the page redrew meanwhile
