@@ -129,14 +129,45 @@ def format_table(results: Sequence[ConfigResult]) -> str:
 # ---------------------------------------------------------------- the loop
 
 
-def rl_loop(base_url: str, key: str, tokenizer, family_name: str, steps: int, seed: int,
-            prompts_per_step: int, group_size: int) -> ClientResult:
-    """The Tinker-docs RL loop (as in the integration test), timed per step."""
+def sampled_step_data(sampler, tokenizer, reward, prompts, group_size: int, params) -> tuple[list, list[float]]:
+    """One RL step the Tinker-docs way: ``group_size`` samples of each prompt,
+    scored with ``reward``; (importance_sampling datums with group-centred
+    advantages, every sample's reward). A group whose samples all scored the
+    same gives no datum."""
     import numpy as np
-    import tinker
     from tinker import types
 
     from services.reward.scoring import score_builtin
+
+    encoded = [tokenizer.encode(p.text, add_special_tokens=False) for p in prompts]
+    futures = [sampler.sample(types.ModelInput.from_ints(tokens), group_size, params) for tokens in encoded]
+    data, rewards = [], []
+    for prompt, tokens, future in zip(prompts, encoded, futures, strict=True):
+        sequences = future.result().sequences
+        scores = [score_builtin(reward, tokenizer.decode(s.tokens, skip_special_tokens=True),
+                                prompt.answer).reward for s in sequences]
+        rewards += scores
+        mean = sum(scores) / len(scores)
+        for sequence, score in zip(sequences, scores, strict=True):
+            if score == mean or not sequence.tokens:
+                continue  # no signal
+            full = tokens + list(sequence.tokens)
+            pad = [0.0] * (len(tokens) - 1)
+            data.append(types.Datum(
+                model_input=types.ModelInput.from_ints(full[:-1]),
+                loss_fn_inputs={"target_tokens": np.array(full[1:]),
+                                "logprobs": np.array(pad + list(sequence.logprobs), dtype=np.float32),
+                                "advantages": np.array(pad + [score - mean] * len(sequence.tokens),
+                                                       dtype=np.float32)}))
+    return data, rewards
+
+
+def rl_loop(base_url: str, key: str, tokenizer, family_name: str, steps: int, seed: int,
+            prompts_per_step: int, group_size: int) -> ClientResult:
+    """The Tinker-docs RL loop (as in the integration test), timed per step."""
+    import tinker
+    from tinker import types
+
     from shared.messages import RewardSpec
     from shared.tasks import get_family
 
@@ -151,26 +182,7 @@ def rl_loop(base_url: str, key: str, tokenizer, family_name: str, steps: int, se
         started = time.monotonic()
         sampler = training.save_weights_and_get_sampling_client().result()
         prompts = family.generate(seed * 1000 + step, prompts_per_step, "train")
-        encoded = [tokenizer.encode(p.text, add_special_tokens=False) for p in prompts]
-        futures = [sampler.sample(types.ModelInput.from_ints(tokens), group_size, params) for tokens in encoded]
-        data, step_rewards = [], []
-        for prompt, tokens, future in zip(prompts, encoded, futures, strict=True):
-            sequences = future.result().sequences
-            scores = [score_builtin(reward, tokenizer.decode(s.tokens, skip_special_tokens=True),
-                                    prompt.answer).reward for s in sequences]
-            step_rewards += scores
-            mean = sum(scores) / len(scores)
-            for sequence, score in zip(sequences, scores, strict=True):
-                if score == mean or not sequence.tokens:
-                    continue  # no signal
-                full = tokens + list(sequence.tokens)
-                pad = [0.0] * (len(tokens) - 1)
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(full[:-1]),
-                    loss_fn_inputs={"target_tokens": np.array(full[1:]),
-                                    "logprobs": np.array(pad + list(sequence.logprobs), dtype=np.float32),
-                                    "advantages": np.array(pad + [score - mean] * len(sequence.tokens),
-                                                           dtype=np.float32)}))
+        data, step_rewards = sampled_step_data(sampler, tokenizer, reward, prompts, group_size, params)
         result.rewards.append(sum(step_rewards) / len(step_rewards))
         if data:
             training.forward_backward(data, "importance_sampling")

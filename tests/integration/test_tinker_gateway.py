@@ -26,8 +26,8 @@ import tinker
 from tinker import types
 from transformers import AutoTokenizer
 
+from load_tests.tinker_rl_loop import sampled_step_data
 from services.cli.local import LocalCluster
-from services.reward.scoring import score_builtin
 from shared.client import CloraClient
 from shared.config import DEFAULT_MODEL_DIR
 from shared.messages import ExperimentSpec, RewardSpec, TaskSource
@@ -190,26 +190,7 @@ def rl_loop(base_url: str, key: str, tokenizer, family_name: str, steps: int, se
     for step in range(steps):
         sampler = training.save_weights_and_get_sampling_client().result()
         prompts = family.generate(seed * 1000 + step, prompts_per_step, "train")
-        encoded = [tokenizer.encode(p.text, add_special_tokens=False) for p in prompts]
-        futures = [sampler.sample(types.ModelInput.from_ints(tokens), group_size, params) for tokens in encoded]
-        data, step_rewards = [], []
-        for prompt, tokens, future in zip(prompts, encoded, futures, strict=True):
-            sequences = future.result().sequences
-            scores = [score_builtin(reward, tokenizer.decode(s.tokens, skip_special_tokens=True),
-                                    prompt.answer).reward for s in sequences]
-            step_rewards += scores
-            mean = sum(scores) / len(scores)
-            for sequence, score in zip(sequences, scores, strict=True):
-                if score == mean or not sequence.tokens:
-                    continue  # no signal
-                full = tokens + list(sequence.tokens)
-                pad = [0.0] * (len(tokens) - 1)
-                data.append(types.Datum(
-                    model_input=types.ModelInput.from_ints(full[:-1]),
-                    loss_fn_inputs={"target_tokens": np.array(full[1:]),
-                                    "logprobs": np.array(pad + list(sequence.logprobs), dtype=np.float32),
-                                    "advantages": np.array(pad + [score - mean] * len(sequence.tokens),
-                                                           dtype=np.float32)}))
+        data, step_rewards = sampled_step_data(sampler, tokenizer, reward, prompts, group_size, params)
         rewards_per_step.append(sum(step_rewards) / len(step_rewards))
         if data:
             training.forward_backward(data, "importance_sampling")
