@@ -50,7 +50,10 @@ the end of the counted time; ``peak_rss_mb`` VmHWM, the peak up to then) and
 ``rss_mb_per_tenant`` (``rss_mb`` / N), beside the step times, in the growth
 table (warm modes only; serial-cold has none).
 
-``--floor`` also runs ``load_tests/floor.py`` in a child process: the same K
+``--floor`` also runs ``load_tests/floor.py``, in a child process right
+after each warm cluster mode (serial-warm: N=1; concurrent N: that N; once
+per N), so each pair is measured back to back on this shared machine, whose
+speed drifts by a fifth over minutes: the same K
 experiments (same specs, seeds, sampling, evaluations, adapter files) through
 the same engine, reward and trainer code in ONE process, no Redis, no
 services, ``serial`` (N=1) and ``interleaved`` for each N (see its docstring
@@ -72,8 +75,8 @@ experiment; every row gets ``throughput_ratio_vs_peer`` (its experiments/hour
 (/ the peer's warm figure); ``peer_comparison`` and the top-level
 ``throughput_ratio_vs_peer`` / ``_warm`` are those of concurrent N=8 (else the
 largest N run), with C-LoRA's and the peer's final accuracy and
-serial-warm's figures. The floor and the peer run after the cluster modes;
-a failure of either is reported in ``error`` (the cluster rows stay).
+serial-warm's figures. The peer runs after the cluster modes; a failure of
+the floor or the peer is reported in ``error`` (the cluster rows stay).
 
     python load_tests/experiment_throughput.py --experiments 8 --steps 10 \\
         --json /tmp/throughput.json --plot-dir /tmp/throughput
@@ -696,6 +699,8 @@ class ThroughputBenchmark:
         self.deadline = Deadline(settings.timeout_s)
         self.env = {**self._demo_env(), **settings.env}
         self.runs: list[ModeRun] = []  # kept when a mode raises
+        self.floor_rows: list[dict] = []  # --floor: one row per N, each run right after its cluster mode
+        self.floor_errors: list[str] = []
 
     @staticmethod
     def _demo_env() -> dict:
@@ -719,7 +724,19 @@ class ThroughputBenchmark:
                   flush=True)
             if runs[-1].timed_out:
                 return runs, "the global --timeout-s ran out"
+            if mode != "serial-cold":
+                self.run_floor_for(n)
         return runs, None
+
+    def run_floor_for(self, n: int) -> None:
+        """With ``--floor``: the floor for ``n`` right after the cluster mode it
+        is compared with (once per N), so both are measured minutes apart at
+        most: this shared machine's speed drifts by a fifth over a run."""
+        if not self.settings.floor or any(row["n"] == n for row in self.floor_rows):
+            return
+        rows, error = run_floor(self.settings, self.data_root, n, self.deadline.left())
+        self.floor_rows += rows
+        self.floor_errors += [error] if error else []
 
     # ------------------------------------------------------------ modes
 
@@ -1047,19 +1064,18 @@ def side_run(command: list[str], json_path: Path, timeout_s: float) -> tuple[dic
     return json.loads(json_path.read_text()), None
 
 
-def run_floor(settings: Settings, data_root: Path, timeout_s: float) -> tuple[list[dict], str | None]:
-    """``load_tests/floor.py`` for N=1 (serial) and every concurrent N, with the
-    benchmark's K, spec fields, seeds and service environment."""
-    out = data_root / "floor.json"
+def run_floor(settings: Settings, data_root: Path, n: int, timeout_s: float) -> tuple[list[dict], str | None]:
+    """``load_tests/floor.py`` for one N (1: serial), with the benchmark's K,
+    spec fields, seeds and service environment."""
+    out = data_root / f"floor-{n}.json"
     command = [sys.executable, str(LOAD_TESTS / "floor.py"), "--experiments", str(settings.experiments),
-               "--concurrency", ",".join(str(n) for n in sorted({1, *settings.concurrency})),
-               "--family", settings.family, "--seed", str(settings.seed),
+               "--concurrency", str(n), "--family", settings.family, "--seed", str(settings.seed),
                "--spec-json", json.dumps(settings.spec_fields), "--json", str(out),
-               "--data-dir", str(data_root / "floor"),
+               "--data-dir", str(data_root / f"floor-{n}"),
                *[f"--set={key}={value}" for key, value in settings.env.items()]]
     if not settings.warmup:
         command.append("--no-warmup")
-    print("== floor (one process, no Redis, no services)", flush=True)
+    print(f"== floor N={n} (one process, no Redis, no services)", flush=True)
     report, error = side_run(command, out, timeout_s)
     return (report or {}).get("results", []), error
 
@@ -1074,16 +1090,12 @@ def run_peer(settings: Settings, data_root: Path, timeout_s: float) -> tuple[dic
     return side_run(command, out, timeout_s)
 
 
-def run_side_runs(settings: Settings, data_root: Path, started: float) -> tuple[list[dict], dict | None, list[str]]:
-    """The floor and the peer when asked for: (floor rows, peer summary, errors)."""
-    floor_rows, peer, errors = [], None, []
-    if settings.floor:
-        floor_rows, error = run_floor(settings, data_root, settings.timeout_s - (time.monotonic() - started))
-        errors += [error] if error else []
-    if settings.peer:
-        peer, error = run_peer(settings, data_root, settings.timeout_s - (time.monotonic() - started))
-        errors += [error] if error else []
-    return floor_rows, peer, errors
+def run_side_runs(settings: Settings, data_root: Path, started: float) -> tuple[dict | None, list[str]]:
+    """The peer when asked for: (peer summary, errors)."""
+    if not settings.peer:
+        return None, []
+    peer, error = run_peer(settings, data_root, settings.timeout_s - (time.monotonic() - started))
+    return peer, [error] if error else []
 
 
 def run_benchmark(settings: Settings) -> dict:
@@ -1105,7 +1117,9 @@ def run_benchmark(settings: Settings) -> dict:
         except (BenchmarkTimeout, ClusterError) as exc:
             runs, error = (benchmark.runs if benchmark else []), f"{type(exc).__name__}: {exc}"
             settings.keep_data = True  # the service logs say why
-        floor_rows, peer, side_errors = run_side_runs(settings, data_root, started) if error is None else ([], None, [])
+        floor_rows = benchmark.floor_rows if benchmark else []
+        peer, side_errors = run_side_runs(settings, data_root, started) if error is None else (None, [])
+        side_errors = (benchmark.floor_errors if benchmark else []) + side_errors
     finally:
         if not settings.keep_data:
             shutil.rmtree(data_root, ignore_errors=True)

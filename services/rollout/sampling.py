@@ -15,6 +15,7 @@ Shape suffixes: ``_B`` one per running row, ``_V`` one per vocabulary entry.
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -129,12 +130,10 @@ def flags_for(params: list[SamplingParams]) -> SamplingFlags:
     )
 
 
-_SYSTEM_RANDOM = random.SystemRandom()
-
-
 def row_seeds(sampling: SamplingParams) -> list[int]:
     """One 31-bit seed per sample: derived from the request seed (reproducible)
     or drawn from the OS (seed None)."""
-    if sampling.seed is None:
-        return [_SYSTEM_RANDOM.getrandbits(31) for _ in range(sampling.n)]
+    if sampling.seed is None:  # one read of the OS's randomness for all of them
+        drawn = os.urandom(4 * sampling.n)
+        return [int.from_bytes(drawn[4 * i:4 * i + 4], "little") & 0x7FFFFFFF for i in range(sampling.n)]
     return [random.Random(sampling.seed * 1_000_003 + i).getrandbits(31) for i in range(sampling.n)]

@@ -6,7 +6,8 @@ step (or of an evaluation); its handler splits it into its prompts, and each
 prompt waits for its ``sampling.n`` rows at the ``RowGate``
 (``services.rollout.rows``): that is the backpressure, the service never
 hands the engine more rows than it has, a request larger than the engine runs
-prompt by prompt, and tenants take turns for the rows that free. Each prompt
+prompt by prompt, tenants take turns for the rows that free, and evaluation
+prompts yield to training steps (with a bounded share, never starved). Each prompt
 is tokenized and awaits ``engine.generate``; the engine batches the rows of
 all prompts in flight, whatever their tenant, into the same decode steps. The
 handler then publishes one ``Completion`` for the request, a ``PromptResult``
@@ -456,7 +457,9 @@ class RolloutService(Service):
         its own ``error``; the others go on."""
         try:
             prompt_ids = self._encode(prompt)
-            async with self.rows.rows(request.experiment_id, request.sampling.n):
+            # an evaluation's prompts yield to training steps (the trainer waits on those)
+            async with self.rows.rows(request.experiment_id, request.sampling.n,
+                                      background=request.purpose == "eval"):
                 submitted, generated = await self._generate(request, key, prompt_ids)
         except EngineError as exc:
             if self.stopping.is_set() or self.engine.failure() is not None:

@@ -199,7 +199,8 @@ class TorchEngine(Engine):
         self._wake.set()
         await asyncio.to_thread(thread.join, CLOSE_JOIN_TIMEOUT_S)
         self._fail_everything("engine closed")
-        log.info("torch_engine_closed", decode_steps=self._stats.decode_steps)
+        log.info("torch_engine_closed", decode_steps=self._stats.decode_steps, prefill_steps=self._stats.prefill_steps,
+                 generated_tokens=self._stats.generated_tokens)
 
     def failure(self) -> str | None:
         return self._failure

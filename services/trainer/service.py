@@ -1,8 +1,10 @@
 """The trainer service: one GRPO step per train job, one tenant at a time.
 
-Consumes ``train_jobs:<shard>`` (group ``trainer``), one job at a time. The
-model work runs in one dedicated thread (``TrainerCore``); the event loop only
-moves messages. For a job updating version v of tenant T to v+1:
+Consumes ``train_jobs:<shard>`` (group ``trainer``), two jobs in hand: the
+next one is read and decoded while the current one trains, so the model never
+waits for a Redis round trip between jobs. The model work runs in one
+dedicated thread (``TrainerCore``), one job at a time in the order read; the
+event loop only moves messages. For a job updating version v of tenant T to v+1:
 
 - the experiment id is not one (it would name a directory): a dead letter.
 - v+1 already complete in the store: a redelivery of a job already done;
@@ -417,7 +419,9 @@ class TrainerService(Service):
 
     def consumers(self):
         return [
-            self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=1),
+            # two jobs in hand: the next one is read while this one trains, and the
+            # model thread (one worker) still trains one at a time, in the order read
+            self.consumer(self.stream, CONSUMER_GROUP, self.on_train_job, batch_size=1, concurrency=2),
             self.consumer("events", self.events_group, self.on_event),
             # Tinker API runs (shard 0 holds them all): one op at a time, in order
             *([self.consumer("tinker_ops", tinker_ops.CONSUMER_GROUP, self.on_tinker_op, batch_size=1, concurrency=1)]
@@ -433,9 +437,8 @@ class TrainerService(Service):
 
     async def on_train_job(self, job: TrainJob, entry: Entry) -> None:
         with structlog.contextvars.bound_contextvars(experiment_id=job.experiment_id, job_id=job.job_id):
-            active_before = self.core.bank.active
-            outcome = await self._in_model_thread(self.core.handle, job)
-            self._count_metrics(outcome, swapped=self.core.bank.active != active_before)
+            outcome, swapped = await self._in_model_thread(self._handle, job)
+            self._count_metrics(outcome, swapped)
             for level, code, message in outcome.events:
                 await self.bus.publish(ExperimentEvent(
                     experiment_id=job.experiment_id, level=level, code=code, message=message, ts=now()))
@@ -450,6 +453,12 @@ class TrainerService(Service):
             await self.bus.publish(AdapterPublished(
                 experiment_id=job.experiment_id, version=outcome.version, step=job.step, path=outcome.path,
                 digest=outcome.digest, stats=outcome.stats, trainer=self.consumer_name, ts=now()))
+
+    def _handle(self, job: TrainJob) -> tuple[JobOutcome, bool]:
+        """In the model thread: the job's outcome, and whether it swapped tenants."""
+        active_before = self.core.bank.active
+        outcome = self.core.handle(job)
+        return outcome, self.core.bank.active != active_before
 
     async def on_event(self, event: ExperimentEvent, entry: Entry) -> None:
         """An experiment that ended releases its adapter and Adam state from

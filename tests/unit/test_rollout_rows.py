@@ -110,3 +110,70 @@ def test_more_rows_than_the_gate_has_are_refused():
                 pass
 
     asyncio.run(main())
+
+
+def test_training_prompts_go_before_evaluation_prompts_that_waited_longer():
+    async def main() -> None:
+        gate, order, release = RowGate(2, rows_per_turn=1), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "h", 2, order, release))
+        await asyncio.sleep(0)
+        evals = [asyncio.create_task(_hold_as(gate, "a", "a-eval", 1, order, release, background=True))
+                 for _ in range(2)]
+        await asyncio.sleep(0)
+        steps = [asyncio.create_task(_hold_as(gate, tenant, f"{tenant}-train", 1, order, release))
+                 for tenant in "ab"]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(holder, *evals, *steps)
+        assert order[1:] == ["a-train", "b-train", "a-eval", "a-eval"]
+
+    asyncio.run(main())
+
+
+def test_evaluation_prompts_keep_one_turn_in_background_every_under_steady_training_load():
+    """Training prompts always waiting cannot starve an evaluation: it gets
+    every fourth turn."""
+    async def main() -> None:
+        gate, order, release = RowGate(1, rows_per_turn=1, background_every=4), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "h", 1, order, release))
+        await asyncio.sleep(0)
+        evals = [asyncio.create_task(_hold_as(gate, "e", "eval", 1, order, release, background=True))
+                 for _ in range(2)]
+        steps = [asyncio.create_task(_hold_as(gate, tenant, "train", 1, order, release)) for tenant in "abcdefgh"]
+        await asyncio.sleep(0)
+        release.set()
+        await asyncio.gather(holder, *evals, *steps)
+        assert order[1:] == ["train"] * 3 + ["eval"] + ["train"] * 3 + ["eval"] + ["train"] * 2
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_prompt_in_the_middle_of_a_turn_passes_the_turn_on():
+    async def main() -> None:
+        gate, order, release = RowGate(3, rows_per_turn=3), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "h", 3, order, release))
+        await asyncio.sleep(0)
+        first = asyncio.create_task(_hold_as(gate, "a", "a1", 1, order, release))
+        second = asyncio.create_task(_hold_as(gate, "a", "a2", 2, order, release))
+        other = asyncio.create_task(_hold_as(gate, "b", "b1", 1, order, release))
+        await asyncio.sleep(0)
+        gate.free += 2  # two rows free up: "a" starts its turn with a1; a2 needs both
+        gate._grant()
+        await asyncio.sleep(0)
+        assert order == ["h", "a1"] and gate.free == 1  # b1 does not jump the turn
+        second.cancel()
+        await asyncio.sleep(0.01)
+        assert order == ["h", "a1", "b1"]
+        gate.free -= 2
+        release.set()
+        await asyncio.gather(holder, first, second, other, return_exceptions=True)
+        assert gate.free == 3 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
+async def _hold_as(gate: RowGate, tenant: str, label: str, rows: int, order: list[str], release: asyncio.Event,
+                   background: bool = False) -> None:
+    async with gate.rows(tenant, rows, background=background):
+        order.append(label)
+        await release.wait()
