@@ -149,23 +149,33 @@ async def test_forward_backward_accumulates_and_optim_step_is_adam(redis_url, st
         await stop(service, task)
 
     store = service.store
-    # The same computation, directly: the saved start version, both batches' summed loss, one torch Adam step.
-    model = peft_from(str(store.path(run.run_id, 1)))
-    loss_a = direct_ce_loss(model, DATA_A)
-    loss_b = direct_ce_loss(model, DATA_B)
+    # The same computation, directly: the saved start version, both batches' losses (gradients accumulated in
+    # the same order, on one thread as the trainer's), one torch Adam step.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = peft_from(str(store.path(run.run_id, 1)))
+        loss_a = direct_ce_loss(model, DATA_A)
+        loss_b = direct_ce_loss(model, DATA_B)
+        params = lora_params(model)
+        optimizer = torch.optim.Adam(list(params.values()), lr=adam.learning_rate, betas=(adam.beta1, adam.beta2),
+                                     eps=adam.eps)
+        loss_a.backward()
+        loss_b.backward()
+        optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
     assert first.metrics["loss:sum"] == pytest.approx(loss_a.item(), rel=1e-5)
     assert second.metrics["loss:sum"] == pytest.approx(loss_b.item(), rel=1e-5)
     elementwise = first.loss_fn_outputs[1]["elementwise_loss"].data
     assert elementwise[0] == 0.0 and len(elementwise) == 3  # weight 0: no loss
-    params = lora_params(model)
-    optimizer = torch.optim.Adam(list(params.values()), lr=adam.learning_rate, betas=(adam.beta1, adam.beta2),
-                                 eps=adam.eps)
-    (loss_a + loss_b).backward()
-    optimizer.step()
     trained = store.load_tensors(store.path(run.run_id, 2))
     assert set(trained) == set(params)
+    # Adam moves every element by up to the learning rate (0.01); one whose gradient is within float noise of
+    # zero lands anywhere in that range, so the bound is 1% of it: a wrong rule (SGD, other betas, no bias
+    # correction) is off by the learning rate's order on most elements.
     for name, param in params.items():
-        torch.testing.assert_close(trained[name], param.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(trained[name], param.detach(), rtol=1e-4, atol=1e-4)
     with torch.no_grad():
         assert forward_after.metrics["loss:sum"] == pytest.approx(direct_ce_loss(model, DATA_A).item(), rel=1e-5)
     assert forward_after.metrics["loss:sum"] < first.metrics["loss:sum"]
