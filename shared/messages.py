@@ -411,6 +411,7 @@ class TrainStats(_Struct):
     train_s: float = 0.0
     skipped_update: bool = False
     skip_reason: str | None = None
+    write_s: float = 0.0
 
 
 class AdapterPublished(_Message, tag="adapter_published"):

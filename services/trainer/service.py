@@ -3,8 +3,12 @@
 Consumes ``train_jobs:<shard>`` (group ``trainer``), two jobs in hand: the
 next one is read and decoded while the current one trains, so the model never
 waits for a Redis round trip between jobs. The model work runs in one
-dedicated thread (``TrainerCore``), one job at a time in the order read; the
-event loop only moves messages. For a job updating version v of tenant T to v+1:
+dedicated thread (``TrainerCore.train``), one job at a time in the order read;
+a trained step's weights (and moments, when checkpointed) are copied out and
+written by a second thread (``TrainerCore.write``: files only) while the model
+thread trains the next job; the version is announced once it is durable, and
+the tenant's next job waits until then. The event loop only moves messages.
+For a job updating version v of tenant T to v+1:
 
 - the experiment id is not one (it would name a directory): a dead letter.
 - v+1 already complete in the store: a redelivery of a job already done;
@@ -47,7 +51,8 @@ does the same with ``skip_reason="no_signal"`` and no event.
 
 Any error after the optimizer step but before v+1 is durable drops the
 tenant from memory, so the retry restores it from the store instead of
-applying the step twice.
+applying the step twice. ``TrainStats.train_s`` is the model thread's time
+for the step, ``write_s`` the writer's.
 
 Each trainer also reads ``events`` in a private group: when the scheduler
 says an experiment ended (finished, cancelled, failed), the tenant's adapter
@@ -61,10 +66,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import structlog
 import torch
@@ -94,6 +100,7 @@ MICRO_BATCH_TOKENS = 16384  # padded positions per forward/backward; gradients a
 PAD_TOKEN_ID = 0  # right padding: attends only to itself, never attended to, never a target
 
 log = structlog.get_logger(__name__)
+EventLevel = Literal["info", "warning", "error"]
 
 
 class VersionGap(RuntimeError):
@@ -116,6 +123,23 @@ class JobOutcome:
     stats: TrainStats = field(default_factory=TrainStats)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message)
     reason: str = ""
+
+
+@dataclass
+class PendingVersion:
+    """A trained step whose version is not on disk yet: CPU copies of what
+    ``TrainerCore.write`` stores (the tenant's weights in its own shape; the
+    optimizer moments when this version is checkpointed), taken in the model
+    thread, so the write can run beside the next job's training."""
+
+    job: TrainJob
+    target: int
+    weights: dict[str, torch.Tensor]
+    shape: LoraSignature
+    moments: dict[str, torch.Tensor] | None
+    adam_step: int
+    stats: TrainStats
+    events: list[tuple[str, str, str]]
 
 
 # ---------------------------------------------------------------- model side
@@ -142,7 +166,8 @@ def load_policy_model(model_dir: str, signature: LoraSignature, device: str = "a
 
 
 class TrainerCore:
-    """The model, the tenants and the store; every method runs in the model thread."""
+    """The model, the tenants and the store. Every method runs in the model
+    thread except ``write``, which only touches files (one writer thread)."""
 
     def __init__(self, model, store: AdapterStore, checkpoint_root: Path, signature: LoraSignature,
                  base_model: str, micro_batch_tokens: int = MICRO_BATCH_TOKENS, budget: TrainBudget | None = None,
@@ -157,6 +182,8 @@ class TrainerCore:
         self.vocab_size = model_vocab_size(model)
         self.bank = TenantBank(model, store, checkpoint_root)
         self.device = self.bank.device
+        # tenant -> the version being written: its jobs wait (retry) until it is on disk
+        self.writing: dict[str, int] = {}
 
     @classmethod
     def load(cls, config: TrainerConfig, store: AdapterStore) -> "TrainerCore":
@@ -172,11 +199,26 @@ class TrainerCore:
     # ------------------------------------------------------------ one job
 
     def handle(self, job: TrainJob) -> JobOutcome:
+        """Train and write, in this thread (the service splits the two)."""
+        trained = self.train(job)
+        if isinstance(trained, JobOutcome):
+            return trained
+        try:
+            return self.write(trained)
+        except BaseException:
+            self.abandon(trained)
+            raise
+
+    def train(self, job: TrainJob) -> JobOutcome | PendingVersion:
+        """The job's outcome when it trains nothing; else its step, trained
+        and copied out, for ``write``."""
         tenant, target = job.experiment_id, job.base_version + 1
         try:  # before any path is built from it
             check_tenant_name(tenant)
         except AdapterStoreError as exc:
             return JobOutcome("rejected", reason=f"train_job_invalid: {exc}")  # no event: no experiment to tell
+        if tenant in self.writing:  # checked before the store: the write ends by leaving this map
+            return JobOutcome("gap", reason=f"version {self.writing[tenant]} of {tenant} is still being written")
         if self.store.is_complete(tenant, target):
             path = self.store.path(tenant, target)
             return JobOutcome("republished", target, str(path), self.store.digest(tenant, target))
@@ -200,24 +242,46 @@ class TrainerCore:
             return _rejected(f"job updates version {job.base_version} but {tenant} is already at version "
                              f"{state.version} and version {target} is missing from the store", "train_job_stale")
         try:
-            return self._train_and_write(job, target)
+            return self._train_and_copy(job, target)
         except BaseException:
             # The in-memory state may be ahead of the store now: rebuild it from there on retry.
             self.bank.forget(tenant)
             raise
 
-    def _train_and_write(self, job: TrainJob, target: int) -> JobOutcome:
+    def _train_and_copy(self, job: TrainJob, target: int) -> PendingVersion:
         tenant = job.experiment_id
         started = time.perf_counter()
         stats, events = self.train_step(job)
-        path, digest = self.store.write_version(
-            tenant, target, self.bank.adapter_tensors(tenant), self.bank.get(tenant).shape, self.base_model)
-        self.bank.set_version(tenant, target)
+        state = self.bank.get(tenant)
+        weights = _cpu_copies(self.bank.adapter_tensors(tenant))
+        moments, adam_step = None, 0
         if target % max(job.hyper.checkpoint_every, 1) == 0:
-            self.bank.checkpoint(tenant)
-        self._prune_versions(tenant, job.hyper.max_off_policy_steps)
+            live_moments, adam_step = self.bank.optimizer_tensors(tenant)
+            moments = _cpu_copies(live_moments)
+        self.bank.set_version(tenant, target)
+        self.writing[tenant] = target
         stats.train_s = time.perf_counter() - started
-        return JobOutcome("published", target, str(path), digest, stats, events)
+        return PendingVersion(job, target, weights, state.shape, moments, adam_step, stats, events)
+
+    def write(self, pending: PendingVersion) -> JobOutcome:
+        """Make the version durable (adapter files; its checkpoint when due),
+        prune old ones; files only, so it may run beside the next ``train``.
+        On failure the caller calls ``abandon`` in the model thread."""
+        tenant, target = pending.job.experiment_id, pending.target
+        started = time.perf_counter()
+        path, digest = self.store.write_version(tenant, target, pending.weights, pending.shape, self.base_model)
+        if pending.moments is not None:
+            self.bank.write_checkpoint(tenant, target, pending.moments, pending.adam_step)
+        self._prune_versions(tenant, pending.job.hyper.max_off_policy_steps)
+        del self.writing[tenant]  # on disk: the tenant's next job may train (a failure keeps it until abandon)
+        pending.stats.write_s = time.perf_counter() - started
+        return JobOutcome("published", target, str(path), digest, pending.stats, pending.events)
+
+    def abandon(self, pending: PendingVersion) -> None:
+        """After a failed write: the tenant's memory is ahead of the store,
+        so drop it; the retried job restores it from the store."""
+        self.bank.forget(pending.job.experiment_id)
+        self.writing.pop(pending.job.experiment_id, None)
 
     def _prune_versions(self, tenant: str, max_off_policy_steps: int) -> None:
         """Delete old versions; the new one is durable already, so a failure
@@ -297,6 +361,11 @@ class TrainerCore:
                 return False
             terms.loss.backward()
         return True
+
+
+def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies on the CPU that no later step changes (the tensors may be views of live parameters)."""
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
 
 
 def _rejected(reason: str, code: str) -> JobOutcome:
@@ -398,6 +467,9 @@ class TrainerService(Service):
         self.stream = f"train_jobs:{config.shard}"
         # One thread owns the model: torch work never runs on the event loop.
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-model")
+        # One thread writes versions, in the order trained, while the model trains the next job.
+        self.writer = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="trainer-writer")
+        self._steps: dict[str, asyncio.Future[None]] = {}  # tenant -> its job in hand (trained and written: done)
         self._core: TrainerCore | None = None  # set in setup
         # This trainer's private view of the events stream (from its first start on): ended experiments leave memory.
         self.events_group = f"trainer-watch-{self.consumer_name}"
@@ -437,11 +509,12 @@ class TrainerService(Service):
 
     async def on_train_job(self, job: TrainJob, entry: Entry) -> None:
         with structlog.contextvars.bound_contextvars(experiment_id=job.experiment_id, job_id=job.job_id):
-            outcome, swapped = await self._in_model_thread(self._handle, job)
+            outcome, swapped = await self._train(job)
             self._count_metrics(outcome, swapped)
             for level, code, message in outcome.events:
                 await self.bus.publish(ExperimentEvent(
-                    experiment_id=job.experiment_id, level=level, code=code, message=message, ts=now()))
+                    experiment_id=job.experiment_id, level=cast(EventLevel, level), code=code, message=message,
+                    ts=now()))
             if outcome.kind == "rejected":
                 raise PermanentError(outcome.reason)
             if outcome.kind == "gap":
@@ -454,11 +527,46 @@ class TrainerService(Service):
                 experiment_id=job.experiment_id, version=outcome.version, step=job.step, path=outcome.path,
                 digest=outcome.digest, stats=outcome.stats, trainer=self.consumer_name, ts=now()))
 
-    def _handle(self, job: TrainJob) -> tuple[JobOutcome, bool]:
-        """In the model thread: the job's outcome, and whether it swapped tenants."""
+    async def _train(self, job: TrainJob) -> tuple[JobOutcome, bool]:
+        """The job's outcome, and whether it swapped tenants: trained in the
+        model thread, then written in the writer thread while the model
+        thread goes on with the next job. A job of the same tenant right
+        behind (read in the same batch) starts once this one is done."""
+        tenant = job.experiment_id
+        previous, done = self._steps.get(tenant), asyncio.get_running_loop().create_future()
+        self._steps[tenant] = done  # handlers start in the order read: the next one of this tenant waits for us
+        try:
+            if previous is not None:
+                await previous
+            trained, swapped = await self._in_model_thread(self._train_in_model_thread, job)
+            if isinstance(trained, JobOutcome):
+                return trained, swapped
+            # shielded: a handler cancelled now (stopping, Redis away) leaves the write to finish; the
+            # redelivered job then finds the version complete and republishes it
+            return await asyncio.shield(asyncio.wrap_future(trained)), swapped
+        finally:
+            done.set_result(None)
+            if self._steps.get(tenant) is done:
+                del self._steps[tenant]
+
+    def _train_in_model_thread(self, job: TrainJob) -> tuple[JobOutcome | concurrent.futures.Future[JobOutcome], bool]:
+        """In the model thread: the outcome of a job that trains nothing, else
+        its write, handed to the writer from here so that no step is left
+        unwritten whatever happens to its handler."""
         active_before = self.core.bank.active
-        outcome = self.core.handle(job)
-        return outcome, self.core.bank.active != active_before
+        trained = self.core.train(job)
+        swapped = self.core.bank.active != active_before
+        if isinstance(trained, JobOutcome):
+            return trained, swapped
+        written = self.writer.submit(self.core.write, trained)
+        written.add_done_callback(functools.partial(self._abandon_if_failed, trained))
+        return written, swapped
+
+    def _abandon_if_failed(self, pending: PendingVersion, written: concurrent.futures.Future[JobOutcome]) -> None:
+        """A failed write: the tenant's memory is ahead of the store; the model
+        thread drops it (queued before the job's retry), which restores it."""
+        if written.exception() is not None:
+            self.executor.submit(self.core.abandon, pending)
 
     async def on_event(self, event: ExperimentEvent, entry: Entry) -> None:
         """An experiment that ended releases its adapter and Adam state from
@@ -478,7 +586,7 @@ class TrainerService(Service):
         self.log.info("adapter_published", version=outcome.version, loss=round(stats.loss, 5),
                       grad_norm=round(stats.grad_norm, 5), tokens=stats.num_tokens,
                       skipped_groups=stats.skipped_groups, skipped_update=stats.skipped_update,
-                      train_s=round(stats.train_s, 4))
+                      train_s=round(stats.train_s, 4), write_s=round(stats.write_s, 4))
 
     def _count_metrics(self, outcome: JobOutcome, swapped: bool) -> None:
         metrics.TRAIN_JOBS.labels(outcome.kind).inc()
@@ -488,13 +596,15 @@ class TrainerService(Service):
             metrics.TRAIN_STEP_SECONDS.observe(outcome.stats.train_s)
 
     async def close(self) -> None:
-        # A cancelled handler leaves its step running in the thread: let it finish (bounded by one step).
+        # A cancelled handler leaves its step running in the thread: let it finish (bounded by one step),
+        # then the writes of the steps trained so far.
         await asyncio.to_thread(self.executor.shutdown, wait=True)
+        await asyncio.to_thread(self.writer.shutdown, wait=True)
         await super().close()
 
     async def _in_model_thread(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.executor, fn, *args)
 
 
-__all__ = ["TrainerService", "TrainerCore", "JobOutcome", "VersionGap", "load_policy_model", "job_examples",
-           "job_problem", "model_vocab_size", "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]
+__all__ = ["TrainerService", "TrainerCore", "JobOutcome", "PendingVersion", "VersionGap", "load_policy_model",
+           "job_examples", "job_problem", "model_vocab_size", "CONSUMER_GROUP", "MICRO_BATCH_TOKENS"]

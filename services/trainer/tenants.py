@@ -282,19 +282,23 @@ class TenantBank:
     # ------------------------------------------------------------ checkpoints
 
     def checkpoint(self, tenant: str) -> Path:
-        """Write the tenant's optimizer state for its current version (temp dir,
-        fsync, rename), then drop all but its newest ``CHECKPOINTS_KEPT``."""
-        state = self.tenants[tenant]
+        """Write the tenant's optimizer state for its current version."""
         moments, adam_step = self.optimizer_tensors(tenant)
+        return self.write_checkpoint(tenant, self.tenants[tenant].version, moments, adam_step)
+
+    def write_checkpoint(self, tenant: str, version: int, moments: dict[str, torch.Tensor], adam_step: int) -> Path:
+        """Write ``moments`` as the checkpoint of ``version`` (temp dir, fsync,
+        rename), then drop all but the tenant's newest ``CHECKPOINTS_KEPT``.
+        Files only: safe beside the model thread, given copies of the moments."""
         tenant_dir = self.checkpoint_root / check_tenant_name(tenant)
-        final = tenant_dir / f"v{state.version}"
-        staging = tenant_dir / f".tmp-v{state.version}-{uuid.uuid4().hex[:8]}"
+        final = tenant_dir / f"v{version}"
+        staging = tenant_dir / f".tmp-v{version}-{uuid.uuid4().hex[:8]}"
         staging.mkdir(parents=True)
         try:
             cpu_moments = {n: t.detach().to("cpu").contiguous() for n, t in moments.items()}
             save_file(cpu_moments, str(staging / CHECKPOINT_WEIGHTS_FILE), metadata={"format": "pt"})
             fsync_file(staging / CHECKPOINT_WEIGHTS_FILE)
-            sidecar = {"format": CHECKPOINT_FORMAT, "tenant": tenant, "version": state.version, "adam_step": adam_step,
+            sidecar = {"format": CHECKPOINT_FORMAT, "tenant": tenant, "version": version, "adam_step": adam_step,
                        "sha256": _file_sha256(staging / CHECKPOINT_WEIGHTS_FILE)}
             (staging / CHECKPOINT_STATE_FILE).write_text(json.dumps(sidecar))
             fsync_file(staging / CHECKPOINT_STATE_FILE)

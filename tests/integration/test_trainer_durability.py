@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from services.trainer.service import TrainerCore, TrainerService, load_policy_model
+from services.trainer.service import JobOutcome, PendingVersion, TrainerCore, TrainerService, load_policy_model
 from services.trainer.tenants import CHECKPOINT_STATE_FILE, CHECKPOINT_WEIGHTS_FILE
 from shared.adapters import CONFIG_FILE, DIGEST_FILE, WEIGHTS_FILE, DirectoryAdapterStore
 from shared.bus import StreamBus
@@ -265,3 +266,47 @@ async def test_jobs_that_can_never_succeed_are_dead_lettered_with_their_reason(
     # Nothing of a refused job reached the store.
     store = DirectoryAdapterStore(tmp_path / "adapters")
     assert all(store.latest_version(experiment) == 0 for experiment in refused if experiment != "Bad:id\n")
+
+
+def test_the_next_job_of_a_tenant_waits_while_its_last_version_is_written(tiny_model_dir, tmp_path):
+    """The service trains in the model thread and writes in another: until
+    the write is done, the tenant's next job and a duplicate of the job are
+    retried later (a gap), never trained twice or refused as stale; the other
+    tenants train meanwhile."""
+    core = new_core(tiny_model_dir, tmp_path)
+    first = train_job("exp", 0, random_groups("exp", 0, 0, seed=0))
+    pending = core.train(first)
+    assert isinstance(pending, PendingVersion) and not core.store.is_complete("exp", 1)
+    for job in (first, train_job("exp", 1, random_groups("exp", 1, 1, seed=1))):
+        waiting = core.train(job)
+        assert isinstance(waiting, JobOutcome) and waiting.kind == "gap" and "being written" in waiting.reason
+    other = core.train(train_job("other", 0, random_groups("other", 0, 0, seed=2)))
+    assert isinstance(other, PendingVersion)
+    written = core.write(pending)
+    assert written.kind == "published" and written.version == 1 and core.store.is_complete("exp", 1)
+    assert core.bank.checkpoint_versions("exp") == [1]  # checkpoint_every=1: the moments copied at train time
+    assert core.train(first).kind == "republished"
+    assert core.write(other).kind == "published"
+    assert isinstance(core.train(train_job("exp", 1, random_groups("exp", 1, 1, seed=1))), PendingVersion)
+
+
+def test_a_failed_write_drops_the_tenant_so_the_retry_trains_the_step_once(tiny_model_dir, tmp_path, monkeypatch):
+    job = train_job("exp", 0, random_groups("exp", 0, 0, seed=0))
+    reference = new_core(tiny_model_dir, tmp_path / "reference").handle(job)
+    core = new_core(tiny_model_dir, tmp_path / "failing")
+    real_write = core.store.write_version
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(core.store, "write_version", disk_full)
+    pending = core.train(job)
+    assert isinstance(pending, PendingVersion)
+    with pytest.raises(OSError, match="No space left"):
+        core.write(pending)
+    core.abandon(pending)
+    assert not core.bank.has("exp") and "exp" not in core.writing
+    monkeypatch.setattr(core.store, "write_version", real_write)
+    retried = core.handle(job)
+    assert retried.kind == "published" and retried.version == 1
+    assert retried.digest == reference.digest  # the same single step, not two
