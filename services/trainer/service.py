@@ -565,8 +565,12 @@ class TrainerService(Service):
     def _abandon_if_failed(self, pending: PendingVersion, written: concurrent.futures.Future[JobOutcome]) -> None:
         """A failed write: the tenant's memory is ahead of the store; the model
         thread drops it (queued before the job's retry), which restores it."""
-        if written.exception() is not None:
+        if written.exception() is None:
+            return
+        try:
             self.executor.submit(self.core.abandon, pending)
+        except RuntimeError:  # the model thread is shut down: this process's memory goes with it
+            pass
 
     async def on_event(self, event: ExperimentEvent, entry: Entry) -> None:
         """An experiment that ended releases its adapter and Adam state from
