@@ -29,8 +29,9 @@ startup + submission-to-finished of each experiment) and the ratios to
 serial-warm and serial-cold; mean experiment time (submission -> finished,
 which includes queueing when N < K; ``mean_run_s`` is admission -> finished);
 per-step rollout time (``StepMetrics.rollout_s``: rollout requests published
--> last group scored) and train time (``train_s``: the trainer's compute for
-the step, adapter write included); submission -> first scored rollout group
+-> last group scored) and train time (``train_s``: the trainer's model thread
+for the step; writing the version runs beside the next step and is not in
+it); submission -> first scored rollout group
 (``first_scored_at``); held-out greedy accuracy at start and end (mean,
 population std, min, max). Where the time goes: ``trainer_busy_s`` (sum of
 ``train_s``; one trainer trains one tenant at a time, so this is serial work)
