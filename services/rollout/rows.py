@@ -132,6 +132,9 @@ class RowGate:
             background, tenant = turn
             queue = self._waiting[background][tenant]
             count, granted = queue[0]
+            if granted.cancelled():  # its waiter is being cancelled (not yet out of the queue): skip it
+                self._forget(background, tenant, granted)
+                continue
             if count > self.free:
                 return  # this turn waits for its rows
             queue.popleft()

@@ -172,6 +172,27 @@ def test_a_cancelled_prompt_in_the_middle_of_a_turn_passes_the_turn_on():
     asyncio.run(main())
 
 
+def test_rows_that_free_while_a_waiter_is_being_cancelled_go_to_the_next_one():
+    async def main() -> None:
+        gate, order, release = RowGate(1), [], asyncio.Event()
+        holder = asyncio.create_task(_hold(gate, "h", 1, order, release))
+        await asyncio.sleep(0)
+        leaving = asyncio.create_task(_hold(gate, "a", 1, order, release))
+        staying = asyncio.create_task(_hold(gate, "b", 1, order, release))
+        await asyncio.sleep(0)
+        leaving.cancel()  # its future is cancelled now; its task leaves the queue only when it next runs
+        gate.free += 1  # a row frees in between
+        gate._grant()
+        await asyncio.sleep(0.01)
+        assert order == ["h", "b"] and leaving.cancelled()
+        gate.free -= 1
+        release.set()
+        await asyncio.gather(holder, staying)
+        assert gate.free == 1 and gate.waiting == 0
+
+    asyncio.run(main())
+
+
 async def _hold_as(gate: RowGate, tenant: str, label: str, rows: int, order: list[str], release: asyncio.Event,
                    background: bool = False) -> None:
     async with gate.rows(tenant, rows, background=background):
