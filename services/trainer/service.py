@@ -76,7 +76,7 @@ import structlog
 import torch
 
 from services.trainer import grpo, tinker_ops
-from services.trainer.tenants import ShapeMismatch, TenantBank
+from services.trainer.tenants import ShapeMismatch, TenantBank, cpu_copies
 from shared import metrics
 from shared.adapters import AdapterStore, AdapterStoreError, DirectoryAdapterStore, check_tenant_name
 from shared.bus import Entry, PermanentError
@@ -253,11 +253,11 @@ class TrainerCore:
         started = time.perf_counter()
         stats, events = self.train_step(job)
         state = self.bank.get(tenant)
-        weights = _cpu_copies(self.bank.adapter_tensors(tenant))
+        weights = cpu_copies(self.bank.adapter_tensors(tenant))
         moments, adam_step = None, 0
         if target % max(job.hyper.checkpoint_every, 1) == 0:
             live_moments, adam_step = self.bank.optimizer_tensors(tenant)
-            moments = _cpu_copies(live_moments)
+            moments = cpu_copies(live_moments)
         self.bank.set_version(tenant, target)
         self.writing[tenant] = target
         stats.train_s = time.perf_counter() - started
@@ -361,11 +361,6 @@ class TrainerCore:
                 return False
             terms.loss.backward()
         return True
-
-
-def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copies on the CPU that no later step changes (the tensors may be views of live parameters)."""
-    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
 
 
 def _rejected(reason: str, code: str) -> JobOutcome:

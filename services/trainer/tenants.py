@@ -281,11 +281,6 @@ class TenantBank:
 
     # ------------------------------------------------------------ checkpoints
 
-    def checkpoint(self, tenant: str) -> Path:
-        """Write the tenant's optimizer state for its current version."""
-        moments, adam_step = self.optimizer_tensors(tenant)
-        return self.write_checkpoint(tenant, self.tenants[tenant].version, moments, adam_step)
-
     def write_checkpoint(self, tenant: str, version: int, moments: dict[str, torch.Tensor], adam_step: int) -> Path:
         """Write ``moments`` as the checkpoint of ``version`` (temp dir, fsync,
         rename), then drop all but the tenant's newest ``CHECKPOINTS_KEPT``.
@@ -462,6 +457,11 @@ def _zeros_like(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Zeros of the same shapes, dtype and (pinned) memory."""
     return {name: torch.zeros_like(t).pin_memory() if t.is_pinned() else torch.zeros_like(t)
             for name, t in tensors.items()}
+
+
+def cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copies on the CPU that no later step changes (the tensors may be views of live parameters)."""
+    return {name: tensor.detach().to("cpu", copy=True).contiguous() for name, tensor in tensors.items()}
 
 
 def _file_sha256(path: Path) -> str:

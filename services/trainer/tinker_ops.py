@@ -48,7 +48,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from services.trainer import grpo
-from services.trainer.tenants import ADAM_BETAS, ADAM_EPS, TenantState, live_part, same_shape
+from services.trainer.tenants import ADAM_BETAS, ADAM_EPS, TenantState, cpu_copies, live_part, same_shape
 from shared.adapters import AdapterStoreError, fsync_dir, fsync_file
 from shared.engine import LoraSignature
 from shared.messages import AdapterPublished, TrainStats, is_experiment_id, now
@@ -207,8 +207,8 @@ class TinkerRuns:
         state = self._run(op.run_id)
         final = checked_names_root(self.states_root, op.run_id, op.name)
         moments, adam_step = self.bank.optimizer_tensors(op.run_id)
-        adapter = _cpu_copies(self.bank.adapter_tensors(op.run_id))
-        optimizer = _cpu_copies(moments)
+        adapter = cpu_copies(self.bank.adapter_tensors(op.run_id))
+        optimizer = cpu_copies(moments)
         write_state(final, adapter, optimizer, {
             "rank": state.shape.rank, "alpha": state.shape.alpha, "target_modules": list(state.shape.target_modules),
             "adam_step": adam_step})
@@ -443,10 +443,6 @@ def elementwise_loss(loss_fn: str, logp: torch.Tensor, datum: Datum, config: dic
         return -ratio * advantages
     clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
     return -torch.minimum(ratio * advantages, clipped * advantages)
-
-
-def _cpu_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in tensors.items()}
 
 
 def _ints(tensor: TensorData) -> list[int]:

@@ -9,9 +9,12 @@ import pytest
 from services.rollout.rows import RowGate
 
 
-async def _hold(gate: RowGate, tenant: str, rows: int, order: list[str], release: asyncio.Event) -> None:
-    async with gate.rows(tenant, rows):
-        order.append(tenant)
+async def _hold(gate: RowGate, tenant: str, rows: int, order: list[str], release: asyncio.Event,
+                label: str | None = None, background: bool = False) -> None:
+    """Hold ``rows`` for ``tenant`` until ``release``; ``label`` (default the
+    tenant) goes to ``order`` when they are granted."""
+    async with gate.rows(tenant, rows, background=background):
+        order.append(label or tenant)
         await release.wait()
 
 
@@ -117,10 +120,10 @@ def test_training_prompts_go_before_evaluation_prompts_that_waited_longer():
         gate, order, release = RowGate(2, rows_per_turn=1), [], asyncio.Event()
         holder = asyncio.create_task(_hold(gate, "h", 2, order, release))
         await asyncio.sleep(0)
-        evals = [asyncio.create_task(_hold_as(gate, "a", "a-eval", 1, order, release, background=True))
+        evals = [asyncio.create_task(_hold(gate, "a", 1, order, release, "a-eval", background=True))
                  for _ in range(2)]
         await asyncio.sleep(0)
-        steps = [asyncio.create_task(_hold_as(gate, tenant, f"{tenant}-train", 1, order, release))
+        steps = [asyncio.create_task(_hold(gate, tenant, 1, order, release, f"{tenant}-train"))
                  for tenant in "ab"]
         await asyncio.sleep(0)
         release.set()
@@ -137,9 +140,9 @@ def test_evaluation_prompts_keep_one_turn_in_background_every_under_steady_train
         gate, order, release = RowGate(1, rows_per_turn=1, background_every=4), [], asyncio.Event()
         holder = asyncio.create_task(_hold(gate, "h", 1, order, release))
         await asyncio.sleep(0)
-        evals = [asyncio.create_task(_hold_as(gate, "e", "eval", 1, order, release, background=True))
+        evals = [asyncio.create_task(_hold(gate, "e", 1, order, release, "eval", background=True))
                  for _ in range(2)]
-        steps = [asyncio.create_task(_hold_as(gate, tenant, "train", 1, order, release)) for tenant in "abcdefgh"]
+        steps = [asyncio.create_task(_hold(gate, tenant, 1, order, release, "train")) for tenant in "abcdefgh"]
         await asyncio.sleep(0)
         release.set()
         await asyncio.gather(holder, *evals, *steps)
@@ -153,9 +156,9 @@ def test_a_cancelled_prompt_in_the_middle_of_a_turn_passes_the_turn_on():
         gate, order, release = RowGate(3, rows_per_turn=3), [], asyncio.Event()
         holder = asyncio.create_task(_hold(gate, "h", 3, order, release))
         await asyncio.sleep(0)
-        first = asyncio.create_task(_hold_as(gate, "a", "a1", 1, order, release))
-        second = asyncio.create_task(_hold_as(gate, "a", "a2", 2, order, release))
-        other = asyncio.create_task(_hold_as(gate, "b", "b1", 1, order, release))
+        first = asyncio.create_task(_hold(gate, "a", 1, order, release, "a1"))
+        second = asyncio.create_task(_hold(gate, "a", 2, order, release, "a2"))
+        other = asyncio.create_task(_hold(gate, "b", 1, order, release, "b1"))
         await asyncio.sleep(0)
         gate.free += 2  # two rows free up: "a" starts its turn with a1; a2 needs both
         gate._grant()
@@ -191,10 +194,3 @@ def test_rows_that_free_while_a_waiter_is_being_cancelled_go_to_the_next_one():
         assert gate.free == 1 and gate.waiting == 0
 
     asyncio.run(main())
-
-
-async def _hold_as(gate: RowGate, tenant: str, label: str, rows: int, order: list[str], release: asyncio.Event,
-                   background: bool = False) -> None:
-    async with gate.rows(tenant, rows, background=background):
-        order.append(label)
-        await release.wait()
